@@ -1,0 +1,2849 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+# Copyright The starget authors.
+"""starget: get files out of eStargz container images without pulling them.
+
+One file, standard library only, CPython 3.6 to 3.13. It reads an eStargz
+layer's footer and table of contents (TOC), then fetches only the gzip
+members that hold the wanted files, with HTTP Range requests.
+
+    python3 starget.py get registry.example.com/team/tools:1.4 bin/ ./out
+    python3 starget.py ls --json 127.0.0.1:5000/test/img:latest
+
+Map of this file (sections in the order data flows; each calls only those above):
+
+    errors          StargzError, ErrorCode: one exception type, documented exit codes
+    logging         log, redact: levels, secrets scrubbed from every line
+    references      ImageRef, Platform: parse and normalise image names
+    credentials     Credentials: --credential, auth files, docker credential helpers
+    transport       Transport, RetryPolicy: pooled HTTP/1.1, TLS, proxies, redirects, retries
+    registry        RegistryClient: auth challenges and tokens, manifests, blob ranges
+    estargz format  parse_footer, parse_toc, TOCEntry, LayerTOC: pure functions on bytes
+    image index     ImageIndex, TOCCache, open_image: merged layers, lookups, patterns
+    download        DownloadJob, Downloader, ExtractionPolicy: plan, fetch, verify, write
+    cli             main: argparse commands and output formats, no logic of its own
+
+Public API (stable; everything else is internal):
+
+    __version__, StargzError, ErrorCode, ImageRef, Platform, Credentials,
+    Transport, RegistryClient, parse_footer, parse_toc, LayerTOC, TOCEntry,
+    ImageIndex, open_image, DownloadJob, Downloader, DownloadStats, main
+
+Example:
+
+    import starget
+    index = starget.open_image("127.0.0.1:5000/test/img:latest")
+    print(index.find_file("etc/os-release").size)
+    stats = starget.Downloader(index.client).download(index, "etc/", "out")
+    print(stats.files, stats.bytes)
+"""
+
+__version__ = "0.1.0"
+
+import base64
+import calendar
+import hashlib
+import http.client
+import json
+import logging
+import os
+import posixpath
+import random
+import re
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+# =============================================================================
+# errors
+# =============================================================================
+
+try:
+    from enum import IntEnum
+except ImportError:  # pragma: no cover - enum exists on every supported Python
+    IntEnum = int
+
+
+class ErrorCode(IntEnum):
+    """What went wrong; the value is the process exit code."""
+    INTERNAL = 1      # a bug in starget
+    USAGE = 2         # bad arguments or configuration
+    NOT_FOUND = 3     # image, tag, layer or path does not exist
+    AUTH = 4          # authentication or authorisation failed
+    NETWORK = 5       # connection, timeout, server error (after retries)
+    FORMAT = 6        # not eStargz, or a malformed / hostile footer or TOC
+    UNSUPPORTED = 7   # a layer format starget does not read (zstd, ...)
+    INTEGRITY = 8     # a digest did not match
+    UNSAFE = 9        # a write outside the destination was refused
+    IO = 10           # a local file system error
+    PARTIAL = 11      # some files failed, the others were written
+    INTERRUPTED = 130  # Ctrl-C; re-run the same command to resume
+
+
+class StargzError(Exception):
+    """The one exception starget raises: a code, a one-line message, a cause."""
+
+    def __init__(self, code, message, cause=None, details=None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.cause = cause
+        self.details = details or {}
+
+    @property
+    def exit_code(self):
+        return int(self.code)
+
+    def __str__(self):
+        return self.message
+
+
+def _fail(code, message, cause=None, **details):
+    raise StargzError(code, message, cause, details)
+
+
+# =============================================================================
+# logging
+# =============================================================================
+
+log = logging.getLogger("starget")
+log.addHandler(logging.NullHandler())
+
+_secrets = set()
+_secrets_lock = threading.Lock()
+# Header and query forms that carry credentials, scrubbed even when unregistered.
+_SECRET_PATTERNS = [
+    re.compile(r"(?i)(authorization:\s*\w+\s+)\S+"),
+    re.compile(r"(?i)((?:access_token|token|refresh_token|password|secret)[\"']?\s*[=:]\s*[\"']?)[^\s\"'&,}]+"),
+]
+
+
+def register_secret(value):
+    """Never print this string: passwords, tokens, header values."""
+    if value and len(value) >= 4:
+        with _secrets_lock:
+            _secrets.add(value)
+
+
+def redact(text):
+    """Return text with every registered secret and credential form masked."""
+    text = str(text)
+    with _secrets_lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(r"\1***", text)
+    return text
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record):
+        return redact(super().format(record))
+
+
+def configure_logging(verbose=False, debug=False, stream=None):
+    """CLI logging: warnings by default, info with --verbose, everything with --debug."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_RedactingFormatter("starget: %(levelname)s: %(message)s"))
+    for old in [h for h in log.handlers if not isinstance(h, logging.NullHandler)]:
+        log.removeHandler(old)
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
+
+
+def _lower_levelnames():
+    for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR):
+        logging.addLevelName(level, logging.getLevelName(level).lower())
+
+
+_lower_levelnames()
+
+# =============================================================================
+# references
+# =============================================================================
+
+DOCKER_HUB = "registry-1.docker.io"
+DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
+_REPO_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPO_RE = re.compile(r"^%s(?:/%s)*$" % (_REPO_COMPONENT, _REPO_COMPONENT))
+_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
+
+
+def _host_of(registry):
+    """'host:port' or '[v6]:port' -> host, without the port."""
+    if registry.startswith("["):
+        return registry[:registry.index("]") + 1] if "]" in registry else registry
+    return registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+
+
+def is_loopback(registry):
+    host = _host_of(registry)
+    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+
+
+class ImageRef(object):
+    """A parsed `[registry/]repository[:tag][@sha256:...]`, normalised like docker."""
+
+    __slots__ = ("registry", "repository", "tag", "digest")
+
+    def __init__(self, registry, repository, tag=None, digest=None):
+        self.registry, self.repository, self.tag, self.digest = registry, repository, tag, digest
+
+    @classmethod
+    def parse(cls, text):
+        if not isinstance(text, str) or not text or len(text) > 4096 or text != text.strip():
+            _fail(ErrorCode.USAGE, "invalid image reference %r" % (text,))
+        name, digest = text, None
+        if "@" in text:
+            name, digest = text.split("@", 1)
+            if not _DIGEST_RE.match(digest):
+                _fail(ErrorCode.USAGE, "invalid digest in image reference %r (want sha256:<64 hex>)" % text)
+        tag = None
+        last = name.rsplit("/", 1)[-1]
+        if ":" in last:
+            name, tag = name.rsplit(":", 1)
+            if not _TAG_RE.match(tag):
+                _fail(ErrorCode.USAGE, "invalid tag %r in image reference %r" % (tag, text))
+        first, _, rest = name.partition("/")
+        if rest and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
+            registry, repository = first, rest
+        else:
+            registry, repository = "docker.io", name
+        if registry in ("docker.io", "index.docker.io", DOCKER_HUB):
+            registry = DOCKER_HUB
+            if "/" not in repository:
+                repository = "library/" + repository
+        if not _REPO_RE.match(repository) or len(repository) > 255:
+            _fail(ErrorCode.USAGE, "invalid repository name %r in image reference %r "
+                  "(lower-case letters, digits, separators)" % (repository, text))
+        if not re.match(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?$", registry):
+            _fail(ErrorCode.USAGE, "invalid registry %r in image reference %r" % (registry, text))
+        if tag is None and digest is None:
+            tag = "latest"
+        return cls(registry, repository, tag, digest)
+
+    @property
+    def reference(self):
+        """What goes after /manifests/: the digest when pinned, else the tag."""
+        return self.digest or self.tag
+
+    @property
+    def loopback(self):
+        return is_loopback(self.registry)
+
+    def __str__(self):
+        text = "%s/%s" % (self.registry, self.repository)
+        if self.tag:
+            text += ":" + self.tag
+        if self.digest:
+            text += "@" + self.digest
+        return text
+
+    def __repr__(self):
+        return "ImageRef(%r)" % str(self)
+
+    def __eq__(self, other):
+        return isinstance(other, ImageRef) and str(self) == str(other)
+
+    def __hash__(self):
+        return hash(str(self))
+
+
+_MACHINE_TO_ARCH = {
+    "x86_64": ("amd64", None), "amd64": ("amd64", None), "i386": ("386", None),
+    "i686": ("386", None), "aarch64": ("arm64", "v8"), "arm64": ("arm64", "v8"),
+    "armv7l": ("arm", "v7"), "armv6l": ("arm", "v6"), "ppc64le": ("ppc64le", None),
+    "s390x": ("s390x", None), "riscv64": ("riscv64", None),
+}
+
+
+class Platform(object):
+    """`os/arch[/variant]` as in OCI image indexes."""
+
+    __slots__ = ("os", "architecture", "variant")
+
+    def __init__(self, os_name, architecture, variant=None):
+        self.os, self.architecture, self.variant = os_name, architecture, variant or None
+
+    @classmethod
+    def parse(cls, text):
+        parts = (text or "").strip().split("/")
+        if len(parts) not in (2, 3) or not all(re.match(r"^[A-Za-z0-9._-]+$", p) for p in parts):
+            _fail(ErrorCode.USAGE, "invalid platform %r (want os/arch[/variant], e.g. linux/arm64)" % (text,))
+        return cls(*parts)
+
+    @classmethod
+    def host(cls):
+        machine = os.uname().machine.lower() if hasattr(os, "uname") else "x86_64"
+        arch, variant = _MACHINE_TO_ARCH.get(machine, (machine, None))
+        os_name = "linux" if sys.platform.startswith("linux") else sys.platform.rstrip("0123456789")
+        return cls(os_name, arch, variant)
+
+    @classmethod
+    def from_descriptor(cls, desc):
+        plat = desc.get("platform") or {}
+        return cls(str(plat.get("os", "")), str(plat.get("architecture", "")), plat.get("variant"))
+
+    def matches(self, other):
+        """Does an index entry `other` satisfy this requested platform?"""
+        if (self.os, self.architecture) != (other.os, other.architecture):
+            return False
+        if self.variant is None:
+            return True
+        default = "v8" if self.architecture == "arm64" else None
+        return (other.variant or default) == self.variant
+
+    def __str__(self):
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+# =============================================================================
+# credentials
+# =============================================================================
+
+class Credential(object):
+    """A user and secret for one registry; `identity_token` replaces the password."""
+
+    __slots__ = ("username", "password", "identity_token", "source")
+
+    def __init__(self, username, password=None, identity_token=None, source=""):
+        self.username, self.password = username, password
+        self.identity_token, self.source = identity_token, source
+        register_secret(password)
+        register_secret(identity_token)
+
+    def basic_header(self):
+        raw = ("%s:%s" % (self.username, self.password or "")).encode("utf-8")
+        value = "Basic " + base64.b64encode(raw).decode("ascii")
+        register_secret(value.split(" ", 1)[1])
+        return value
+
+    def __repr__(self):
+        return "Credential(%r, source=%r)" % (self.username, self.source)
+
+
+def _auth_key_host(key):
+    """Normalise an auth-file key: 'https://host/v1/' -> 'host', 'host/ns/repo' kept."""
+    key = re.sub(r"^[a-z]+://", "", key.strip()).rstrip("/")
+    if key.endswith("/v1") or key.endswith("/v2"):
+        key = key[:-3]
+    if key in ("index.docker.io", "docker.io"):
+        key = DOCKER_HUB
+    elif key.startswith("index.docker.io/") or key.startswith("docker.io/"):
+        key = DOCKER_HUB + "/" + key.split("/", 1)[1]
+    return key
+
+
+class Credentials(object):
+    """Finds credentials for a registry, first hit wins, cached for the run.
+
+    Order: the explicit `--credential`; `REGISTRY_AUTH_FILE`; podman's
+    `$XDG_RUNTIME_DIR/containers/auth.json` and `~/.config/containers/auth.json`;
+    docker's `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`. In each file
+    `credHelpers[host]`, then `credsStore`, then `auths`. starget never writes them.
+    """
+
+    def __init__(self, explicit=None, environ=None, home=None):
+        self.environ = os.environ if environ is None else environ
+        self.home = home or self.environ.get("HOME") or os.path.expanduser("~")
+        self.explicit = None
+        if explicit:
+            if ":" not in explicit:
+                _fail(ErrorCode.USAGE, "--credential wants USER:PASSWORD")
+            user, password = explicit.split(":", 1)
+            self.explicit = Credential(user, password, source="--credential")
+        self._cache = {}
+        self._lock = threading.Lock()
+
+    def auth_files(self):
+        env, files = self.environ, []
+        if env.get("REGISTRY_AUTH_FILE"):
+            files.append(env["REGISTRY_AUTH_FILE"])
+        if env.get("XDG_RUNTIME_DIR"):
+            files.append(os.path.join(env["XDG_RUNTIME_DIR"], "containers", "auth.json"))
+        files.append(os.path.join(self.home, ".config", "containers", "auth.json"))
+        docker_dir = env.get("DOCKER_CONFIG") or os.path.join(self.home, ".docker")
+        files.append(os.path.join(docker_dir, "config.json"))
+        return files
+
+    def lookup(self, registry, repository=""):
+        if self.explicit:
+            return self.explicit
+        key = (registry, repository)
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = self._find(registry, repository)
+            return self._cache[key]
+
+    def _find(self, registry, repository):
+        for path in self.auth_files():
+            config = self._load(path)
+            if config is None:
+                continue
+            found = self._from_config(config, path, registry, repository)
+            if found is not None:
+                log.debug("credentials for %s from %s", registry, found.source)
+                return found
+        return None
+
+    @staticmethod
+    def _load(path):
+        try:
+            with open(path, "rb") as f:
+                config = json.loads(f.read().decode("utf-8"))
+        except (IOError, OSError):
+            return None
+        except ValueError as e:
+            _fail(ErrorCode.USAGE, "cannot parse credentials file %s: %s" % (path, e))
+        if not isinstance(config, dict):
+            _fail(ErrorCode.USAGE, "credentials file %s is not a JSON object" % path)
+        return config
+
+    def _from_config(self, config, path, registry, repository):
+        helpers = config.get("credHelpers") or {}
+        for key, helper in helpers.items():
+            if _auth_key_host(key) == registry and helper:
+                return self._from_helper(helper, registry, required=True)
+        auths = config.get("auths") or {}
+        entry = self._auth_entry(auths, registry, repository)
+        if entry is not None:
+            return self._from_auth_entry(entry, path)
+        if config.get("credsStore"):
+            return self._from_helper(config["credsStore"], registry, required=False)
+        return None
+
+    @staticmethod
+    def _auth_entry(auths, registry, repository):
+        """The most specific key: host/ns/repo (podman), then host/ns, then host."""
+        normalised = {}
+        for key, value in auths.items():
+            if isinstance(value, dict):
+                normalised.setdefault(_auth_key_host(key), value)
+        parts = [registry] + [p for p in repository.split("/") if p]
+        for n in range(len(parts), 0, -1):
+            if "/".join(parts[:n]) in normalised:
+                return normalised["/".join(parts[:n])]
+        return None
+
+    @staticmethod
+    def _from_auth_entry(entry, path):
+        source = "auth file %s" % path
+        if entry.get("identitytoken"):
+            return Credential("<token>", None, identity_token=entry["identitytoken"], source=source)
+        if entry.get("auth"):
+            try:
+                user, password = base64.b64decode(entry["auth"]).decode("utf-8").split(":", 1)
+            except (ValueError, TypeError, UnicodeDecodeError):
+                _fail(ErrorCode.USAGE, "malformed 'auth' value in %s (want base64 of user:password)" % path)
+            return Credential(user, password, source=source)
+        if entry.get("username"):
+            return Credential(entry["username"], entry.get("password"), source=source)
+        return None
+
+    def _from_helper(self, name, registry, required):
+        program = "docker-credential-" + name
+        server = DOCKER_HUB_AUTH_KEY if registry == DOCKER_HUB else registry
+        try:
+            proc = subprocess.Popen([program, "get"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, err = proc.communicate(server.encode("utf-8"), timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            if required:
+                _fail(ErrorCode.AUTH, "credential helper %s for %s cannot run: %s" % (program, registry, e), e)
+            log.warning("credential helper %s (credsStore) cannot run (%s); continuing without credentials",
+                        program, getattr(e, "strerror", None) or e)
+            return None
+        text = out.decode("utf-8", "replace").strip()
+        if proc.returncode != 0:
+            message = (text or err.decode("utf-8", "replace")).strip().splitlines()
+            message = message[0] if message else "exit status %d" % proc.returncode
+            if "credentials not found" in message.lower():
+                return None
+            _fail(ErrorCode.AUTH, "credential helper %s failed for %s: %s" % (program, registry, redact(message)))
+        try:
+            data = json.loads(text)
+            user, secret = data["Username"], data["Secret"]
+        except (ValueError, KeyError, TypeError):
+            _fail(ErrorCode.AUTH, "credential helper %s returned malformed output for %s" % (program, registry))
+        source = "credential helper %s" % program
+        if user == "<token>":
+            return Credential(user, None, identity_token=secret, source=source)
+        return Credential(user, secret, source=source)
+
+# =============================================================================
+# transport
+# =============================================================================
+
+def parse_retry_after(value, now=None):
+    """`Retry-After` in seconds or as an HTTP date -> seconds to wait, or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        import email.utils
+        parsed = email.utils.parsedate_tz(value)
+    except (TypeError, ValueError):
+        return None
+    if not parsed:
+        return None
+    when = calendar.timegm(parsed[:9]) - (parsed[9] or 0)
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+class RetryPolicy(object):
+    """Exponential backoff with full jitter; which failures deserve another try."""
+
+    def __init__(self, retries=3, base=0.5, max_delay=10.0, retry_after_cap=60.0, sleep=time.sleep):
+        self.retries, self.base, self.max_delay = retries, base, max_delay
+        self.retry_after_cap, self.sleep = retry_after_cap, sleep
+
+    def delay(self, attempt, retry_after=None):
+        if retry_after is not None:
+            return min(retry_after, self.retry_after_cap)
+        return random.uniform(0, min(self.base * (2 ** attempt), self.max_delay))
+
+    @staticmethod
+    def retryable_status(status):
+        # 501 means "never implemented": asking again cannot help.
+        return status in (408, 429) or (500 <= status <= 599 and status != 501)
+
+    def wait(self, attempt, retry_after=None):
+        delay = self.delay(attempt, retry_after)
+        if delay > 0:
+            self.sleep(delay)
+        return delay
+
+
+class TransportStats(object):
+    """Counters of one transport, safe to bump from any thread."""
+
+    FIELDS = ("requests", "connections", "retries", "bytes")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+
+    def add(self, name, n=1):
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+
+class _URL(object):
+    """The parts of an http(s) URL the transport needs."""
+
+    __slots__ = ("scheme", "host", "port", "path", "text")
+
+    def __init__(self, text):
+        from urllib.parse import urlsplit
+        parts = urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            _fail(ErrorCode.NETWORK, "unsupported URL %s" % redact(text))
+        self.scheme, self.host, self.text = parts.scheme, parts.hostname, text
+        try:
+            self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            _fail(ErrorCode.NETWORK, "invalid port in URL %s" % redact(text))
+        self.path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+
+    @property
+    def origin(self):
+        return (self.scheme, self.host, self.port)
+
+    @property
+    def netloc(self):
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s:%d" % (host, self.port)
+
+
+class Response(object):
+    """An HTTP response whose body is read on demand; the connection goes back to
+    the pool only when the body was read to its end."""
+
+    def __init__(self, transport, pool_key, conn, raw, url):
+        self._transport, self._pool_key, self._conn, self._raw = transport, pool_key, conn, raw
+        self.status, self.url = raw.status, url
+        self.reason = raw.reason
+
+    def header(self, name, default=None):
+        return self._raw.getheader(name, default)
+
+    @property
+    def length(self):
+        value = self.header("Content-Length")
+        return int(value) if value and value.strip().isdigit() else None
+
+    def read(self, amount=None):
+        try:
+            data = self._raw.read(amount) if amount is not None else self._raw.read()
+        except http.client.IncompleteRead as e:
+            self.close()
+            _fail(ErrorCode.NETWORK, "connection closed after %d bytes of the body from %s (truncated)"
+                  % (len(e.partial), self.url.netloc), e, truncated=True)
+        except (socket.timeout, OSError, http.client.HTTPException) as e:
+            self.close()
+            _fail(ErrorCode.NETWORK, "reading from %s failed: %s" % (self.url.netloc, _describe_os_error(e)), e)
+        self._transport.stats.add("bytes", len(data))
+        return data
+
+    def read_all(self, limit=64 << 20):
+        length = self.length
+        if length is not None and length > limit:
+            self.close()
+            _fail(ErrorCode.FORMAT, "response from %s is too large (%d bytes)" % (self.url.netloc, length))
+        data = self.read(limit + 1)
+        if len(data) > limit:
+            self.close()
+            _fail(ErrorCode.FORMAT, "response from %s is too large" % self.url.netloc)
+        self.close()
+        return data
+
+    def read_exactly(self, amount):
+        """Read `amount` body bytes or fail as a truncated body."""
+        parts, remaining = [], amount
+        while remaining > 0:
+            data = self.read(min(remaining, 1 << 20))
+            if not data:
+                self.close()
+                _fail(ErrorCode.NETWORK, "body from %s ended %d bytes early (truncated)"
+                      % (self.url.netloc, remaining), truncated=True)
+            parts.append(data)
+            remaining -= len(data)
+        return b"".join(parts)
+
+    def close(self):
+        """Return the connection to the pool if the body is done, else drop it."""
+        if self._conn is None:
+            return
+        conn, self._conn = self._conn, None
+        if self._raw.isclosed() and not self._raw.will_close:
+            self._transport._release(self._pool_key, conn)
+        else:
+            self._raw.close()
+            conn.close()
+
+    def discard(self, limit=64 << 10):
+        """Drop a small error body so the connection can be reused."""
+        length = self.length
+        if self._conn is not None and length is not None and length <= limit:
+            try:
+                self._raw.read()
+            except (OSError, http.client.HTTPException):
+                pass
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _describe_os_error(error):
+    if isinstance(error, socket.timeout):
+        return "timed out"
+    if isinstance(error, http.client.RemoteDisconnected):
+        return "server closed the connection"
+    text = getattr(error, "strerror", None) or str(error) or error.__class__.__name__
+    return text
+
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+_SENSITIVE_HEADERS = ("authorization", "proxy-authorization", "cookie")
+
+
+class Transport(object):
+    """The one HTTP path: pooled keep-alive connections shared by all threads,
+    TLS contexts built once, proxies from the environment, redirects that never
+    carry credentials to another host, retries with backoff."""
+
+    CERTS_DIRS = ("/etc/containers/certs.d", "/etc/docker/certs.d")
+
+    def __init__(self, insecure=False, cafile=None, connect_timeout=15.0, read_timeout=30.0,
+                 retry=None, environ=None, certs_dirs=None, max_idle_per_host=8):
+        self.insecure, self.cafile = insecure, cafile
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.retry = retry or RetryPolicy()
+        self.environ = os.environ if environ is None else environ
+        self.certs_dirs = self.CERTS_DIRS if certs_dirs is None else certs_dirs
+        self.max_idle_per_host = max_idle_per_host
+        self.stats = TransportStats()
+        self._idle = {}
+        self._lock = threading.Lock()
+        self._tls_contexts = {}
+        self._proxies = None
+
+    # -- connections ---------------------------------------------------------
+    def _proxy_for(self, url):
+        """The proxy _URL for this request or None (loopback is never proxied, as in Go)."""
+        if url.host in ("localhost", "::1") or url.host.startswith("127."):
+            return None
+        import urllib.request
+        if self._proxies is None:
+            self._proxies = urllib.request.getproxies_environment()
+        proxy = self._proxies.get(url.scheme)
+        if not proxy or urllib.request.proxy_bypass_environment(url.host, self._proxies):
+            return None
+        if "://" not in proxy:
+            proxy = "http://" + proxy
+        return proxy
+
+    def _tls_context(self, url):
+        key = url.netloc
+        with self._lock:
+            ctx = self._tls_contexts.get(key)
+        if ctx is not None:
+            return ctx
+        import ssl
+        if self.insecure:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            ctx = ssl.create_default_context()
+            try:
+                if self.cafile:
+                    ctx.load_verify_locations(cafile=self.cafile)
+                self._load_host_certs(ctx, url)
+            except (OSError, ssl.SSLError) as e:
+                _fail(ErrorCode.USAGE, "cannot load CA certificates: %s" % _describe_os_error(e), e)
+        with self._lock:
+            self._tls_contexts[key] = ctx
+        return ctx
+
+    def _load_host_certs(self, ctx, url):
+        """Per-registry CAs and client certificates, as docker and podman read them."""
+        names = [url.netloc, url.host] if url.port != 443 else [url.host, url.netloc]
+        for root in self.certs_dirs:
+            for name in names:
+                folder = os.path.join(root, name)
+                if not os.path.isdir(folder):
+                    continue
+                for entry in sorted(os.listdir(folder)):
+                    path = os.path.join(folder, entry)
+                    if entry.endswith(".crt"):
+                        ctx.load_verify_locations(cafile=path)
+                    elif entry.endswith(".cert"):
+                        keyfile = path[:-5] + ".key"
+                        if os.path.exists(keyfile):
+                            ctx.load_cert_chain(path, keyfile)
+
+    def _connect(self, url):
+        proxy = self._proxy_for(url)
+        proxy_url = _URL(proxy) if proxy else None
+        connect_host, connect_port = (proxy_url.host, proxy_url.port) if proxy_url else (url.host, url.port)
+        if url.scheme == "https":
+            conn = http.client.HTTPSConnection(connect_host, connect_port, timeout=self.connect_timeout,
+                                               context=self._tls_context(url))
+            if proxy_url:
+                conn.set_tunnel(url.host, url.port, headers=self._proxy_headers(proxy))
+        else:
+            conn = http.client.HTTPConnection(connect_host, connect_port, timeout=self.connect_timeout)
+        conn._starget_absolute_form = bool(proxy_url and url.scheme == "http")
+        conn._starget_proxy_headers = self._proxy_headers(proxy) if conn._starget_absolute_form else {}
+        try:
+            conn.connect()
+        except Exception as e:
+            conn.close()
+            raise self._connect_error(e, url, proxy_url)
+        conn.sock.settimeout(self.read_timeout)
+        self.stats.add("connections")
+        log.debug("new connection to %s%s", url.netloc, " via proxy %s" % proxy_url.netloc if proxy_url else "")
+        return conn
+
+    @staticmethod
+    def _proxy_headers(proxy):
+        from urllib.parse import urlsplit, unquote
+        parts = urlsplit(proxy)
+        if not parts.username:
+            return {}
+        raw = ("%s:%s" % (unquote(parts.username), unquote(parts.password or ""))).encode("utf-8")
+        value = base64.b64encode(raw).decode("ascii")
+        register_secret(value)
+        return {"Proxy-Authorization": "Basic " + value}
+
+    def _connect_error(self, error, url, proxy_url):
+        import ssl
+        where = url.netloc
+        if proxy_url and isinstance(error, OSError) and "Tunnel connection failed" in str(error):
+            return StargzError(ErrorCode.NETWORK, "proxy %s refused the tunnel to %s: %s"
+                               % (proxy_url.netloc, where, str(error).split(":", 1)[-1].strip()), error)
+        if isinstance(error, ssl.SSLError):
+            reason = getattr(error, "reason", None) or str(error)
+            if "CERTIFICATE_VERIFY_FAILED" in str(error) or "certificate verify failed" in str(error):
+                return StargzError(ErrorCode.NETWORK, "TLS verification failed for %s (%s): pass --cacert FILE, "
+                                   "put the CA in /etc/containers/certs.d/%s/ca.crt, or use -k/--insecure"
+                                   % (where, getattr(error, "verify_message", None) or reason, where), error)
+            return StargzError(ErrorCode.NETWORK, "TLS handshake with %s failed: %s" % (where, reason),
+                               error, {"tls_failed": True})
+        if isinstance(error, socket.gaierror):
+            return StargzError(ErrorCode.NETWORK, "cannot resolve host %s (%s); check the name, DNS, or "
+                               "HTTPS_PROXY/NO_PROXY" % ((proxy_url or url).host, error.strerror), error)
+        if isinstance(error, ConnectionRefusedError):
+            target = "proxy %s" % proxy_url.netloc if proxy_url else where
+            return StargzError(ErrorCode.NETWORK, "connection refused by %s" % target, error)
+        return StargzError(ErrorCode.NETWORK, "cannot connect to %s: %s" % (where, _describe_os_error(error)),
+                           error)
+
+    def _acquire(self, url):
+        key = (url.scheme, url.host, url.port)
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                return key, idle.pop(), True
+        return key, self._connect(url), False
+
+    def _release(self, key, conn):
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self.max_idle_per_host:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self):
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+    # -- requests ------------------------------------------------------------
+    def _send_once(self, method, url, headers, body):
+        """One request on a pooled connection; a stale kept-alive connection is
+        replaced once without counting as a retry."""
+        for fresh_try in (False, True):
+            key, conn, reused = self._acquire(url)
+            target = url.text if conn._starget_absolute_form else url.path
+            all_headers = dict(conn._starget_proxy_headers)
+            all_headers.update(headers)
+            try:
+                conn.request(method, target, body=body, headers=all_headers)
+                raw = conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
+                    http.client.CannotSendRequest, http.client.BadStatusLine) as e:
+                conn.close()
+                if reused and not fresh_try:
+                    continue
+                _fail(ErrorCode.NETWORK, "%s %s: %s" % (method, url.netloc, _describe_os_error(e)), e)
+            except (socket.timeout, OSError, http.client.HTTPException) as e:
+                conn.close()
+                _fail(ErrorCode.NETWORK, "%s %s: %s" % (method, url.netloc, _describe_os_error(e)), e)
+            self.stats.add("requests")
+            log.debug("> %s %s", method, redact(url.text))
+            log.debug("< %d %s", raw.status, raw.reason)
+            return Response(self, key, conn, raw, url)
+
+    def request(self, method, url, headers=None, body=None, follow_redirects=True, retry=True):
+        """Send a request, retrying transient failures, following redirects.
+
+        The caller's `Authorization` goes only to the origin it was meant for;
+        an https -> http redirect is refused."""
+        headers = dict(headers or {})
+        target = _URL(url)
+        origin = target.origin
+        for _hop in range(10):
+            sent = headers if target.origin == origin else {
+                k: v for k, v in headers.items() if k.lower() not in _SENSITIVE_HEADERS}
+            response = self._request_with_retries(method, target, sent, body, retry)
+            location = response.header("Location")
+            if not (follow_redirects and response.status in _REDIRECTS and location):
+                return response
+            response.discard()
+            from urllib.parse import urljoin
+            next_target = _URL(urljoin(target.text, location))
+            if target.scheme == "https" and next_target.scheme == "http":
+                _fail(ErrorCode.NETWORK, "refused redirect from https://%s to plain http://%s"
+                      % (target.netloc, next_target.netloc))
+            log.debug("redirect %d to %s", response.status, redact(next_target.text))
+            if response.status == 303:
+                method, body = "GET", None
+            target = next_target
+        _fail(ErrorCode.NETWORK, "too many redirects from %s" % redact(url))
+
+    def _request_with_retries(self, method, url, headers, body, retry):
+        attempts = self.retry.retries + 1 if retry else 1
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            try:
+                response = self._send_once(method, url, headers, body)
+            except StargzError as e:
+                if last or e.details.get("tls_failed"):
+                    raise
+                log.info("retrying %s %s after: %s", method, url.netloc, e.message)
+                self.stats.add("retries")
+                self.retry.wait(attempt)
+                continue
+            if last or not self.retry.retryable_status(response.status):
+                return response
+            retry_after = parse_retry_after(response.header("Retry-After"))
+            response.discard()
+            log.info("retrying %s %s after HTTP %d", method, url.netloc, response.status)
+            self.stats.add("retries")
+            self.retry.wait(attempt, retry_after if response.status in (429, 503) else None)
+        raise AssertionError("unreachable")
+
+# =============================================================================
+# registry
+# =============================================================================
+
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MANIFEST_ACCEPT = ", ".join((MEDIA_OCI_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_MANIFEST, MEDIA_DOCKER_LIST))
+INDEX_MEDIA_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
+ANNOTATION_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+ANNOTATION_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
+MAX_MANIFEST_SIZE = 4 << 20
+
+
+def parse_www_authenticate(value):
+    """`Bearer realm="...",service="..."` -> ("bearer", {...}); quoted values may hold commas."""
+    if not isinstance(value, str) or not value.strip():
+        return "", {}
+    value = value.strip()
+    scheme, _, rest = value.partition(" ")
+    params = {}
+    for match in re.finditer(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))\s*(?:,|$)', rest):
+        raw = match.group(2)
+        params[match.group(1).lower()] = (re.sub(r"\\(.)", r"\1", raw) if raw is not None else match.group(3))
+    return scheme.lower(), params
+
+
+class LayerDescriptor(object):
+    """One layer of a manifest: what the registry says about the blob."""
+
+    __slots__ = ("index", "digest", "size", "media_type", "annotations")
+
+    def __init__(self, index, digest, size, media_type, annotations):
+        self.index, self.digest, self.size = index, digest, size
+        self.media_type, self.annotations = media_type, annotations
+
+    @property
+    def toc_digest(self):
+        return self.annotations.get(ANNOTATION_TOC_DIGEST)
+
+    @property
+    def compression(self):
+        media = self.media_type or ""
+        if "zstd" in media:
+            return "zstd"
+        if "gzip" in media or media.endswith(".tar.gz") or media == "application/vnd.docker.image.rootfs.diff.tar.gzip":
+            return "gzip"
+        if media.endswith(".tar") or media.endswith("layer.v1.tar"):
+            return "none"
+        return "unknown"
+
+
+class ImageManifest(object):
+    """A resolved image manifest: its digest, platform and layers."""
+
+    def __init__(self, ref, digest, media_type, platform, layers, config_digest, raw):
+        self.ref, self.digest, self.media_type = ref, digest, media_type
+        self.platform, self.layers, self.config_digest, self.raw = platform, layers, config_digest, raw
+
+
+def _sha256_digest(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class RegistryClient(object):
+    """Speaks the distribution API for one repository: auth, manifests, blob ranges."""
+
+    BLOB_LOCATION_TTL = 300.0
+
+    def __init__(self, ref, credentials=None, insecure=False, transport=None, plain_http=None):
+        self.ref = ref if isinstance(ref, ImageRef) else ImageRef.parse(ref)
+        self.insecure = insecure
+        self.transport = transport or Transport(insecure=insecure)
+        self.credentials = credentials if credentials is not None else Credentials()
+        if plain_http is None:
+            plain_http = self.ref.loopback
+        self.scheme = "http" if plain_http else "https"
+        self._lock = threading.Lock()
+        self._authorization = None      # header value for the registry origin
+        self._sent_basic = None
+        self._blob_locations = {}       # digest -> (url, expiry) after a cross-host redirect
+        self._warned_no_ranges = False
+
+    # -- auth ----------------------------------------------------------------
+    @property
+    def base_url(self):
+        return "%s://%s" % (self.scheme, self.ref.registry)
+
+    def _credential(self):
+        return self.credentials.lookup(self.ref.registry, self.ref.repository)
+
+    def _answer_challenge(self, challenge, sent):
+        """Turn a 401 challenge into an Authorization value, or fail with AUTH."""
+        scheme, params = parse_www_authenticate(challenge)
+        cred = self._credential()
+        where = self.ref.registry
+        if scheme == "basic":
+            if cred is None or cred.identity_token:
+                _fail(ErrorCode.AUTH, "%s requires authentication: pass --credential USER:PASSWORD or log in "
+                      "with docker/podman" % where)
+            header = cred.basic_header()
+            if sent == header:
+                _fail(ErrorCode.AUTH, "authentication failed for %s: wrong username or password (%s)"
+                      % (where, cred.source))
+            return header
+        if scheme == "bearer" and params.get("realm"):
+            if sent and params.get("error") == "insufficient_scope":
+                _fail(ErrorCode.AUTH, "access to %s on %s denied (insufficient_scope)" % (self.ref.repository, where))
+            return "Bearer " + self._fetch_token(params, cred)
+        _fail(ErrorCode.AUTH, "%s sent an authentication challenge starget cannot answer: %s"
+              % (where, redact(challenge or "(none)")))
+
+    def _fetch_token(self, params, cred):
+        from urllib.parse import urlencode
+        scope = params.get("scope") or "repository:%s:pull" % self.ref.repository
+        query = {"scope": scope}
+        if params.get("service"):
+            query["service"] = params["service"]
+        realm = params["realm"]
+        headers, method, body = {}, "GET", None
+        if cred is not None and cred.identity_token:
+            # docker's identity tokens are OAuth2 refresh tokens.
+            query.update(grant_type="refresh_token", refresh_token=cred.identity_token, client_id="starget")
+            method, body = "POST", urlencode(query).encode("ascii")
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            url = realm
+        else:
+            url = realm + ("&" if "?" in realm else "?") + urlencode(query)
+            if cred is not None:
+                headers["Authorization"] = cred.basic_header()
+        response = self.transport.request(method, url, headers=headers, body=body)
+        if response.status in (401, 403):
+            response.discard()
+            if cred is None:
+                _fail(ErrorCode.AUTH, "token server for %s refused anonymous access: pass --credential" % self.ref.registry)
+            _fail(ErrorCode.AUTH, "authentication failed for %s: the token server rejected the credentials (%s)"
+                  % (self.ref.registry, cred.source))
+        if response.status != 200:
+            text = self._error_text(response)
+            _fail(ErrorCode.AUTH, "token request to %s failed: HTTP %d %s" % (_URL(realm).netloc, response.status, text))
+        try:
+            doc = json.loads(response.read_all(1 << 20).decode("utf-8"))
+            token = doc.get("token") or doc.get("access_token")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            token = None
+        if not token or not isinstance(token, str):
+            _fail(ErrorCode.AUTH, "token server for %s answered without a token" % self.ref.registry)
+        register_secret(token)
+        return token
+
+    # -- requests ------------------------------------------------------------
+    def request(self, method, path, headers=None):
+        """A request to the registry origin with auth; a 401 is answered once."""
+        url = "%s/v2/%s%s" % (self.base_url, self.ref.repository, path) if path.startswith("/") else path
+        for attempt in range(2):
+            sent_headers = dict(headers or {})
+            with self._lock:
+                authorization = self._authorization
+            if authorization:
+                sent_headers["Authorization"] = authorization
+            try:
+                response = self.transport.request(method, url, headers=sent_headers)
+            except StargzError as e:
+                if self.insecure and self.scheme == "https" and e.details.get("tls_failed") and attempt == 0:
+                    log.warning("%s does not speak TLS; using plain HTTP (--insecure)", self.ref.registry)
+                    self.scheme = "http"
+                    url = url.replace("https://", "http://", 1)
+                    continue
+                raise
+            if response.status != 401 or attempt == 1:
+                return response
+            challenge = response.header("WWW-Authenticate", "")
+            response.discard()
+            new_authorization = self._answer_challenge(challenge, authorization)
+            with self._lock:
+                self._authorization = new_authorization
+        return response
+
+    @staticmethod
+    def _error_text(response):
+        """`CODE: message` from a distribution error body, else the status line."""
+        try:
+            body = response.read_all(64 << 10) if (response.length or 0) <= (64 << 10) else b""
+        except StargzError:
+            body = b""
+        finally:
+            response.close()
+        try:
+            err = json.loads(body.decode("utf-8"))["errors"][0]
+            return redact("%s: %s" % (err.get("code", "?"), err.get("message", "")))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError):
+            first = body.decode("utf-8", "replace").strip().splitlines()
+            return redact(first[0][:200] if first else response.reason or "")
+
+    def _raise_for(self, response, what):
+        status = response.status
+        text = self._error_text(response)
+        if status == 404:
+            _fail(ErrorCode.NOT_FOUND, "%s not found (%s)" % (what, text))
+        if status in (401, 403):
+            _fail(ErrorCode.AUTH, "access to %s denied: HTTP %d (%s)" % (what, status, text))
+        if status == 429 or status >= 500:
+            _fail(ErrorCode.NETWORK, "%s: HTTP %d from %s (%s)" % (what, status, self.ref.registry, text))
+        _fail(ErrorCode.NETWORK, "%s: unexpected HTTP %d (%s)" % (what, status, text))
+
+    # -- manifests -----------------------------------------------------------
+    def get_manifest(self, reference=None):
+        """(raw bytes, media type, digest) of a manifest or index, digest-checked when pinned."""
+        reference = reference or self.ref.reference
+        what = "manifest %s" % ("%s@%s" % (self.ref.repository, reference) if reference.startswith("sha256:")
+                                else "%s:%s" % (self.ref.repository, reference))
+        response = self.request("GET", "/manifests/" + reference, {"Accept": MANIFEST_ACCEPT})
+        if response.status != 200:
+            self._raise_for(response, "image %s (%s)" % (self.ref, what))
+        raw = response.read_all(MAX_MANIFEST_SIZE)
+        digest = _sha256_digest(raw)
+        if reference.startswith("sha256:") and digest != reference:
+            _fail(ErrorCode.INTEGRITY, "%s does not match its digest (got %s)" % (what, digest))
+        media_type = (response.header("Content-Type") or "").split(";")[0].strip()
+        return raw, media_type, digest
+
+    def resolve(self, platform=None):
+        """The image manifest for `platform` (default: the host's), through an index if needed."""
+        raw, media_type, digest = self.get_manifest()
+        doc = self._parse_manifest_json(raw)
+        media_type = doc.get("mediaType") or media_type
+        if media_type in INDEX_MEDIA_TYPES or (isinstance(doc.get("manifests"), list) and "layers" not in doc):
+            child = self._choose_platform(doc, platform)
+            raw, media_type, digest = self.get_manifest(child["digest"])
+            doc = self._parse_manifest_json(raw)
+            media_type = doc.get("mediaType") or media_type
+            chosen = Platform.from_descriptor(child)
+        else:
+            chosen = platform
+        layers = []
+        for i, layer in enumerate(doc.get("layers") or []):
+            if not isinstance(layer, dict) or not _DIGEST_RE.match(str(layer.get("digest", ""))) \
+                    or not isinstance(layer.get("size"), int) or layer["size"] < 0:
+                _fail(ErrorCode.FORMAT, "manifest %s has a malformed layer descriptor #%d" % (digest, i))
+            annotations = layer.get("annotations") if isinstance(layer.get("annotations"), dict) else {}
+            layers.append(LayerDescriptor(i, layer["digest"], layer["size"], str(layer.get("mediaType", "")),
+                                          annotations))
+        if not layers and "layers" not in doc:
+            _fail(ErrorCode.UNSUPPORTED, "%s is not an image manifest (media type %s)" % (self.ref, media_type))
+        config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+        return ImageManifest(self.ref, digest, media_type, chosen, layers, config.get("digest"), raw)
+
+    def _parse_manifest_json(self, raw):
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            _fail(ErrorCode.FORMAT, "manifest of %s is not valid JSON" % self.ref, e)
+        if not isinstance(doc, dict):
+            _fail(ErrorCode.FORMAT, "manifest of %s is not a JSON object" % self.ref)
+        return doc
+
+    def _choose_platform(self, index, platform):
+        wanted = platform or Platform.host()
+        candidates = []
+        for desc in index.get("manifests") or []:
+            if not isinstance(desc, dict) or not _DIGEST_RE.match(str(desc.get("digest", ""))):
+                continue
+            plat = Platform.from_descriptor(desc)
+            annotations = desc.get("annotations") or {}
+            if (plat.os, plat.architecture) == ("unknown", "unknown") or \
+                    annotations.get("vnd.docker.reference.type") == "attestation-manifest":
+                continue
+            candidates.append((plat, desc))
+        for plat, desc in candidates:
+            if wanted.matches(plat):
+                return desc
+        available = ", ".join(sorted(set(str(p) for p, _ in candidates))) or "none"
+        _fail(ErrorCode.NOT_FOUND, "%s has no image for platform %s (available: %s); use --platform"
+              % (self.ref, wanted, available))
+
+    # -- blobs ---------------------------------------------------------------
+    def open_blob(self, digest, start, end):
+        """A response positioned at byte `start` of the blob, for the inclusive range [start, end]."""
+        headers = {"Range": "bytes=%d-%d" % (start, end)}
+        with self._lock:
+            location = self._blob_locations.get(digest)
+        response = None
+        if location and location[1] > time.time():
+            response = self.transport.request("GET", location[0], headers=headers)
+            if response.status in (401, 403, 404, 410):
+                response.discard()
+                response = None
+                with self._lock:
+                    self._blob_locations.pop(digest, None)
+        if response is None:
+            response = self.request("GET", "/blobs/" + digest, headers)
+            if response.url.origin != _URL(self.base_url).origin and response.status in (200, 206):
+                with self._lock:
+                    self._blob_locations[digest] = (response.url.text, time.time() + self.BLOB_LOCATION_TTL)
+        what = "blob %s" % digest
+        if response.status == 206:
+            match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", response.header("Content-Range") or "")
+            if not match or int(match.group(1)) != start or int(match.group(2)) < end:
+                response.close()
+                _fail(ErrorCode.NETWORK, "%s: server sent range %s for bytes=%d-%d"
+                      % (what, response.header("Content-Range"), start, end))
+            return response
+        if response.status == 200:
+            if not self._warned_no_ranges:
+                self._warned_no_ranges = True
+                log.warning("%s ignores HTTP Range requests: reading whole blobs (slow)", response.url.netloc)
+            skipped = 0
+            while skipped < start:
+                data = response.read(min(1 << 20, start - skipped))
+                if not data:
+                    response.close()
+                    _fail(ErrorCode.NETWORK, "%s ended before offset %d (truncated)" % (what, start), truncated=True)
+                skipped += len(data)
+            return response
+        if response.status == 416:
+            response.close()  # distribution's 416 announces a wrong Content-Length: never read it
+            _fail(ErrorCode.FORMAT, "%s: range %d-%d not satisfiable; the blob is shorter than its descriptor says"
+                  % (what, start, end))
+        self._raise_for(response, what)
+
+    def read_blob(self, digest, start, end):
+        """Bytes [start, end] (inclusive) of a blob."""
+        response = self.open_blob(digest, start, end)
+        try:
+            return response.read_exactly(end - start + 1)
+        finally:
+            response.close()
+
+# =============================================================================
+# estargz format (pure: bytes in, objects out; no I/O)
+# =============================================================================
+
+TOC_TAR_NAME = "stargz.index.json"
+FOOTER_SIZE = 51
+LEGACY_FOOTER_SIZE = 47
+PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_WHITEOUT = ".wh..wh..opq"
+MAX_TOC_JSON_SIZE = 256 << 20      # uncompressed TOC bound: decompression bombs stop here
+MAX_FILE_SIZE = 1 << 46            # 64 TiB: anything larger is a hostile or broken TOC
+MAX_OFFSET = 1 << 50
+ENTRY_TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk")
+_ZSTD_CHUNKED_MAGIC = b"GnUlInUx"
+_FOOTER_PAYLOAD_RE = re.compile(br"^([0-9a-f]{16})STARGZ$")
+
+
+def parse_footer(tail):
+    """(toc_offset, footer_size) from the last bytes of a blob: the 51-byte eStargz
+    footer, else the 47-byte legacy stargz one."""
+    if not isinstance(tail, (bytes, bytearray)):
+        _fail(ErrorCode.FORMAT, "footer must be bytes")
+    tail = bytes(tail)
+    if len(tail) >= FOOTER_SIZE:
+        footer = tail[-FOOTER_SIZE:]
+        # gzip header with FEXTRA; XLEN=26; subfield 'S''G' of 22 bytes
+        if footer[:4] == b"\x1f\x8b\x08\x04" and footer[10:16] == b"\x1a\x00SG\x16\x00":
+            match = _FOOTER_PAYLOAD_RE.match(footer[16:38])
+            if match and footer[38:] == b"\x01\x00\x00\xff\xff" + b"\x00" * 8:
+                return int(match.group(1), 16), FOOTER_SIZE
+    if len(tail) >= LEGACY_FOOTER_SIZE:
+        footer = tail[-LEGACY_FOOTER_SIZE:]
+        if footer[:4] == b"\x1f\x8b\x08\x04" and footer[10:12] == b"\x16\x00":
+            match = _FOOTER_PAYLOAD_RE.match(footer[12:34])
+            if match and footer[34:] == b"\x01\x00\x00\xff\xff" + b"\x00" * 8:
+                return int(match.group(1), 16), LEGACY_FOOTER_SIZE
+    if tail.endswith(_ZSTD_CHUNKED_MAGIC):
+        _fail(ErrorCode.UNSUPPORTED, "zstd:chunked layer: not supported (starget reads gzip eStargz only)")
+    _fail(ErrorCode.FORMAT, "not eStargz: the layer has no eStargz or stargz footer")
+
+
+def extract_toc_json(member):
+    """The uncompressed `stargz.index.json` bytes from the TOC's gzip member."""
+    inflater = zlib.decompressobj(31)
+    try:
+        data = inflater.decompress(bytes(member), MAX_TOC_JSON_SIZE + 1024)
+    except zlib.error as e:
+        _fail(ErrorCode.FORMAT, "TOC is not valid gzip: %s" % e, e)
+    if len(data) < 512:
+        _fail(ErrorCode.FORMAT, "TOC member is truncated (%d bytes inflated)" % len(data))
+    header = data[:512]
+    name = header[:100].split(b"\x00", 1)[0].decode("utf-8", "replace")
+    if name.lstrip("./") != TOC_TAR_NAME or header[156:157] not in (b"0", b"\x00"):
+        _fail(ErrorCode.FORMAT, "TOC member does not start with %s (found %r)" % (TOC_TAR_NAME, name[:60]))
+    size = _tar_number(header[124:136])
+    if size is None or size > MAX_TOC_JSON_SIZE:
+        _fail(ErrorCode.FORMAT, "TOC size field is invalid or too large")
+    if len(data) < 512 + size:
+        _fail(ErrorCode.FORMAT, "TOC member is truncated (want %d bytes of JSON, have %d)" % (size, len(data) - 512))
+    return data[512:512 + size]
+
+
+def _tar_number(field):
+    if field[:1] == b"\x80":  # base-256 (GNU)
+        return int.from_bytes(field[1:], "big")
+    text = field.replace(b"\x00", b" ").strip()
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        return None
+
+
+_RFC3339_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.\d+)?(Z|z|[+-]\d\d:\d\d)?$")
+
+
+def parse_rfc3339(text):
+    """Seconds since the epoch, or 0 for a missing or malformed time."""
+    match = _RFC3339_RE.match(text) if isinstance(text, str) else None
+    if not match:
+        return 0
+    fields = [int(g) for g in match.groups()[:6]]
+    try:
+        seconds = calendar.timegm((fields[0], fields[1], fields[2], fields[3], fields[4], fields[5], 0, 0, 0))
+    except (ValueError, OverflowError):
+        return 0
+    zone = match.group(7)
+    if zone and zone not in "Zz":
+        sign = 1 if zone[0] == "+" else -1
+        seconds -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    return seconds
+
+
+def normalize_path(name):
+    """A TOC or pattern name as a clean relative path ('' is the root).
+
+    Refuses what could point outside the image: NUL, absolute names, `..`."""
+    if not isinstance(name, str) or "\x00" in name:
+        _fail(ErrorCode.UNSAFE, "invalid name %r" % (name,))
+    if name.startswith("/") and name.strip("/"):
+        _fail(ErrorCode.UNSAFE, "absolute name %r" % name)
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        _fail(ErrorCode.UNSAFE, "name %r goes up with '..'" % name)
+    if not parts and name.strip() not in ("", ".", "./", "/"):
+        _fail(ErrorCode.UNSAFE, "invalid name %r" % name)
+    return "/".join(parts)
+
+
+class Chunk(object):
+    """One piece of a regular file's payload: where its gzip member starts, how far
+    its compressed extent reaches, where it sits in the file and its digest."""
+
+    __slots__ = ("file_offset", "size", "offset", "end", "inner_offset", "digest")
+
+    def __init__(self, file_offset, size, offset, inner_offset, digest, end=None):
+        self.file_offset, self.size, self.offset = file_offset, size, offset
+        self.inner_offset, self.digest, self.end = inner_offset, digest, end
+
+    def __repr__(self):
+        return "Chunk(file_offset=%d, size=%d, offset=%d, end=%s, inner=%d)" % (
+            self.file_offset, self.size, self.offset, self.end, self.inner_offset)
+
+
+class TOCEntry(object):
+    """One file system entry of a layer's TOC (chunk entries folded into `chunks`)."""
+
+    __slots__ = ("path", "type", "size", "mode", "uid", "gid", "uname", "gname", "mtime", "link",
+                 "digest", "offset", "inner_offset", "dev_major", "dev_minor", "xattrs", "chunks",
+                 "layer", "blob", "link_target")
+
+    def __init__(self, path, type, **fields):
+        self.path, self.type = path, type
+        for name in self.__slots__[2:]:
+            setattr(self, name, fields.get(name))
+        self.chunks = self.chunks or []
+
+    @property
+    def name(self):
+        return posixpath.basename(self.path)
+
+    @property
+    def content(self):
+        """The entry whose bytes this one has (a hardlink's target, else itself)."""
+        return self.link_target if self.type == "hardlink" and self.link_target is not None else self
+
+    def to_json(self):
+        """The stable `ls --json` object."""
+        content = self.content
+        return {
+            "path": self.path, "type": self.type, "mode": self.mode,
+            "size": content.size if content.type == "reg" else 0,
+            "digest": content.digest if content.type == "reg" else None,
+            "link": self.link if self.type in ("symlink", "hardlink") else None,
+            "layer": self.layer, "blob": self.blob, "uid": self.uid, "gid": self.gid, "mtime": self.mtime,
+        }
+
+    def __repr__(self):
+        return "TOCEntry(%r, %r)" % (self.path, self.type)
+
+
+class LayerTOC(object):
+    """The parsed TOC of one layer: entries in blob order, extents of every payload."""
+
+    def __init__(self, entries, toc_offset=None, toc_digest=None, blob=None, layer=None,
+                 prioritized=(), warnings=(), raw_count=None, footer_size=FOOTER_SIZE):
+        self.entries, self.toc_offset, self.toc_digest = entries, toc_offset, toc_digest
+        self.raw_count = len(entries) if raw_count is None else raw_count
+        self.footer_size = footer_size
+        self.blob, self.layer = blob, layer
+        self.prioritized, self.warnings = list(prioritized), list(warnings)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def set_origin(self, blob, layer):
+        """Tag every entry with the layer it came from."""
+        self.blob, self.layer = blob, layer
+        for entry in self.entries:
+            entry.blob, entry.layer = blob, layer
+
+
+def _int_field(raw, key, name, limit=MAX_OFFSET):
+    value = raw.get(key, 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > limit:
+        _fail(ErrorCode.FORMAT, "TOC entry %r: field %s=%r is not a sane non-negative integer" % (name, key, value))
+    return value
+
+
+def _digest_field(raw, key, name):
+    value = raw.get(key)
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or not _DIGEST_RE.match(value):
+        _fail(ErrorCode.FORMAT, "TOC entry %r: %s %r is not a sha256 digest" % (name, key, value))
+    return value
+
+
+def parse_toc(data, toc_offset=None, blob=None, layer=None):
+    """Parse `stargz.index.json` bytes into a LayerTOC.
+
+    The TOC is untrusted: entries with unsafe names are skipped with a warning;
+    structural nonsense (bad types, offsets past the TOC, chunks that do not tile
+    their file) refuses the whole layer."""
+    if not isinstance(data, (bytes, bytearray)):
+        _fail(ErrorCode.FORMAT, "TOC must be bytes")
+    if len(data) > MAX_TOC_JSON_SIZE:
+        _fail(ErrorCode.FORMAT, "TOC is too large")
+    try:
+        doc = json.loads(bytes(data).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        _fail(ErrorCode.FORMAT, "TOC is not valid JSON: %s" % str(e)[:120], e)
+    if not isinstance(doc, dict):
+        _fail(ErrorCode.FORMAT, "TOC is not a JSON object")
+    if doc.get("version") != 1:
+        _fail(ErrorCode.FORMAT, "unsupported TOC version %r (want 1)" % (doc.get("version"),))
+    raw_entries = doc.get("entries")
+    if not isinstance(raw_entries, list):
+        _fail(ErrorCode.FORMAT, "TOC has no entries list")
+    limit = toc_offset if toc_offset is not None else MAX_OFFSET
+    entries, warnings, prioritized = [], [], []
+    names = {}
+    member_offsets = set()
+    last_reg = None
+    for raw in raw_entries:
+        if not isinstance(raw, dict):
+            _fail(ErrorCode.FORMAT, "TOC entry is not an object")
+        kind = raw.get("type")
+        raw_name = raw.get("name")
+        if kind not in ENTRY_TYPES:
+            _fail(ErrorCode.FORMAT, "TOC entry %r has unknown type %r" % (raw_name, kind))
+        try:
+            path = normalize_path(raw_name)
+        except StargzError as e:
+            warnings.append("skipped TOC entry: %s" % e.message)
+            last_reg = None
+            continue
+        offset = _int_field(raw, "offset", path)
+        if offset and offset >= limit:
+            _fail(ErrorCode.FORMAT, "TOC entry %r: offset %d is past the TOC at %d" % (path, offset, limit))
+        if offset:
+            member_offsets.add(offset)
+        inner = _int_field(raw, "innerOffset", path, MAX_TOC_JSON_SIZE * 64)
+        chunk_size = _int_field(raw, "chunkSize", path, MAX_FILE_SIZE)
+        chunk_digest = _digest_field(raw, "chunkDigest", path)
+        if kind == "chunk":
+            if last_reg is None or last_reg.path != path:
+                _fail(ErrorCode.FORMAT, "TOC chunk entry %r does not follow its file" % path)
+            chunk_offset = _int_field(raw, "chunkOffset", path, MAX_FILE_SIZE)
+            last_reg.chunks.append(Chunk(chunk_offset, chunk_size, offset, inner, chunk_digest))
+            continue
+        if path in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
+            if path == PREFETCH_LANDMARK:
+                prioritized = [e.path for e in entries if e.type == "reg"]
+            last_reg = None
+            continue
+        mode = _int_field(raw, "mode", path, 0o7777777)
+        entry = TOCEntry(
+            path, kind, size=_int_field(raw, "size", path, MAX_FILE_SIZE), mode=mode & 0o7777,
+            uid=_int_field(raw, "uid", path, 1 << 32), gid=_int_field(raw, "gid", path, 1 << 32),
+            uname=raw.get("userName") if isinstance(raw.get("userName"), str) else None,
+            gname=raw.get("groupName") if isinstance(raw.get("groupName"), str) else None,
+            mtime=parse_rfc3339(raw.get("modtime")), link=None,
+            digest=_digest_field(raw, "digest", path), offset=offset, inner_offset=inner,
+            dev_major=_int_field(raw, "devMajor", path, 1 << 32), dev_minor=_int_field(raw, "devMinor", path, 1 << 32),
+            xattrs=raw.get("xattrs") if isinstance(raw.get("xattrs"), dict) else None)
+        if kind in ("symlink", "hardlink"):
+            link = raw.get("linkName")
+            if not isinstance(link, str) or not link or "\x00" in link:
+                warnings.append("skipped TOC entry %r: bad link name" % path)
+                last_reg = None
+                continue
+            if kind == "hardlink":
+                try:
+                    entry.link = normalize_path(link)
+                except StargzError as e:
+                    warnings.append("skipped hardlink %r: %s" % (path, e.message))
+                    last_reg = None
+                    continue
+                target = names.get(entry.link)
+                if target is None or target.content.type != "reg":
+                    warnings.append("skipped hardlink %r: target %r is not an earlier regular file"
+                                    % (path, entry.link))
+                    last_reg = None
+                    continue
+                entry.link_target = target.content
+            else:
+                entry.link = link
+        if kind == "reg" and entry.size:
+            entry.chunks.append(Chunk(0, chunk_size, offset, inner, chunk_digest or None))
+        entries.append(entry)
+        names[path] = entry
+        last_reg = entry if kind == "reg" else None
+    for entry in entries:
+        if entry.type == "reg":
+            _settle_chunks(entry)
+    _assign_extents(entries, member_offsets, toc_offset)
+    toc = LayerTOC(entries, toc_offset, _sha256_digest(bytes(data)), prioritized=prioritized, warnings=warnings,
+                   raw_count=len(raw_entries))
+    if blob is not None or layer is not None:
+        toc.set_origin(blob, layer)
+    return toc
+
+
+def _settle_chunks(entry):
+    """Fill in open-ended chunk sizes and check that the chunks tile the file."""
+    if not entry.size:
+        entry.chunks = []
+        return
+    chunks = entry.chunks
+    position = 0
+    for i, chunk in enumerate(chunks):
+        if chunk.file_offset != position:
+            _fail(ErrorCode.FORMAT, "TOC entry %r: chunk at %d leaves a gap or overlap at %d"
+                  % (entry.path, chunk.file_offset, position))
+        if chunk.size == 0:
+            if i != len(chunks) - 1:
+                _fail(ErrorCode.FORMAT, "TOC entry %r: an open-ended chunk is not the last" % entry.path)
+            chunk.size = entry.size - position
+        if i and chunk.offset < chunks[i - 1].offset:
+            _fail(ErrorCode.FORMAT, "TOC entry %r: chunk offsets go backwards" % entry.path)
+        position += chunk.size
+    if position != entry.size:
+        _fail(ErrorCode.FORMAT, "TOC entry %r: chunks cover %d bytes of %d" % (entry.path, position, entry.size))
+    if len(chunks) == 1 and chunks[0].digest is None:
+        chunks[0].digest = entry.digest
+    for chunk in chunks:
+        if chunk.offset == 0:
+            _fail(ErrorCode.FORMAT, "TOC entry %r: payload without an offset" % entry.path)
+
+
+def _assign_extents(entries, member_offsets, toc_offset):
+    """A payload's compressed extent ends at the next greater member offset, or the TOC."""
+    offsets = sorted(member_offsets)
+    following = dict(zip(offsets, offsets[1:] + [toc_offset]))
+    for entry in entries:
+        if entry.type == "reg":
+            for chunk in entry.chunks:
+                chunk.end = following[chunk.offset]
+
+# =============================================================================
+# image index (layers merged, lookups, patterns; TOC fetching and cache)
+# =============================================================================
+
+TAIL_READ_SIZE = 64 << 10      # one tail read usually holds the footer and the whole TOC
+MAX_TOC_MEMBER_SIZE = 64 << 20
+
+
+def default_cache_dir(environ=None):
+    env = os.environ if environ is None else environ
+    if env.get("STARGET_CACHE_DIR"):
+        return env["STARGET_CACHE_DIR"]
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "starget")
+
+
+class TOCCache(object):
+    """Content-addressed TOCs, keyed by blob digest, checked against the TOC digest."""
+
+    def __init__(self, directory=None):
+        self.directory = directory or default_cache_dir()
+
+    def _path(self, blob):
+        return os.path.join(self.directory, "toc", blob.replace(":", "-") + ".json")
+
+    def get(self, blob, toc_digest=None):
+        """(toc_offset, json bytes) or None; a corrupt or mismatching entry is ignored."""
+        try:
+            with open(self._path(blob), "rb") as f:
+                header = json.loads(f.readline().decode("utf-8"))
+                data = f.read()
+        except (IOError, OSError, ValueError, UnicodeDecodeError):
+            return None
+        digest = _sha256_digest(data)
+        if not isinstance(header, dict) or header.get("toc_digest") != digest or \
+                (toc_digest and toc_digest != digest) or not isinstance(header.get("toc_offset"), int):
+            return None
+        return header["toc_offset"], data, header.get("footer_size", FOOTER_SIZE)
+
+    def put(self, blob, toc_offset, data, footer_size=FOOTER_SIZE):
+        path = self._path(blob)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            temp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
+            with open(temp, "wb") as f:
+                header = {"blob": blob, "toc_offset": toc_offset, "toc_digest": _sha256_digest(data),
+                          "footer_size": footer_size}
+                f.write(json.dumps(header).encode("utf-8") + b"\n")
+                f.write(data)
+            os.replace(temp, path)
+        except (IOError, OSError) as e:
+            log.debug("cannot write TOC cache %s: %s", path, e)
+
+
+def layer_format(layer):
+    """What the media type says, before any byte is read."""
+    compression = layer.compression
+    if compression == "zstd":
+        _fail(ErrorCode.UNSUPPORTED, "layer %s is zstd-compressed (%s): not supported; starget reads gzip eStargz"
+              % (layer.digest, layer.media_type))
+    if compression != "gzip":
+        _fail(ErrorCode.UNSUPPORTED, "layer %s has media type %s: not a gzip layer, cannot be read lazily"
+              % (layer.digest, layer.media_type or "(none)"))
+
+
+def fetch_layer_toc(client, layer, cache=None):
+    """The LayerTOC of one layer: from the cache, else one tail read (two for a big TOC)."""
+    layer_format(layer)
+    expected = layer.toc_digest
+    if expected is not None and not _DIGEST_RE.match(str(expected)):
+        _fail(ErrorCode.FORMAT, "layer %s has a malformed TOC digest annotation" % layer.digest)
+    cached = cache.get(layer.digest, expected) if cache else None
+    if cached is not None:
+        toc_offset, data, footer_size = cached
+        log.debug("TOC of %s from the cache", layer.digest)
+    else:
+        toc_offset, data, footer_size = _read_toc_from_blob(client, layer)
+        if expected and _sha256_digest(data) != expected:
+            _fail(ErrorCode.INTEGRITY, "layer %s: TOC digest %s does not match the manifest annotation %s; "
+                  "refusing the layer" % (layer.digest, _sha256_digest(data), expected))
+        if cache:
+            cache.put(layer.digest, toc_offset, data, footer_size)
+    try:
+        toc = parse_toc(data, toc_offset, blob=layer.digest, layer=layer.index)
+        toc.footer_size = footer_size
+        return toc
+    except StargzError as e:
+        e.message = "layer %s: %s" % (layer.digest, e.message)
+        raise
+
+
+def _read_toc_from_blob(client, layer):
+    size = layer.size
+    if size < LEGACY_FOOTER_SIZE:
+        _fail(ErrorCode.FORMAT, "not eStargz: layer %s is only %d bytes" % (layer.digest, size))
+    tail_start = max(0, size - TAIL_READ_SIZE)
+    tail = client.read_blob(layer.digest, tail_start, size - 1)
+    try:
+        toc_offset, footer_size = parse_footer(tail)
+    except StargzError as e:
+        e.message = "layer %s (%s): %s" % (layer.digest, layer.media_type, e.message)
+        if e.code == ErrorCode.FORMAT:
+            e.message += "; it is a plain tar+gzip layer: rebuild the image as eStargz (e.g. nerdctl image " \
+                         "convert --estargz, buildkit compression=estargz) or use another tool"
+        raise
+    member_end = size - footer_size
+    if toc_offset >= member_end or member_end - toc_offset > MAX_TOC_MEMBER_SIZE:
+        _fail(ErrorCode.FORMAT, "layer %s: footer points to a TOC at %d, outside the blob of %d bytes"
+              % (layer.digest, toc_offset, size))
+    if toc_offset >= tail_start:
+        member = tail[toc_offset - tail_start:member_end - tail_start]
+    else:
+        member = client.read_blob(layer.digest, toc_offset, tail_start - 1) + tail[:member_end - tail_start]
+    return toc_offset, extract_toc_json(member), footer_size
+
+
+def _resolve_in(view, path, follow_last, collected=None):
+    """Resolve `path` inside the image like a chroot: absolute and `..` links stay in.
+
+    Returns the resolved path; symlink entries passed through go to `collected`."""
+    todo = [p for p in path.split("/") if p not in ("", ".")]
+    resolved = []
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = "/".join(resolved + [part])
+        entry = view.get(candidate)
+        if entry is not None and entry.type == "symlink" and (todo or follow_last):
+            hops += 1
+            if hops > 40:
+                _fail(ErrorCode.NOT_FOUND, "too many levels of symbolic links resolving %r" % path)
+            if collected is not None:
+                collected.append(entry)
+            if entry.link.startswith("/"):
+                resolved = []
+            todo = [p for p in entry.link.split("/") if p not in ("", ".")] + todo
+            continue
+        resolved.append(part)
+    return "/".join(resolved)
+
+
+def _remove_subtree(view, path):
+    """Delete `path` and everything below it from a path -> entry map."""
+    view.pop(path, None)
+    prefix = path + "/" if path else ""
+    for key in [k for k in view if k.startswith(prefix) and k != path]:
+        del view[key]
+
+
+class ImageIndex(object):
+    """The files of an image: all layers merged as overlayfs would (later layers win,
+    whiteouts delete, opaque directories hide lower contents, landmarks hidden)."""
+
+    def __init__(self, layers, client=None, manifest=None):
+        self.layers = list(layers)
+        self.client, self.manifest = client, manifest
+        self._merged = None
+
+    def layer(self, blob):
+        """The LayerTOC whose digest is `blob` or starts with it (a unique prefix)."""
+        if not isinstance(blob, str) or not re.match(r"^sha256:[0-9a-f]{1,64}$", blob):
+            _fail(ErrorCode.USAGE, "invalid layer digest %r (want sha256:HEX or a unique prefix)" % (blob,))
+        matches = [t for t in self.layers if t is not None and t.blob and t.blob.startswith(blob)]
+        if len(matches) > 1:
+            _fail(ErrorCode.USAGE, "layer prefix %s is ambiguous: %s" % (blob, ", ".join(t.blob for t in matches)))
+        if not matches:
+            known = ", ".join(t.blob[:19] for t in self.layers if t is not None and t.blob) or "none loaded"
+            _fail(ErrorCode.NOT_FOUND, "no layer %s in this image (layers: %s)" % (blob, known))
+        return matches[0]
+
+    def view(self, blob=None):
+        """path -> TOCEntry: the merged view, or one layer's own entries."""
+        if blob is not None:
+            view = {}
+            for entry in self.layer(blob).entries:
+                if not entry.name.startswith(WHITEOUT_PREFIX):
+                    view[entry.path] = entry
+            return view
+        if self._merged is None:
+            self._merged = self._merge()
+        return self._merged
+
+    def _merge(self):
+        merged = {}
+        for toc in self.layers:
+            if toc is None:
+                _fail(ErrorCode.INTERNAL, "merged view needs every layer's TOC")
+            own = []
+            for entry in toc.entries:
+                name, parent = entry.name, posixpath.dirname(entry.path)
+                if name == OPAQUE_WHITEOUT:
+                    for key in [k for k in merged if parent == "" or k.startswith(parent + "/")]:
+                        if key != parent:
+                            del merged[key]
+                elif name.startswith(WHITEOUT_PREFIX):
+                    _remove_subtree(merged, posixpath.join(parent, name[len(WHITEOUT_PREFIX):]))
+                else:
+                    own.append(entry)
+            for entry in own:
+                old = merged.get(entry.path)
+                if old is not None and old.type == "dir" and entry.type != "dir":
+                    _remove_subtree(merged, entry.path)
+                merged[entry.path] = entry
+        return dict(sorted(merged.items()))
+
+    def entries(self, blob=None):
+        """Every entry but the root, sorted by path."""
+        return [e for path, e in sorted(self.view(blob).items()) if path]
+
+    def find_file(self, path, blob=None):
+        """The entry at `path` (intermediate symlinks followed inside the image), or None."""
+        if not isinstance(path, str) or "\x00" in path:
+            return None
+        view = self.view(blob)
+        return view.get(_resolve_in(view, path, follow_last=False))
+
+    def filter_files(self, pattern, blob=None):
+        """Entries selected by a pattern: `.` or `/` everything; `dir/` or `dir` a whole
+        directory; `file` one entry. A trailing slash follows a final symlink, as a shell
+        does; the links passed through are selected too, so the tree reads the same."""
+        view = self.view(blob)
+        if not isinstance(pattern, str) or "\x00" in pattern:
+            _fail(ErrorCode.USAGE, "invalid path pattern %r" % (pattern,))
+        if pattern.strip("/").strip(".") == "" and "/" not in pattern.strip("/"):
+            return [e for p, e in view.items() if p]
+        links = []
+        target = _resolve_in(view, pattern, follow_last=pattern.endswith("/"), collected=links)
+        entry = view.get(target)
+        if entry is None:
+            _fail(ErrorCode.NOT_FOUND, "no such file or directory in the image: %s" % pattern)
+        if pattern.endswith("/") and entry.type != "dir":
+            _fail(ErrorCode.NOT_FOUND, "not a directory in the image: %s" % pattern)
+        selected = {e.path: e for e in links}
+        if entry.type == "dir":
+            prefix = target + "/" if target else ""
+            selected.update((p, e) for p, e in view.items() if p.startswith(prefix) or p == target)
+        else:
+            selected[target] = entry
+        selected.pop("", None)
+        return [selected[p] for p in sorted(selected)]
+
+
+def open_image(reference, platform=None, client=None, cache=None, blob=None, concurrency=4, **client_options):
+    """Resolve an image and load its TOCs: the merged ImageIndex (or, with `blob`,
+    only that layer's TOC). `client_options` go to RegistryClient."""
+    if client is None:
+        client = RegistryClient(reference, **client_options)
+    if isinstance(platform, str):
+        platform = Platform.parse(platform)
+    manifest = client.resolve(platform)
+    wanted = manifest.layers
+    if blob is not None:
+        probe = ImageIndex([LayerTOC([], blob=l.digest, layer=l.index) for l in manifest.layers])
+        chosen = probe.layer(blob).blob
+        wanted = [l for l in manifest.layers if l.digest == chosen]
+    tocs = _map_parallel(lambda layer: fetch_layer_toc(client, layer, cache), wanted, concurrency)
+    by_digest = dict(zip([l.index for l in wanted], tocs))
+    for toc in tocs:
+        for warning in toc.warnings:
+            log.warning("layer %s: %s", toc.blob, warning)
+    layers = [by_digest.get(l.index) for l in manifest.layers]
+    if blob is not None:
+        layers = [t if t is not None else LayerTOC([], blob=l.digest, layer=l.index)
+                  for t, l in zip(layers, manifest.layers)]
+    return ImageIndex(layers, client, manifest)
+
+
+def _map_parallel(function, items, concurrency):
+    """function(item) for each item on up to `concurrency` threads; the first error is raised."""
+    items = list(items)
+    if len(items) <= 1 or concurrency <= 1:
+        return [function(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(concurrency, len(items))) as pool:
+        futures = [pool.submit(function, item) for item in items]
+        return [f.result() for f in futures]
+
+# =============================================================================
+# download (plan what to fetch, fetch in parallel, inflate, verify, write safely)
+# =============================================================================
+
+COALESCE_GAP = 32 << 10      # fetch a small hole rather than pay another round trip
+PART_SIZE = 8 << 20          # cut long runs so that workers share them
+READ_SIZE = 256 << 10
+PARTIAL_SUFFIX = ".partial"
+STATE_SUFFIX = ".partial.state"
+
+
+def _is_root():
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+class ExtractionPolicy(object):
+    """What starget may create under the destination, as tar does for the same user:
+    owners, device files and setuid/setgid bits only for root."""
+
+    def __init__(self, same_owner=None, special_files=None, keep_setid=None):
+        root = _is_root()
+        self.same_owner = root if same_owner is None else same_owner
+        self.special_files = root if special_files is None else special_files
+        self.keep_setid = root if keep_setid is None else keep_setid
+
+    def mode_of(self, entry):
+        mode = (entry.mode or 0) & 0o7777
+        return mode if self.keep_setid else mode & ~0o6000
+
+
+class DownloadStats(object):
+    """What a download did; `failures` lists (path, message)."""
+
+    def __init__(self):
+        self.files = self.bytes = self.skipped = self.requests = self.retries = self.fetched = 0
+        self.failures, self.failure_codes, self.warnings = [], [], []
+        self.elapsed = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, name, n=1):
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
+
+    def fail(self, path, message, code=ErrorCode.IO):
+        with self._lock:
+            self.failures.append((path, message))
+            self.failure_codes.append(code)
+
+    def as_dict(self):
+        return {"files": self.files, "bytes": self.bytes, "skipped": self.skipped, "requests": self.requests,
+                "retries": self.retries, "fetched": self.fetched, "elapsed": round(self.elapsed, 3),
+                "failures": [{"path": p, "error": m} for p, m in self.failures]}
+
+
+class _Destination(object):
+    """The output directory; every write goes through `prepare`, which refuses
+    names that leave it and parents that are symlinks or not directories."""
+
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+        self.created = set()
+
+    def path(self, rel):
+        normalize_path(rel)  # raises UNSAFE for '..', absolute, NUL
+        return os.path.join(self.root, *rel.split("/")) if rel else self.root
+
+    def prepare(self, rel):
+        """Create the parents of `rel` as real directories; return its absolute path."""
+        current = self.root
+        parts = rel.split("/")
+        for part in parts[:-1]:
+            current = os.path.join(current, part)
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                os.mkdir(current, 0o755)
+                self.created.add(current)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                _fail(ErrorCode.UNSAFE, "refusing to write %s: %s is a symlink" % (rel, current))
+            if not stat.S_ISDIR(st.st_mode):
+                _fail(ErrorCode.UNSAFE, "refusing to write %s: %s is not a directory" % (rel, current))
+        return self.path(rel)
+
+
+class _FileTask(object):
+    """One regular file to produce: its chunks, which are verified, its partial file."""
+
+    def __init__(self, entry, path, final):
+        self.entry, self.path, self.final = entry, path, final
+        self.source = entry.content
+        self.chunks = self.source.chunks
+        self.partial, self.state_file = final + PARTIAL_SUFFIX, final + STATE_SUFFIX
+        self.done = set()
+        self.fd = None
+        self.failed = None
+        self.finished = False
+        self.lock = threading.Lock()
+
+    @property
+    def complete(self):
+        return len(self.done) == len(self.chunks)
+
+    def state(self):
+        return {"blob": self.source.blob, "digest": self.source.digest, "size": self.source.size,
+                "chunks": len(self.chunks), "done": sorted(self.done)}
+
+
+class _Member(object):
+    """A gzip member to fetch and the chunks it yields."""
+
+    __slots__ = ("offset", "end", "targets")
+
+    def __init__(self, offset, end):
+        self.offset, self.end, self.targets = offset, end, []
+
+
+class DownloadJob(object):
+    """The plan for one `get`: which entries, which files, which byte ranges.
+    Pure: it reads the index, never the network or the disk."""
+
+    def __init__(self, index, pattern, output_dir, blob=None, policy=None):
+        self.index, self.pattern, self.output_dir, self.blob = index, pattern, output_dir, blob
+        self.policy = policy or ExtractionPolicy()
+        self.entries = index.filter_files(pattern, blob)
+        view = index.view(blob)
+        self.dirs, self.regular, self.symlinks, self.hardlinks, self.specials = [], [], [], [], []
+        self.refused = []   # (path, reason): entries that would write through a non-directory
+        selected_ids = set(id(e) for e in self.entries)
+        for entry in self.entries:
+            blocker = self._blocking_ancestor(view, entry.path)
+            if blocker is not None:
+                self.refused.append((entry.path, "refusing %s: its parent %s in the image is a %s, not a directory"
+                                     % (entry.path, blocker.path, blocker.type)))
+            elif entry.type == "dir":
+                self.dirs.append(entry)
+            elif entry.type == "reg":
+                self.regular.append(entry)
+            elif entry.type == "symlink":
+                self.symlinks.append(entry)
+            elif entry.type == "hardlink":
+                target = entry.link_target
+                if target is not None and id(target) in selected_ids and view.get(target.path) is target:
+                    self.hardlinks.append(entry)
+                else:
+                    self.regular.append(entry)   # its target is not written: copy the content
+            else:
+                self.specials.append(entry)
+
+    @staticmethod
+    def _blocking_ancestor(view, path):
+        parts = path.split("/")
+        for n in range(1, len(parts)):
+            ancestor = view.get("/".join(parts[:n]))
+            if ancestor is not None and ancestor.type != "dir":
+                return ancestor
+        return None
+
+    @property
+    def total_bytes(self):
+        return sum(e.content.size or 0 for e in self.regular)
+
+    @staticmethod
+    def plan_ranges(tasks, concurrency=4, gap=COALESCE_GAP, part_size=PART_SIZE):
+        """[(blob, [members])]: the members still needed, coalesced across small gaps,
+        long runs cut at member boundaries so that `concurrency` workers share them."""
+        members = {}
+        for task in tasks:
+            for i, chunk in enumerate(task.chunks):
+                if i in task.done:
+                    continue
+                key = (task.source.blob, chunk.offset)
+                member = members.get(key)
+                if member is None:
+                    member = members[key] = _Member(chunk.offset, chunk.end)
+                member.targets.append((task, i))
+        ranges = []
+        by_blob = {}
+        for (blob, _), member in members.items():
+            by_blob.setdefault(blob, []).append(member)
+        for blob, blob_members in sorted(by_blob.items()):
+            blob_members.sort(key=lambda m: m.offset)
+            runs = [[blob_members[0]]]
+            for member in blob_members[1:]:
+                if member.offset - runs[-1][-1].end <= gap:
+                    runs[-1].append(member)
+                else:
+                    runs.append([member])
+            for run in runs:
+                ranges.extend((blob, part) for part in DownloadJob._split_run(run, concurrency, part_size))
+        return ranges
+
+    @staticmethod
+    def _split_run(run, concurrency, part_size):
+        length = run[-1].end - run[0].offset
+        pieces = min(max(1, concurrency), max(1, -(-length // part_size)))
+        if pieces == 1:
+            return [run]
+        target = length / float(pieces)
+        parts, current = [], []
+        for member in run:
+            current.append(member)
+            if current[-1].end - current[0].offset >= target and len(parts) < pieces - 1:
+                parts.append(current)
+                current = []
+        if current:
+            parts.append(current)
+        return parts
+
+
+class _Progress(object):
+    """A one-line progress bar on stderr, only on a terminal."""
+
+    def __init__(self, total, files, enabled):
+        self.total, self.files, self.enabled = total, files, enabled
+        self.done = self.files_done = 0
+        self.start = self.last = time.time()
+        self.lock = threading.Lock()
+
+    def add(self, nbytes=0, files=0):
+        if not self.enabled:
+            return
+        with self.lock:
+            self.done += nbytes
+            self.files_done += files
+            now = time.time()
+            if now - self.last >= 0.1:
+                self.last = now
+                self._draw(now)
+
+    def _draw(self, now):
+        rate = self.done / max(now - self.start, 1e-6)
+        sys.stderr.write("\r%s / %s  %s/s  %d/%d files " % (
+            human_size(self.done), human_size(self.total), human_size(rate), self.files_done, self.files))
+        sys.stderr.flush()
+
+    def finish(self):
+        if self.enabled:
+            with self.lock:
+                self._draw(time.time())
+                sys.stderr.write("\n")
+
+
+def human_size(n):
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1024
+
+
+def _hash_file_range(fd, start, size):
+    digest = hashlib.sha256()
+    position, end = start, start + size
+    while position < end:
+        data = os.pread(fd, min(READ_SIZE * 4, end - position), position)
+        if not data:
+            break
+        digest.update(data)
+        position += len(data)
+    return "sha256:" + digest.hexdigest(), position - start
+
+
+class Downloader(object):
+    """Runs a DownloadJob: fetch ranges on a worker pool, inflate each gzip member
+    as it streams, verify every chunk and file, write to `.partial` names and
+    rename only when complete. Re-running an interrupted job resumes it."""
+
+    def __init__(self, client=None, concurrency=4, verify=True, retry=None, policy=None,
+                 progress=False, gap=COALESCE_GAP, part_size=PART_SIZE):
+        self.client = client
+        self.concurrency = max(1, int(concurrency))
+        self.verify = verify
+        self.retry = retry or (client.transport.retry if client is not None else RetryPolicy())
+        self.policy = policy or ExtractionPolicy()
+        self.progress_enabled = progress
+        self.gap, self.part_size = gap, part_size
+        self._stop = threading.Event()
+
+    def download(self, index, pattern, output_dir, blob=None):
+        """Get the files `pattern` selects into `output_dir`; returns DownloadStats."""
+        if self.client is None:
+            self.client = index.client
+        return self.run(DownloadJob(index, pattern, output_dir, blob, self.policy))
+
+    # -- the run -------------------------------------------------------------
+    def run(self, job):
+        started = time.time()
+        stats = DownloadStats()
+        client = self.client or job.index.client
+        self.client = client
+        before = client.transport.stats.as_dict()
+        try:
+            os.makedirs(job.output_dir, exist_ok=True)
+        except OSError as e:
+            _fail(ErrorCode.IO, "cannot create %s: %s" % (job.output_dir, _describe_os_error(e)), e)
+        dest = _Destination(job.output_dir)
+        for path, reason in job.refused:
+            log.warning("%s", reason)
+            stats.fail(path, reason, ErrorCode.UNSAFE)
+        self._make_dirs(dest, job.dirs, stats)
+        tasks = self._prepare_files(dest, job.regular, stats)
+        self._check_free_space(dest, tasks)
+        progress = _Progress(sum(t.source.size - sum(t.chunks[i].size for i in t.done) for t in tasks),
+                             len(tasks), self.progress_enabled)
+        try:
+            self._fetch_all(tasks, stats, progress)
+        finally:
+            for task in tasks:
+                self._close(task)
+            progress.finish()
+        self._make_hardlinks(dest, job.hardlinks, tasks, stats)
+        self._make_symlinks(dest, job.symlinks, stats)
+        self._make_specials(dest, job.specials, stats)
+        self._finish_dirs(dest, job.dirs)
+        after = client.transport.stats.as_dict()
+        stats.requests = after["requests"] - before["requests"]
+        stats.retries += after["retries"] - before["retries"]
+        stats.fetched = after["bytes"] - before["bytes"]
+        stats.elapsed = time.time() - started
+        return stats
+
+    def _check_free_space(self, dest, tasks):
+        needed = sum(t.source.size for t in tasks if not t.finished)
+        try:
+            fs = os.statvfs(dest.root)
+        except (OSError, AttributeError):
+            return
+        free = fs.f_bavail * fs.f_frsize
+        if needed > free:
+            _fail(ErrorCode.IO, "not enough free space in %s: need %s, have %s"
+                  % (dest.root, human_size(needed), human_size(free)))
+
+    # -- directories ---------------------------------------------------------
+    def _make_dirs(self, dest, dirs, stats):
+        for entry in dirs:
+            try:
+                path = dest.prepare(entry.path)
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    os.mkdir(path, 0o700)
+                    continue
+                if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+                    _fail(ErrorCode.UNSAFE, "refusing to write into %s: it exists and is not a directory" % path)
+            except StargzError as e:
+                stats.fail(entry.path, e.message, e.code)
+            except OSError as e:
+                stats.fail(entry.path, "cannot create directory: %s" % _describe_os_error(e))
+
+    def _finish_dirs(self, dest, dirs):
+        """Modes and times last, deepest first, so read-only directories were writable meanwhile."""
+        for entry in sorted(dirs, key=lambda e: e.path.count("/"), reverse=True):
+            path = dest.path(entry.path)
+            try:
+                if not os.path.isdir(path) or os.path.islink(path):
+                    continue
+                self._set_owner(path, entry)
+                os.chmod(path, self.policy.mode_of(entry))
+                os.utime(path, (entry.mtime, entry.mtime))
+            except OSError as e:
+                log.warning("cannot set attributes of %s: %s", path, _describe_os_error(e))
+
+    def _set_owner(self, path, entry, fd=None):
+        if not self.policy.same_owner or entry.uid is None:
+            return
+        try:
+            if fd is not None:
+                os.fchown(fd, entry.uid, entry.gid or 0)
+            else:
+                os.lchown(path, entry.uid, entry.gid or 0)
+        except OSError as e:
+            log.debug("cannot chown %s: %s", path, e)
+
+    # -- regular files: resume, fetch, verify, finish --------------------------
+    def _prepare_files(self, dest, entries, stats):
+        tasks = []
+        for entry in entries:
+            try:
+                task = _FileTask(entry, entry.path, dest.prepare(entry.path))
+                if os.path.isdir(task.final) and not os.path.islink(task.final):
+                    _fail(ErrorCode.IO, "%s exists and is a directory" % task.final)
+                if self._already_there(task):
+                    stats.add("skipped")
+                    self._apply_metadata(task.final, entry)
+                    continue
+                self._open_partial(task)
+                tasks.append(task)
+                if task.complete:
+                    self._finish(task, stats, None)
+            except StargzError as e:
+                stats.fail(entry.path, e.message, e.code)
+            except OSError as e:
+                stats.fail(entry.path, "cannot write: %s" % _describe_os_error(e))
+        return tasks
+
+    def _already_there(self, task):
+        """A previous run finished this file: same size and digest under the final name."""
+        source = task.source
+        try:
+            st = os.lstat(task.final)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != (source.size or 0) or not source.digest:
+            return False
+        fd = os.open(task.final, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            return _hash_file_range(fd, 0, st.st_size)[0] == source.digest
+        finally:
+            os.close(fd)
+
+    def _open_partial(self, task):
+        """Open `NAME.partial`, keeping the chunks a previous run verified (checked again)."""
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        state = None
+        if os.path.exists(task.state_file):
+            try:
+                with open(task.state_file) as f:
+                    state = json.load(f)
+            except (IOError, OSError, ValueError):
+                state = None
+        if os.path.lexists(task.partial):
+            st = os.lstat(task.partial)
+            if not stat.S_ISREG(st.st_mode):
+                _fail(ErrorCode.UNSAFE, "refusing to reuse %s: not a regular file" % task.partial)
+        fresh = task.state()
+        if not isinstance(state, dict) or any(state.get(k) != fresh[k] for k in ("blob", "digest", "size", "chunks")):
+            for stale in (task.partial, task.state_file):
+                if os.path.lexists(stale):
+                    os.unlink(stale)
+            state = None
+        task.fd = os.open(task.partial, flags, 0o600)
+        os.ftruncate(task.fd, task.source.size or 0)
+        if state:
+            for i in state.get("done") or []:
+                if isinstance(i, int) and 0 <= i < len(task.chunks):
+                    chunk = task.chunks[i]
+                    digest, got = _hash_file_range(task.fd, chunk.file_offset, chunk.size)
+                    if got == chunk.size and (digest == chunk.digest or (not chunk.digest and not self.verify)):
+                        task.done.add(i)
+            if task.done:
+                log.info("resuming %s: %d of %d chunks already verified", task.path, len(task.done), len(task.chunks))
+
+    def _fetch_all(self, tasks, stats, progress):
+        ranges = DownloadJob.plan_ranges([t for t in tasks if not t.finished], self.concurrency,
+                                         self.gap, self.part_size)
+        if not ranges:
+            return
+        from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(ranges)))
+        futures = [pool.submit(self._run_range, blob, members, stats, progress) for blob, members in ranges]
+        try:
+            pending = set(futures)
+            while pending:
+                _, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+        except KeyboardInterrupt:
+            self._stop.set()
+            for future in futures:
+                future.cancel()
+            pool.shutdown(wait=True)
+            raise
+        pool.shutdown(wait=True)
+        for future in futures:
+            error = future.exception()
+            if error is not None:
+                raise error
+
+    def _run_range(self, blob, members, stats, progress):
+        """Fetch one coalesced range; on a transient failure fetch what is still
+        missing again, with backoff; a digest mismatch is refetched once."""
+        attempt, integrity_retried = 0, False
+        while True:
+            members = [m for m in members if any(self._wanted(t, i) for t, i in m.targets)]
+            if not members or self._stop.is_set():
+                return
+            try:
+                self._fetch_members(blob, members, stats, progress)
+                return
+            except StargzError as e:
+                error = e
+            if error.code == ErrorCode.INTERRUPTED:
+                return
+            retryable = error.code == ErrorCode.NETWORK or (error.code == ErrorCode.INTEGRITY and not integrity_retried)
+            if error.code == ErrorCode.INTEGRITY:
+                integrity_retried = True
+            if not retryable or attempt >= self.retry.retries:
+                for member in members:
+                    for task, i in member.targets:
+                        self._fail_task(task, error, stats)
+                return
+            log.info("retrying bytes %d-%d of %s: %s", members[0].offset, members[-1].end - 1, blob, error.message)
+            stats.add("retries")
+            self.retry.wait(attempt)
+            attempt += 1
+
+    @staticmethod
+    def _wanted(task, index):
+        return task.failed is None and not task.finished and index not in task.done
+
+    def _fetch_members(self, blob, members, stats, progress):
+        start, end = members[0].offset, members[-1].end
+        response = self.client.open_blob(blob, start, end - 1)
+        try:
+            position = start
+            for member in members:
+                self._read_through(response, member.offset - position)
+                self._inflate_member(response, member, stats, progress)
+                position = member.end
+        finally:
+            response.close()
+
+    def _read_through(self, response, amount):
+        while amount > 0:
+            data = response.read(min(amount, READ_SIZE))
+            if not data:
+                _fail(ErrorCode.NETWORK, "blob body ended early (truncated)", truncated=True)
+            amount -= len(data)
+
+    def _inflate_member(self, response, member, stats, progress):
+        """Stream one member's compressed bytes through zlib, handing each wanted
+        chunk its bytes; never inflate past the last byte the TOC declares."""
+        sinks = [_ChunkSink(task, i) for task, i in member.targets if self._wanted(task, i)]
+        sinks.sort(key=lambda s: s.start)
+        need = max(s.stop for s in sinks) if sinks else 0
+        inflater = zlib.decompressobj(31)
+        produced, remaining = 0, member.end - member.offset
+        while remaining > 0:
+            if self._stop.is_set():
+                _fail(ErrorCode.INTERRUPTED, "interrupted")
+            data = response.read(min(remaining, READ_SIZE))
+            if not data:
+                _fail(ErrorCode.NETWORK, "blob body ended early (truncated)", truncated=True)
+            remaining -= len(data)
+            while data and produced < need:
+                try:
+                    out = inflater.decompress(data, READ_SIZE * 4)
+                except zlib.error as e:
+                    _fail(ErrorCode.INTEGRITY, "corrupt gzip data in the member at offset %d: %s" % (member.offset, e))
+                data = inflater.unconsumed_tail
+                if out:
+                    for sink in sinks:
+                        sink.feed(produced, out, self.verify)
+                    produced += len(out)
+                if inflater.eof:   # the next member of the same extent continues the stream
+                    data, inflater = inflater.unused_data, zlib.decompressobj(31)
+                elif not out and not data:
+                    break
+        if produced < need:
+            _fail(ErrorCode.INTEGRITY, "the member at offset %d holds %d bytes, fewer than the TOC declares (%d)"
+                  % (member.offset, produced, need))
+        for sink in sinks:
+            self._chunk_done(sink, stats, progress)
+
+    def _chunk_done(self, sink, stats, progress):
+        task, index = sink.task, sink.index
+        with task.lock:
+            if task.failed is not None or index in task.done:
+                return
+            task.done.add(index)
+            if len(task.chunks) > 1:
+                self._save_state(task)
+            complete = task.complete
+        progress.add(sink.chunk.size)
+        if complete:
+            self._finish(task, stats, progress)
+
+    def _save_state(self, task):
+        temp = task.state_file + ".tmp"
+        try:
+            with open(temp, "w") as f:
+                json.dump(task.state(), f)
+            os.replace(temp, task.state_file)
+        except OSError as e:
+            log.debug("cannot save resume state for %s: %s", task.path, e)
+
+    def _finish(self, task, stats, progress):
+        """All chunks verified: check the whole file, set its attributes, rename it."""
+        with task.lock:
+            if task.finished or task.failed is not None:
+                return
+            source = task.source
+            try:
+                if self.verify and source.digest and (len(task.chunks) != 1 or task.chunks[0].digest != source.digest):
+                    digest, _ = _hash_file_range(task.fd, 0, source.size or 0)
+                    if digest != source.digest:
+                        os.unlink(task.state_file) if os.path.exists(task.state_file) else None
+                        os.unlink(task.partial)
+                        _fail(ErrorCode.INTEGRITY, "%s: content digest %s does not match the TOC's %s"
+                              % (task.path, digest, source.digest))
+                self._set_owner(task.final, task.entry, task.fd)
+                os.fchmod(task.fd, self.policy.mode_of(task.entry))
+                os.close(task.fd)
+                task.fd = None
+                os.replace(task.partial, task.final)
+                if os.path.exists(task.state_file):
+                    os.unlink(task.state_file)
+                os.utime(task.final, (task.entry.mtime, task.entry.mtime))
+                task.finished = True
+            except StargzError as e:
+                task.failed, code = e.message, e.code
+            except OSError as e:
+                task.failed, code = "cannot write %s: %s" % (task.final, _describe_os_error(e)), ErrorCode.IO
+        if task.failed is not None:
+            stats.fail(task.path, task.failed, code)
+            return
+        stats.add("files")
+        stats.add("bytes", source.size or 0)
+        if progress is not None:
+            progress.add(files=1)
+
+    def _fail_task(self, task, error, stats):
+        with task.lock:
+            if task.failed is not None or task.finished:
+                return
+            task.failed = error.message
+        stats.fail(task.path, error.message, error.code)
+
+    @staticmethod
+    def _close(task):
+        if task.fd is not None:
+            try:
+                os.close(task.fd)
+            except OSError:
+                pass
+            task.fd = None
+
+    def _apply_metadata(self, path, entry):
+        try:
+            self._set_owner(path, entry)
+            os.chmod(path, self.policy.mode_of(entry))
+            os.utime(path, (entry.mtime, entry.mtime))
+        except OSError as e:
+            log.warning("cannot set attributes of %s: %s", path, _describe_os_error(e))
+
+    # -- links and special files ---------------------------------------------
+    def _replace_with(self, dest, entry, stats, make):
+        """Create a non-regular entry at its path, replacing a file or link there."""
+        try:
+            path = dest.prepare(entry.path)
+            if os.path.lexists(path):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    _fail(ErrorCode.IO, "%s exists and is a directory" % path)
+                os.unlink(path)
+            make(path)
+            stats.add("files")
+            return path
+        except StargzError as e:
+            stats.fail(entry.path, e.message, e.code)
+        except OSError as e:
+            stats.fail(entry.path, "cannot create %s: %s" % (entry.type, _describe_os_error(e)))
+        return None
+
+    def _make_hardlinks(self, dest, hardlinks, tasks, stats):
+        for entry in hardlinks:
+            target_path = dest.path(entry.link_target.path)
+            source_task = next((t for t in tasks if t.entry is entry.link_target), None)
+            if source_task is not None and not source_task.finished:
+                stats.fail(entry.path, "hardlink target %s was not written" % entry.link_target.path)
+                continue
+            if not os.path.isfile(target_path) or os.path.islink(target_path):
+                stats.fail(entry.path, "hardlink target %s is missing" % entry.link_target.path)
+                continue
+            self._replace_with(dest, entry, stats, lambda path: os.link(target_path, path))
+
+    def _make_symlinks(self, dest, symlinks, stats):
+        for entry in symlinks:
+            path = self._replace_with(dest, entry, stats, lambda p: os.symlink(entry.link, p))
+            if path and os.utime in getattr(os, "supports_follow_symlinks", ()):
+                try:
+                    self._set_owner(path, entry)
+                    os.utime(path, (entry.mtime, entry.mtime), follow_symlinks=False)
+                except OSError:
+                    pass
+
+    def _make_specials(self, dest, specials, stats):
+        kinds = {"char": stat.S_IFCHR, "block": stat.S_IFBLK}
+        for entry in specials:
+            if not self.policy.special_files:
+                message = "skipped %s %s (creating device files and FIFOs needs root)" % (entry.type, entry.path)
+                log.warning("%s", message)
+                stats.warnings.append(message)
+                stats.add("skipped")
+                continue
+            mode = self.policy.mode_of(entry)
+            if entry.type == "fifo":
+                make = lambda p: os.mkfifo(p, mode)
+            else:
+                make = lambda p: os.mknod(p, mode | kinds[entry.type], os.makedev(entry.dev_major, entry.dev_minor))
+            path = self._replace_with(dest, entry, stats, make)
+            if path:
+                self._apply_metadata(path, entry)
+
+
+class _ChunkSink(object):
+    """Receives a member's inflated bytes and keeps the slice that is one chunk:
+    writes it at its place in the file and hashes it."""
+
+    __slots__ = ("task", "index", "chunk", "start", "stop", "hasher", "written")
+
+    def __init__(self, task, index):
+        self.task, self.index = task, index
+        self.chunk = task.chunks[index]
+        self.start = self.chunk.inner_offset or 0
+        self.stop = self.start + self.chunk.size
+        self.hasher = hashlib.sha256()
+        self.written = 0
+
+    def feed(self, produced, data, verify):
+        low, high = max(self.start, produced), min(self.stop, produced + len(data))
+        if low >= high:
+            return
+        piece = data[low - produced:high - produced]
+        os.pwrite(self.task.fd, piece, self.chunk.file_offset + (low - self.start))
+        self.hasher.update(piece)
+        self.written += len(piece)
+        if self.written == self.chunk.size and verify and self.chunk.digest:
+            digest = "sha256:" + self.hasher.hexdigest()
+            if digest != self.chunk.digest:
+                _fail(ErrorCode.INTEGRITY, "%s: chunk at %d has digest %s, the TOC says %s"
+                      % (self.task.path, self.chunk.file_offset, digest, self.chunk.digest))
+
+# =============================================================================
+# cli
+# =============================================================================
+
+_GLOBAL_DEFAULTS = {
+    "credential": None, "verbose": False, "debug": False, "insecure": False, "no_progress": False,
+    "concurrency": 4, "platform": None, "retries": 3, "skip_verify": False, "no_cache": False,
+    "cacert": None, "timeout": 30.0, "connect_timeout": 15.0,
+}
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or value > 256:
+        import argparse
+        raise argparse.ArgumentTypeError("want a whole number from 1 to 256, got %r" % text)
+    return value
+
+
+def _add_global_options(parser):
+    """Flags valid before or after the command name (as with Cobra's persistent flags)."""
+    import argparse
+    g = parser.add_argument_group("global options")
+    s = argparse.SUPPRESS
+    g.add_argument("--credential", metavar="USER:PASSWORD", default=s, help="registry credentials")
+    g.add_argument("-v", "--verbose", action="store_true", default=s, help="say what is happening")
+    g.add_argument("-d", "--debug", action="store_true", default=s, help="log every request (secrets masked)")
+    g.add_argument("-k", "--insecure", action="store_true", default=s,
+                   help="skip TLS verification; allow plain HTTP to any registry")
+    g.add_argument("--no-progress", action="store_true", default=s, help="no progress bar")
+    g.add_argument("--concurrency", type=_positive_int, metavar="N", default=s, help="parallel requests (4)")
+    g.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", default=s, help="image platform (the host's)")
+    g.add_argument("--retries", type=int, metavar="N", default=s, help="retries per request (3)")
+    g.add_argument("--skip-verify", action="store_true", default=s, help="do not check digests")
+    g.add_argument("--no-cache", action="store_true", default=s, help="do not use the TOC cache")
+    g.add_argument("--cacert", metavar="FILE", default=s, help="extra CA certificates (PEM)")
+    g.add_argument("--timeout", type=float, metavar="SECONDS", default=s, help="read stall timeout (30)")
+    g.add_argument("--connect-timeout", type=float, metavar="SECONDS", default=s, help="connect timeout (15)")
+
+
+def build_parser():
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="starget", description="Get files out of eStargz container images without pulling them.",
+        epilog="exit codes: 0 ok, 2 usage, 3 not found, 4 auth, 5 network, 6 format, 7 unsupported, "
+               "8 integrity, 9 unsafe path, 10 local I/O, 11 some files failed, 130 interrupted")
+    parser.add_argument("--version", action="version", version="starget " + __version__)
+    _add_global_options(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    info = commands.add_parser("info", help="show the image's layers")
+    info.add_argument("image", metavar="IMAGE")
+    info.add_argument("--json", action="store_true", help="one JSON object")
+
+    ls = commands.add_parser("ls", help="list the files of the image (or of one layer)")
+    ls.add_argument("image", metavar="IMAGE")
+    ls.add_argument("blob", metavar="BLOB", nargs="?", help="a layer digest (sha256:... or a unique prefix)")
+    ls.add_argument("-l", "--long", action="store_true", help="type, mode, owner, size, time, link target")
+    ls.add_argument("--json", action="store_true", help="one JSON array")
+
+    get = commands.add_parser("get", help="download files: get IMAGE [BLOB] PATH [OUTPUT_DIR]")
+    get.add_argument("image", metavar="IMAGE")
+    get.add_argument("args", metavar="[BLOB] PATH [OUTPUT_DIR]", nargs="+")
+
+    cat = commands.add_parser("cat", help="write one file to standard output: cat IMAGE [BLOB] PATH")
+    cat.add_argument("image", metavar="IMAGE")
+    cat.add_argument("args", metavar="[BLOB] PATH", nargs="+")
+
+    for sub in (info, ls, get, cat):
+        _add_global_options(sub)
+    return parser
+
+
+class _Session(object):
+    """What every command needs, built from the parsed flags."""
+
+    def __init__(self, args):
+        self.args = args
+        retry = RetryPolicy(retries=max(0, args.retries))
+        transport = Transport(insecure=args.insecure, cafile=args.cacert, read_timeout=args.timeout,
+                              connect_timeout=args.connect_timeout, retry=retry)
+        self.client = RegistryClient(args.image, credentials=Credentials(args.credential),
+                                     insecure=args.insecure, transport=transport)
+        self.cache = None if args.no_cache else TOCCache()
+        self.platform = Platform.parse(args.platform) if args.platform else None
+
+    def index(self, blob=None):
+        return open_image(self.client.ref, self.platform, client=self.client, cache=self.cache,
+                          blob=blob, concurrency=self.args.concurrency)
+
+
+def _split_blob(values, most):
+    """[BLOB] PATH [...]: a leading `sha256:` argument names a layer."""
+    blob = values[0] if len(values) > 1 and values[0].startswith("sha256:") else None
+    rest = values[1:] if blob else list(values)
+    if not rest or len(rest) > most:
+        _fail(ErrorCode.USAGE, "wrong number of arguments (see starget --help)")
+    return blob, rest
+
+
+def _mode_string(entry):
+    kinds = {"dir": "d", "symlink": "l", "char": "c", "block": "b", "fifo": "p", "hardlink": "h"}
+    mode = entry.mode or 0
+    text = ""
+    for shift in (6, 3, 0):
+        bits = (mode >> shift) & 7
+        text += ("r" if bits & 4 else "-") + ("w" if bits & 2 else "-") + ("x" if bits & 1 else "-")
+    text = list(text)
+    for bit, pos, char in ((0o4000, 2, "s"), (0o2000, 5, "s"), (0o1000, 8, "t")):
+        if mode & bit:
+            text[pos] = char if text[pos] == "x" else char.upper()
+    return kinds.get(entry.type, "-") + "".join(text)
+
+
+def cmd_ls(session, out):
+    args = session.args
+    index = session.index(args.blob)
+    entries = index.entries(args.blob)
+    if args.json:
+        out.write(json.dumps([e.to_json() for e in entries], indent=1, sort_keys=True) + "\n")
+        return 0
+    for entry in entries:
+        if not args.long:
+            out.write(entry.path + "\n")
+            continue
+        size = entry.content.size or 0 if entry.content.type == "reg" else 0
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(entry.mtime or 0))
+        link = " -> " + entry.link if entry.type == "symlink" else \
+            " link to " + entry.link if entry.type == "hardlink" else ""
+        out.write("%s %5s/%-5s %12d %s %s%s\n" % (_mode_string(entry), entry.uid or 0, entry.gid or 0,
+                                                 size, when, entry.path, link))
+    return 0
+
+
+def cmd_info(session, out):
+    manifest = session.client.resolve(session.platform)
+    layers = []
+    for layer in manifest.layers:
+        row = {"index": layer.index, "digest": layer.digest, "media_type": layer.media_type,
+               "size": layer.size, "format": layer.compression, "toc_digest": layer.toc_digest,
+               "toc_entries": None}
+        try:
+            toc = fetch_layer_toc(session.client, layer, session.cache)
+            row.update(format="legacy-stargz" if toc.footer_size == LEGACY_FOOTER_SIZE else "estargz",
+                       toc_digest=toc.toc_digest, toc_entries=toc.raw_count)
+        except StargzError as e:
+            if e.code not in (ErrorCode.FORMAT, ErrorCode.UNSUPPORTED, ErrorCode.INTEGRITY):
+                raise
+            row["error"] = e.message
+        layers.append(row)
+    doc = {"reference": str(manifest.ref), "digest": manifest.digest, "media_type": manifest.media_type,
+           "platform": str(manifest.platform) if manifest.platform else None, "layers": layers}
+    if session.args.json:
+        out.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        return 0
+    out.write("image:     %s\ndigest:    %s\ntype:      %s\n" % (doc["reference"], doc["digest"], doc["media_type"]))
+    if doc["platform"]:
+        out.write("platform:  %s\n" % doc["platform"])
+    rows = [("#", "DIGEST", "SIZE", "FORMAT", "ENTRIES", "MEDIA TYPE")]
+    for row in layers:
+        rows.append((str(row["index"]), row["digest"][:19], human_size(row["size"]), row["format"],
+                     "-" if row["toc_entries"] is None else str(row["toc_entries"]), row["media_type"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+    return 0
+
+
+def _downloader(session):
+    args = session.args
+    return Downloader(session.client, concurrency=args.concurrency, verify=not args.skip_verify,
+                      progress=not args.no_progress and sys.stderr.isatty())
+
+
+def _report(stats, verbose):
+    for path, message in stats.failures:
+        sys.stderr.write("starget: error: %s\n" % redact(message if path in message else "%s: %s" % (path, message)))
+    if verbose:
+        log.info("%d files, %s written, %d skipped, %d requests, %s fetched, %d retries, %d failed, %.2fs",
+                 stats.files, human_size(stats.bytes), stats.skipped, stats.requests, human_size(stats.fetched),
+                 stats.retries, len(stats.failures), stats.elapsed)
+    if stats.failures:
+        codes = set(stats.failure_codes)
+        code = codes.pop() if len(codes) == 1 and not stats.files else ErrorCode.PARTIAL
+        _fail(code, "%d file(s) failed%s" % (len(stats.failures), "; the others were written" if stats.files else ""))
+
+
+def cmd_get(session, out):
+    blob, rest = _split_blob(session.args.args, 2)
+    pattern, output_dir = rest[0], rest[1] if len(rest) > 1 else "."
+    index = session.index(blob)
+    stats = _downloader(session).download(index, pattern, output_dir, blob)
+    _report(stats, session.args.verbose)
+    return 0
+
+
+def cmd_cat(session, out):
+    import shutil
+    import tempfile
+    blob, rest = _split_blob(session.args.args, 1)
+    index = session.index(blob)
+    view = index.view(blob)
+    path = _resolve_in(view, rest[0], follow_last=True)
+    entry = view.get(path)
+    if entry is None:
+        _fail(ErrorCode.NOT_FOUND, "no such file in the image: %s" % rest[0])
+    if entry.type not in ("reg", "hardlink"):
+        _fail(ErrorCode.USAGE, "%s is a %s, not a regular file" % (rest[0], entry.type))
+    scratch = tempfile.mkdtemp(prefix="starget-cat-")
+    try:
+        stats = _downloader(session).download(index, path, scratch, blob)
+        _report(stats, session.args.verbose)
+        stream = getattr(out, "buffer", out)
+        with open(os.path.join(scratch, *path.split("/")), "rb") as f:
+            shutil.copyfileobj(f, stream)
+        stream.flush()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "ls": cmd_ls, "get": cmd_get, "cat": cmd_cat}
+
+
+def main(argv=None, out=None):
+    """Run the command line; returns the exit code."""
+    out = out or sys.stdout
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else ErrorCode.USAGE
+    for key, value in _GLOBAL_DEFAULTS.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    configure_logging(args.verbose, args.debug)
+    session = None
+    try:
+        session = _Session(args)
+        return COMMANDS[args.command](session, out) or 0
+    except StargzError as e:
+        message = " ".join(redact(e.message).split())
+        sys.stderr.write("starget: error: %s\n" % message)
+        if e.cause is not None:
+            log.debug("cause: %r", e.cause)
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("\nstarget: interrupted; run the same command again to resume\n")
+        return int(ErrorCode.INTERRUPTED)
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except Exception as e:  # a bug: say so in one line, the traceback with --debug
+        log.debug("traceback", exc_info=True)
+        sys.stderr.write("starget: internal error: %s: %s (re-run with --debug)\n"
+                         % (e.__class__.__name__, redact(e)))
+        return int(ErrorCode.INTERNAL)
+    finally:
+        if session is not None:
+            session.client.transport.close()
+
+
+def console_main():
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
