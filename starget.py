@@ -41,9 +41,7 @@ Example:
 __version__ = "0.1.0"
 
 import base64
-import calendar
 import hashlib
-import http.client
 import json
 import logging
 import os
@@ -52,11 +50,12 @@ import random
 import re
 import socket
 import stat
-import subprocess
 import sys
 import threading
 import time
 import zlib
+# http.client, ssl, subprocess, calendar, argparse and concurrent.futures are
+# imported where they are used, so that `starget --help` starts fast.
 
 # =============================================================================
 # errors
@@ -452,6 +451,7 @@ class Credentials(object):
         program = "docker-credential-" + name
         server = DOCKER_HUB_AUTH_KEY if registry == DOCKER_HUB else registry
         try:
+            import subprocess
             proc = subprocess.Popen([program, "get"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             out, err = proc.communicate(server.encode("utf-8"), timeout=60)
@@ -496,6 +496,7 @@ def parse_retry_after(value, now=None):
         return None
     if not parsed:
         return None
+    import calendar
     when = calendar.timegm(parsed[:9]) - (parsed[9] or 0)
     return max(0.0, when - (time.time() if now is None else now))
 
@@ -587,6 +588,7 @@ class Response(object):
         return int(value) if value and value.strip().isdigit() else None
 
     def read(self, amount=None):
+        import http.client
         try:
             data = self._raw.read(amount) if amount is not None else self._raw.read()
         except http.client.IncompleteRead as e:
@@ -639,6 +641,7 @@ class Response(object):
         """Drop a small error body so the connection can be reused."""
         length = self.length
         if self._conn is not None and length is not None and length <= limit:
+            import http.client
             try:
                 self._raw.read()
             except (OSError, http.client.HTTPException):
@@ -653,6 +656,7 @@ class Response(object):
 
 
 def _describe_os_error(error):
+    import http.client
     if isinstance(error, socket.timeout):
         return "timed out"
     if isinstance(error, http.client.RemoteDisconnected):
@@ -742,6 +746,7 @@ class Transport(object):
                             ctx.load_cert_chain(path, keyfile)
 
     def _connect(self, url):
+        import http.client
         proxy = self._proxy_for(url)
         proxy_url = _URL(proxy) if proxy else None
         connect_host, connect_port = (proxy_url.host, proxy_url.port) if proxy_url else (url.host, url.port)
@@ -825,6 +830,7 @@ class Transport(object):
     def _send_once(self, method, url, headers, body):
         """One request on a pooled connection; a stale kept-alive connection is
         replaced once without counting as a retry."""
+        import http.client
         for fresh_try in (False, True):
             key, conn, reused = self._acquire(url)
             target = url.text if conn._starget_absolute_form else url.path
@@ -1311,6 +1317,7 @@ def parse_rfc3339(text):
         return 0
     fields = [int(g) for g in match.groups()[:6]]
     try:
+        import calendar
         seconds = calendar.timegm((fields[0], fields[1], fields[2], fields[3], fields[4], fields[5], 0, 0, 0))
     except (ValueError, OverflowError):
         return 0
