@@ -1271,7 +1271,7 @@ def parse_footer(tail):
                 return int(match.group(1), 16), LEGACY_FOOTER_SIZE
     if tail.endswith(_ZSTD_CHUNKED_MAGIC):
         _fail(ErrorCode.UNSUPPORTED, "zstd:chunked layer: not supported (starget reads gzip eStargz only)")
-    _fail(ErrorCode.FORMAT, "not eStargz: the layer has no eStargz or stargz footer")
+    _fail(ErrorCode.FORMAT, "not eStargz: the layer has no eStargz or stargz footer", not_estargz=True)
 
 
 def extract_toc_json(member):
@@ -1364,7 +1364,7 @@ class TOCEntry(object):
 
     __slots__ = ("path", "type", "size", "mode", "uid", "gid", "uname", "gname", "mtime", "link",
                  "digest", "offset", "inner_offset", "dev_major", "dev_minor", "xattrs", "chunks",
-                 "layer", "blob", "link_target")
+                 "layer", "blob", "link_target", "spool")
 
     def __init__(self, path, type, **fields):
         self.path, self.type = path, type
@@ -1639,7 +1639,7 @@ def layer_format(layer):
               % (layer.digest, layer.media_type))
     if compression != "gzip":
         _fail(ErrorCode.UNSUPPORTED, "layer %s has media type %s: not a gzip layer, cannot be read lazily"
-              % (layer.digest, layer.media_type or "(none)"))
+              % (layer.digest, layer.media_type or "(none)"), not_estargz=compression == "none")
 
 
 def fetch_layer_toc(client, layer, cache=None):
@@ -1680,7 +1680,7 @@ def _read_toc_from_blob(client, layer):
         e.message = "layer %s (%s): %s" % (layer.digest, layer.media_type, e.message)
         if e.code == ErrorCode.FORMAT:
             e.message += "; it is a plain tar+gzip layer: rebuild the image as eStargz (e.g. nerdctl image " \
-                         "convert --estargz, buildkit compression=estargz) or use another tool"
+                         "convert --estargz) or pass --fallback-stream to read it whole (slow)"
         raise
     member_end = size - footer_size
     if toc_offset >= member_end or member_end - toc_offset > MAX_TOC_MEMBER_SIZE:
@@ -1691,6 +1691,80 @@ def _read_toc_from_blob(client, layer):
     else:
         member = client.read_blob(layer.digest, toc_offset, tail_start - 1) + tail[:member_end - tail_start]
     return toc_offset, extract_toc_json(member), footer_size
+
+
+_TAR_TYPES = {b"0": "reg", b"\x00": "reg", b"7": "reg", b"1": "hardlink", b"2": "symlink",
+              b"3": "char", b"4": "block", b"5": "dir", b"6": "fifo"}
+
+
+def spool_plain_layer(client, layer, directory):
+    """--fallback-stream: a layer that is not eStargz is read whole (its digest
+    checked), inflated to an uncompressed tar under `directory`, and indexed from
+    its tar headers. Slow, and it needs the layer's uncompressed size on disk."""
+    import tarfile
+    path = os.path.join(directory, layer.digest.replace(":", "-") + ".tar")
+    hasher = hashlib.sha256()
+    inflater = zlib.decompressobj(31) if layer.compression == "gzip" else None
+    response = client.open_blob(layer.digest, 0, max(0, layer.size - 1))
+    try:
+        with open(path, "wb") as out:
+            remaining = layer.size
+            while remaining > 0:
+                data = response.read(min(READ_SIZE, remaining))
+                if not data:
+                    _fail(ErrorCode.NETWORK, "layer %s ended early (truncated)" % layer.digest, truncated=True)
+                remaining -= len(data)
+                hasher.update(data)
+                while data and inflater is not None:
+                    try:
+                        out.write(inflater.decompress(data, READ_SIZE * 4))
+                    except zlib.error as e:
+                        _fail(ErrorCode.FORMAT, "layer %s is not valid gzip: %s" % (layer.digest, e), e)
+                    data = inflater.unconsumed_tail
+                    if inflater.eof:
+                        data, inflater = inflater.unused_data, zlib.decompressobj(31)
+                if inflater is None:
+                    out.write(data)
+    finally:
+        response.close()
+    if "sha256:" + hasher.hexdigest() != layer.digest:
+        _fail(ErrorCode.INTEGRITY, "layer %s does not match its digest" % layer.digest)
+    entries, names, warnings = [], {}, []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                kind = _TAR_TYPES.get(info.type)
+                try:
+                    name = normalize_path(info.name)
+                except StargzError as e:
+                    warnings.append("skipped tar entry: %s" % e.message)
+                    continue
+                if kind is None:
+                    continue
+                entry = TOCEntry(name, kind, size=info.size if kind == "reg" else 0, mode=info.mode & 0o7777,
+                                 uid=info.uid, gid=info.gid, uname=info.uname or None, gname=info.gname or None,
+                                 mtime=int(info.mtime), link=info.linkname or None, dev_major=info.devmajor,
+                                 dev_minor=info.devminor, offset=0, inner_offset=0)
+                if kind == "reg" and info.size:
+                    entry.chunks = [Chunk(0, info.size, 0, info.offset_data, None, end=0)]
+                    entry.spool = path
+                if kind == "hardlink":
+                    try:
+                        entry.link = normalize_path(info.linkname)
+                    except StargzError:
+                        entry.link = None
+                    target = names.get(entry.link)
+                    if target is None or target.content.type != "reg":
+                        warnings.append("skipped hardlink %r: target %r is not an earlier file" % (name, info.linkname))
+                        continue
+                    entry.link_target = target.content
+                entries.append(entry)
+                names[name] = entry
+    except (tarfile.TarError, EOFError, ValueError, OSError) as e:
+        _fail(ErrorCode.FORMAT, "layer %s is not a readable tar: %s" % (layer.digest, e), e)
+    toc = LayerTOC(entries, None, None, warnings=warnings, footer_size=0)
+    toc.set_origin(layer.digest, layer.index)
+    return toc
 
 
 def _resolve_in(view, path, follow_last, collected=None):
@@ -1823,9 +1897,11 @@ class ImageIndex(object):
         return [selected[p] for p in sorted(selected)]
 
 
-def open_image(reference, platform=None, client=None, cache=None, blob=None, concurrency=4, **client_options):
+def open_image(reference, platform=None, client=None, cache=None, blob=None, concurrency=4,
+               fallback_dir=None, **client_options):
     """Resolve an image and load its TOCs: the merged ImageIndex (or, with `blob`,
-    only that layer's TOC). `client_options` go to RegistryClient."""
+    only that layer's TOC). With `fallback_dir`, layers that are not eStargz are
+    streamed whole into it instead of refused. `client_options` go to RegistryClient."""
     if client is None:
         client = RegistryClient(reference, **client_options)
     if isinstance(platform, str):
@@ -1836,7 +1912,16 @@ def open_image(reference, platform=None, client=None, cache=None, blob=None, con
         probe = ImageIndex([LayerTOC([], blob=l.digest, layer=l.index) for l in manifest.layers])
         chosen = probe.layer(blob).blob
         wanted = [l for l in manifest.layers if l.digest == chosen]
-    tocs = _map_parallel(lambda layer: fetch_layer_toc(client, layer, cache), wanted, concurrency)
+    def load(layer):
+        try:
+            return fetch_layer_toc(client, layer, cache)
+        except StargzError as e:
+            if fallback_dir is None or not e.details.get("not_estargz"):
+                raise
+            log.warning("layer %s is not eStargz: reading it whole (--fallback-stream)", layer.digest)
+            return spool_plain_layer(client, layer, fallback_dir)
+
+    tocs = _map_parallel(load, wanted, concurrency)
     by_digest = dict(zip([l.index for l in wanted], tocs))
     for toc in tocs:
         for warning in toc.warnings:
@@ -2302,8 +2387,11 @@ class Downloader(object):
                 log.info("resuming %s: %d of %d chunks already verified", task.path, len(task.done), len(task.chunks))
 
     def _fetch_all(self, tasks, stats, progress):
-        ranges = DownloadJob.plan_ranges([t for t in tasks if not t.finished], self.concurrency,
-                                         self.gap, self.part_size)
+        for task in tasks:
+            if task.source.spool and not task.finished:
+                self._copy_from_spool(task, stats, progress)
+        ranges = DownloadJob.plan_ranges([t for t in tasks if not t.finished and not t.source.spool],
+                                         self.concurrency, self.gap, self.part_size)
         if not ranges:
             return
         from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
@@ -2324,6 +2412,24 @@ class Downloader(object):
             error = future.exception()
             if error is not None:
                 raise error
+
+    def _copy_from_spool(self, task, stats, progress):
+        """A file of a layer read whole by --fallback-stream: copy it from the spooled tar."""
+        sink = _ChunkSink(task, 0)
+        try:
+            with open(task.source.spool, "rb") as spool:
+                position = sink.start
+                spool.seek(position)
+                while position < sink.stop:
+                    data = spool.read(min(READ_SIZE * 4, sink.stop - position))
+                    if not data:
+                        _fail(ErrorCode.FORMAT, "%s: the layer's tar ends inside the file" % task.path)
+                    sink.feed(position, data, self.verify)
+                    position += len(data)
+        except StargzError as e:
+            self._fail_task(task, e, stats)
+            return
+        self._chunk_done(sink, stats, progress)
 
     def _run_range(self, blob, members, stats, progress):
         """Fetch one coalesced range; on a transient failure fetch what is still
@@ -2586,7 +2692,7 @@ class _ChunkSink(object):
 _GLOBAL_DEFAULTS = {
     "credential": None, "verbose": False, "debug": False, "insecure": False, "no_progress": False,
     "concurrency": 4, "platform": None, "retries": 3, "skip_verify": False, "no_cache": False,
-    "cacert": None, "timeout": 30.0, "connect_timeout": 15.0,
+    "cacert": None, "timeout": 30.0, "connect_timeout": 15.0, "fallback_stream": False,
 }
 
 
@@ -2620,6 +2726,8 @@ def _add_global_options(parser):
     g.add_argument("--cacert", metavar="FILE", default=s, help="extra CA certificates (PEM)")
     g.add_argument("--timeout", type=float, metavar="SECONDS", default=s, help="read stall timeout (30)")
     g.add_argument("--connect-timeout", type=float, metavar="SECONDS", default=s, help="connect timeout (15)")
+    g.add_argument("--fallback-stream", action="store_true", default=s,
+                   help="read layers that are not eStargz whole instead of refusing them (slow)")
 
 
 def build_parser():
@@ -2642,6 +2750,7 @@ def build_parser():
     ls.add_argument("blob", metavar="BLOB", nargs="?", help="a layer digest (sha256:... or a unique prefix)")
     ls.add_argument("-l", "--long", action="store_true", help="type, mode, owner, size, time, link target")
     ls.add_argument("--json", action="store_true", help="one JSON array")
+    ls.add_argument("--sizes", action="store_true", help="bytes and files per directory, like du")
 
     get = commands.add_parser("get", help="download files: get IMAGE [BLOB] PATH [OUTPUT_DIR]")
     get.add_argument("image", metavar="IMAGE")
@@ -2668,10 +2777,20 @@ class _Session(object):
                                      insecure=args.insecure, transport=transport)
         self.cache = None if args.no_cache else TOCCache()
         self.platform = Platform.parse(args.platform) if args.platform else None
+        self.scratch = None
 
     def index(self, blob=None):
+        if self.args.fallback_stream and self.scratch is None:
+            import tempfile
+            self.scratch = tempfile.mkdtemp(prefix="starget-")
         return open_image(self.client.ref, self.platform, client=self.client, cache=self.cache,
-                          blob=blob, concurrency=self.args.concurrency)
+                          blob=blob, concurrency=self.args.concurrency, fallback_dir=self.scratch)
+
+    def close(self):
+        self.client.transport.close()
+        if self.scratch is not None:
+            import shutil
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def _split_blob(values, most):
@@ -2701,6 +2820,8 @@ def cmd_ls(session, out):
     args = session.args
     index = session.index(args.blob)
     entries = index.entries(args.blob)
+    if args.sizes:
+        return _print_sizes(entries, args.json, out)
     if args.json:
         out.write(json.dumps([e.to_json() for e in entries], indent=1, sort_keys=True) + "\n")
         return 0
@@ -2714,6 +2835,36 @@ def cmd_ls(session, out):
             " link to " + entry.link if entry.type == "hardlink" else ""
         out.write("%s %5s/%-5s %12d %s %s%s\n" % (_mode_string(entry), entry.uid or 0, entry.gid or 0,
                                                  size, when, entry.path, link))
+    return 0
+
+
+def directory_sizes(entries):
+    """{directory: [bytes, files]} of the regular files below each directory (a
+    hardlink counts once, as du does)."""
+    totals = {"": [0, 0]}
+    counted = set()
+    for entry in entries:
+        if entry.type == "dir":
+            totals.setdefault(entry.path, [0, 0])
+        content = entry.content
+        if content.type != "reg" or id(content) in counted:
+            continue
+        counted.add(id(content))
+        parts = entry.path.split("/")[:-1]
+        for n in range(len(parts) + 1):
+            total = totals.setdefault("/".join(parts[:n]), [0, 0])
+            total[0] += content.size or 0
+            total[1] += 1
+    return totals
+
+
+def _print_sizes(entries, as_json, out):
+    totals = sorted(directory_sizes(entries).items())
+    if as_json:
+        out.write(json.dumps([{"path": p, "bytes": b, "files": f} for p, (b, f) in totals], indent=1) + "\n")
+        return 0
+    for path, (size, files) in totals:
+        out.write("%12d %6d  %s\n" % (size, files, path or "."))
     return 0
 
 
@@ -2845,7 +2996,7 @@ def main(argv=None, out=None):
         return int(ErrorCode.INTERNAL)
     finally:
         if session is not None:
-            session.client.transport.close()
+            session.close()
 
 
 def console_main():
