@@ -677,8 +677,10 @@ class Transport(object):
     CERTS_DIRS = ("/etc/containers/certs.d", "/etc/docker/certs.d")
 
     def __init__(self, insecure=False, cafile=None, connect_timeout=15.0, read_timeout=30.0,
-                 retry=None, environ=None, certs_dirs=None, max_idle_per_host=8):
+                 retry=None, environ=None, certs_dirs=None, max_idle_per_host=8, host_tls=None):
         self.insecure, self.cafile = insecure, cafile
+        # per registry "host[:port]" -> {"insecure": bool, "ca_file": path}, from the config file
+        self.host_tls = dict(host_tls or {})
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.retry = retry or RetryPolicy()
         self.environ = os.environ if environ is None else environ
@@ -712,15 +714,17 @@ class Transport(object):
         if ctx is not None:
             return ctx
         import ssl
-        if self.insecure:
+        settings = self.host_tls.get(url.netloc) or self.host_tls.get(url.host) or {}
+        if self.insecure or settings.get("insecure"):
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         else:
             ctx = ssl.create_default_context()
             try:
-                if self.cafile:
-                    ctx.load_verify_locations(cafile=self.cafile)
+                for cafile in (self.cafile, settings.get("ca_file")):
+                    if cafile:
+                        ctx.load_verify_locations(cafile=cafile)
                 self._load_host_certs(ctx, url)
             except (OSError, ssl.SSLError) as e:
                 _fail(ErrorCode.USAGE, "cannot load CA certificates: %s" % _describe_os_error(e), e)
@@ -789,9 +793,12 @@ class Transport(object):
         if isinstance(error, ssl.SSLError):
             reason = getattr(error, "reason", None) or str(error)
             if "CERTIFICATE_VERIFY_FAILED" in str(error) or "certificate verify failed" in str(error):
+                no_bundle = not self._tls_context(url).cert_store_stats().get("x509_ca")
+                why = "no CA bundle found (install ca-certificates or set SSL_CERT_FILE)" if no_bundle else \
+                    getattr(error, "verify_message", None) or reason
                 return StargzError(ErrorCode.NETWORK, "TLS verification failed for %s (%s): pass --cacert FILE, "
                                    "put the CA in /etc/containers/certs.d/%s/ca.crt, or use -k/--insecure"
-                                   % (where, getattr(error, "verify_message", None) or reason, where), error)
+                                   % (where, why, where), error)
             return StargzError(ErrorCode.NETWORK, "TLS handshake with %s failed: %s" % (where, reason),
                                error, {"tls_failed": True})
         if isinstance(error, socket.gaierror):
@@ -972,33 +979,45 @@ class RegistryClient(object):
 
     BLOB_LOCATION_TTL = 300.0
 
-    def __init__(self, ref, credentials=None, insecure=False, transport=None, plain_http=None):
+    def __init__(self, ref, credentials=None, insecure=False, transport=None, plain_http=None,
+                 mirrors=(), auth_type=None):
+        """`mirrors`: [(host, plain_http)] tried before the image's own registry, as
+        docker's registry mirrors are; `auth_type` "none" never sends credentials."""
         self.ref = ref if isinstance(ref, ImageRef) else ImageRef.parse(ref)
         self.insecure = insecure
         self.transport = transport or Transport(insecure=insecure)
         self.credentials = credentials if credentials is not None else Credentials()
+        self.auth_type = auth_type
         if plain_http is None:
             plain_http = self.ref.loopback
-        self.scheme = "http" if plain_http else "https"
+        self.endpoints = [(host, bool(plain) or is_loopback(host)) for host, plain in mirrors]
+        self.endpoints.append((self.ref.registry, plain_http))
         self._lock = threading.Lock()
-        self._authorization = None      # header value for the registry origin
-        self._sent_basic = None
         self._blob_locations = {}       # digest -> (url, expiry) after a cross-host redirect
         self._warned_no_ranges = False
+        self._use_endpoint(*self.endpoints[0])
+
+    def _use_endpoint(self, host, plain_http):
+        """Speak to `host` from now on (a mirror, or the image's own registry)."""
+        self.host = host
+        self.scheme = "http" if plain_http else "https"
+        self._authorization = None      # header value for this host only
 
     # -- auth ----------------------------------------------------------------
     @property
     def base_url(self):
-        return "%s://%s" % (self.scheme, self.ref.registry)
+        return "%s://%s" % (self.scheme, self.host)
 
     def _credential(self):
-        return self.credentials.lookup(self.ref.registry, self.ref.repository)
+        if self.auth_type == "none":
+            return None
+        return self.credentials.lookup(self.host, self.ref.repository)
 
     def _answer_challenge(self, challenge, sent):
         """Turn a 401 challenge into an Authorization value, or fail with AUTH."""
         scheme, params = parse_www_authenticate(challenge)
         cred = self._credential()
-        where = self.ref.registry
+        where = self.host
         if scheme == "basic":
             if cred is None or cred.identity_token:
                 _fail(ErrorCode.AUTH, "%s requires authentication: pass --credential USER:PASSWORD or log in "
@@ -1037,9 +1056,9 @@ class RegistryClient(object):
         if response.status in (401, 403):
             response.discard()
             if cred is None:
-                _fail(ErrorCode.AUTH, "token server for %s refused anonymous access: pass --credential" % self.ref.registry)
+                _fail(ErrorCode.AUTH, "token server for %s refused anonymous access: pass --credential" % self.host)
             _fail(ErrorCode.AUTH, "authentication failed for %s: the token server rejected the credentials (%s)"
-                  % (self.ref.registry, cred.source))
+                  % (self.host, cred.source))
         if response.status != 200:
             text = self._error_text(response)
             _fail(ErrorCode.AUTH, "token request to %s failed: HTTP %d %s" % (_URL(realm).netloc, response.status, text))
@@ -1049,15 +1068,17 @@ class RegistryClient(object):
         except (ValueError, AttributeError, UnicodeDecodeError):
             token = None
         if not token or not isinstance(token, str):
-            _fail(ErrorCode.AUTH, "token server for %s answered without a token" % self.ref.registry)
+            _fail(ErrorCode.AUTH, "token server for %s answered without a token" % self.host)
         register_secret(token)
         return token
 
     # -- requests ------------------------------------------------------------
     def request(self, method, path, headers=None):
-        """A request to the registry origin with auth; a 401 is answered once."""
-        url = "%s/v2/%s%s" % (self.base_url, self.ref.repository, path) if path.startswith("/") else path
-        for attempt in range(2):
+        """A request to the registry with auth; a 401 is answered once (a fresh token,
+        also when one expires in the middle of a download)."""
+        answered = fell_back = False
+        while True:
+            url = "%s/v2/%s%s" % (self.base_url, self.ref.repository, path) if path.startswith("/") else path
             sent_headers = dict(headers or {})
             with self._lock:
                 authorization = self._authorization
@@ -1066,20 +1087,19 @@ class RegistryClient(object):
             try:
                 response = self.transport.request(method, url, headers=sent_headers)
             except StargzError as e:
-                if self.insecure and self.scheme == "https" and e.details.get("tls_failed") and attempt == 0:
-                    log.warning("%s does not speak TLS; using plain HTTP (--insecure)", self.ref.registry)
-                    self.scheme = "http"
-                    url = url.replace("https://", "http://", 1)
+                if self.insecure and self.scheme == "https" and e.details.get("tls_failed") and not fell_back:
+                    log.warning("%s does not speak TLS; using plain HTTP (--insecure)", self.host)
+                    self.scheme, fell_back = "http", True
                     continue
                 raise
-            if response.status != 401 or attempt == 1:
+            if response.status != 401 or answered:
                 return response
             challenge = response.header("WWW-Authenticate", "")
             response.discard()
             new_authorization = self._answer_challenge(challenge, authorization)
             with self._lock:
                 self._authorization = new_authorization
-        return response
+            answered = True
 
     @staticmethod
     def _error_text(response):
@@ -1105,7 +1125,7 @@ class RegistryClient(object):
         if status in (401, 403):
             _fail(ErrorCode.AUTH, "access to %s denied: HTTP %d (%s)" % (what, status, text))
         if status == 429 or status >= 500:
-            _fail(ErrorCode.NETWORK, "%s: HTTP %d from %s (%s)" % (what, status, self.ref.registry, text))
+            _fail(ErrorCode.NETWORK, "%s: HTTP %d from %s (%s)" % (what, status, self.host, text))
         _fail(ErrorCode.NETWORK, "%s: unexpected HTTP %d (%s)" % (what, status, text))
 
     # -- manifests -----------------------------------------------------------
@@ -1125,7 +1145,20 @@ class RegistryClient(object):
         return raw, media_type, digest
 
     def resolve(self, platform=None):
-        """The image manifest for `platform` (default: the host's), through an index if needed."""
+        """The image manifest for `platform` (default: the host's), through an index if
+        needed; a mirror that fails or lacks the image falls back to the next endpoint."""
+        for host, plain_http in self.endpoints[:-1]:
+            self._use_endpoint(host, plain_http)
+            try:
+                return self._resolve_here(platform)
+            except StargzError as e:
+                if e.code not in (ErrorCode.NETWORK, ErrorCode.NOT_FOUND, ErrorCode.AUTH):
+                    raise
+                log.warning("mirror %s: %s; using %s", host, e.message, self.endpoints[-1][0])
+        self._use_endpoint(*self.endpoints[-1])
+        return self._resolve_here(platform)
+
+    def _resolve_here(self, platform):
         raw, media_type, digest = self.get_manifest()
         doc = self._parse_manifest_json(raw)
         media_type = doc.get("mediaType") or media_type
