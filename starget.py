@@ -634,6 +634,7 @@ class Response(object):
         if self._raw.isclosed() and not self._raw.will_close:
             self._transport._release(self._pool_key, conn)
         else:
+            self._transport._forget(conn)
             self._raw.close()
             conn.close()
 
@@ -687,6 +688,7 @@ class Transport(object):
         self.certs_dirs = self.CERTS_DIRS if certs_dirs is None else certs_dirs
         self.max_idle_per_host = max_idle_per_host
         self.stats = TransportStats()
+        self._active = set()    # connections with a request in flight, for abort()
         self._idle = {}
         self._lock = threading.Lock()
         self._tls_contexts = {}
@@ -815,11 +817,32 @@ class Transport(object):
         with self._lock:
             idle = self._idle.get(key)
             if idle:
-                return key, idle.pop(), True
-        return key, self._connect(url), False
+                conn = idle.pop()
+                self._active.add(conn)
+                return key, conn, True
+        conn = self._connect(url)
+        with self._lock:
+            self._active.add(conn)
+        return key, conn, False
+
+    def _forget(self, conn):
+        with self._lock:
+            self._active.discard(conn)
+
+    def abort(self):
+        """Wake every thread blocked on a read (Ctrl-C): shut their sockets down."""
+        with self._lock:
+            active = list(self._active)
+        for conn in active:
+            try:
+                if conn.sock is not None:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _release(self, key, conn):
         with self._lock:
+            self._active.discard(conn)
             idle = self._idle.setdefault(key, [])
             if len(idle) < self.max_idle_per_host:
                 idle.append(conn)
@@ -848,11 +871,13 @@ class Transport(object):
                 raw = conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
                     http.client.CannotSendRequest, http.client.BadStatusLine) as e:
+                self._forget(conn)
                 conn.close()
                 if reused and not fresh_try:
                     continue
                 _fail(ErrorCode.NETWORK, "%s %s: %s" % (method, url.netloc, _describe_os_error(e)), e)
             except (socket.timeout, OSError, http.client.HTTPException) as e:
+                self._forget(conn)
                 conn.close()
                 _fail(ErrorCode.NETWORK, "%s %s: %s" % (method, url.netloc, _describe_os_error(e)), e)
             self.stats.add("requests")
@@ -2276,9 +2301,9 @@ class Downloader(object):
         for path, reason in job.refused:
             log.warning("%s", reason)
             stats.fail(path, reason, ErrorCode.UNSAFE)
+        self._check_free_space(dest, job.regular)
         self._make_dirs(dest, job.dirs, stats)
         tasks = self._prepare_files(dest, job.regular, stats)
-        self._check_free_space(dest, tasks)
         progress = _Progress(sum(t.source.size - sum(t.chunks[i].size for i in t.done) for t in tasks),
                              len(tasks), self.progress_enabled)
         try:
@@ -2298,8 +2323,17 @@ class Downloader(object):
         stats.elapsed = time.time() - started
         return stats
 
-    def _check_free_space(self, dest, tasks):
-        needed = sum(t.source.size for t in tasks if not t.finished)
+    def _check_free_space(self, dest, entries):
+        """Refuse up front what cannot fit (a hostile TOC may declare absurd sizes)."""
+        needed = 0
+        for entry in entries:
+            size = entry.content.size or 0
+            try:
+                if os.lstat(dest.path(entry.path)).st_size == size:
+                    continue    # probably there from an earlier run
+            except (OSError, StargzError):
+                pass
+            needed += size
         try:
             fs = os.statvfs(dest.root)
         except (OSError, AttributeError):
@@ -2438,6 +2472,7 @@ class Downloader(object):
             self._stop.set()
             for future in futures:
                 future.cancel()
+            self.client.transport.abort()
             pool.shutdown(wait=True)
             raise
         pool.shutdown(wait=True)
