@@ -1496,9 +1496,9 @@ def _digest_field(raw, key, name):
 def parse_toc(data, toc_offset=None, blob=None, layer=None):
     """Parse `stargz.index.json` bytes into a LayerTOC.
 
-    The TOC is untrusted: entries with unsafe names are skipped with a warning;
-    structural nonsense (bad types, offsets past the TOC, chunks that do not tile
-    their file) refuses the whole layer."""
+    The TOC is untrusted: an unsafe name (`..`, absolute, NUL, empty) or structural
+    nonsense (bad types, offsets past the TOC, chunks that do not tile their file)
+    refuses the whole layer; a hardlink to a missing target is skipped with a warning."""
     if not isinstance(data, (bytes, bytearray)):
         _fail(ErrorCode.FORMAT, "TOC must be bytes")
     if len(data) > MAX_TOC_JSON_SIZE:
@@ -1529,9 +1529,7 @@ def parse_toc(data, toc_offset=None, blob=None, layer=None):
         try:
             path = normalize_path(raw_name)
         except StargzError as e:
-            warnings.append("skipped TOC entry: %s" % e.message)
-            last_reg = None
-            continue
+            _fail(ErrorCode.FORMAT, "refusing a hostile TOC: entry %s" % e.message)
         offset = _int_field(raw, "offset", path)
         if offset and offset >= limit:
             _fail(ErrorCode.FORMAT, "TOC entry %r: offset %d is past the TOC at %d" % (path, offset, limit))
@@ -2128,14 +2126,15 @@ class DownloadJob(object):
         self.entries = index.filter_files(pattern, blob)
         view = index.view(blob)
         self.dirs, self.regular, self.symlinks, self.hardlinks, self.specials = [], [], [], [], []
-        self.refused = []   # (path, reason): entries that would write through a non-directory
         selected_ids = set(id(e) for e in self.entries)
         for entry in self.entries:
             blocker = self._blocking_ancestor(view, entry.path)
             if blocker is not None:
-                self.refused.append((entry.path, "refusing %s: its parent %s in the image is a %s, not a directory"
-                                     % (entry.path, blocker.path, blocker.type)))
-            elif entry.type == "dir":
+                # Only a crafted image puts a file below a symlink: writing it would
+                # go through the link, so the whole job is refused before any write.
+                _fail(ErrorCode.UNSAFE, "refusing a hostile image: %s lies below %s, which is a %s, not a directory"
+                      % (entry.path, blocker.path, blocker.type))
+            if entry.type == "dir":
                 self.dirs.append(entry)
             elif entry.type == "reg":
                 self.regular.append(entry)
@@ -2298,9 +2297,6 @@ class Downloader(object):
         except OSError as e:
             _fail(ErrorCode.IO, "cannot create %s: %s" % (job.output_dir, _describe_os_error(e)), e)
         dest = _Destination(job.output_dir)
-        for path, reason in job.refused:
-            log.warning("%s", reason)
-            stats.fail(path, reason, ErrorCode.UNSAFE)
         self._check_free_space(dest, job.regular)
         self._make_dirs(dest, job.dirs, stats)
         tasks = self._prepare_files(dest, job.regular, stats)
@@ -2977,8 +2973,11 @@ def _downloader(session):
 
 
 def _report(stats, verbose):
-    for path, message in stats.failures:
-        sys.stderr.write("starget: error: %s\n" % redact(message if path in message else "%s: %s" % (path, message)))
+    """The summary of a download: one error line per failed file, then the verdict."""
+    messages = [message if path in message else "%s: %s" % (path, message) for path, message in stats.failures]
+    if len(messages) > 1:
+        for message in messages:
+            sys.stderr.write("starget: error: %s\n" % redact(message))
     if verbose:
         log.info("%d files, %s written, %d skipped, %d requests, %s fetched, %d retries, %d failed, %.2fs",
                  stats.files, human_size(stats.bytes), stats.skipped, stats.requests, human_size(stats.fetched),
@@ -2986,7 +2985,10 @@ def _report(stats, verbose):
     if stats.failures:
         codes = set(stats.failure_codes)
         code = codes.pop() if len(codes) == 1 and not stats.files else ErrorCode.PARTIAL
-        _fail(code, "%d file(s) failed%s" % (len(stats.failures), "; the others were written" if stats.files else ""))
+        written = "; the others were written (re-run to retry)" if stats.files else ""
+        if len(messages) == 1:
+            _fail(code, messages[0] + written)
+        _fail(code, "%d files failed%s" % (len(messages), written))
 
 
 def cmd_get(session, out):

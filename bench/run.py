@@ -1,0 +1,547 @@
+#!/usr/bin/env python3
+"""starget benchmark: python3 bench/run.py [--quick] [--runs N] [--out bench/RESULTS.md]
+
+Builds (once, cached in $TMPDIR/starget-bench-cache) an eStargz image of the running
+Python's standard library, pushes it to a local docker-registry, puts the WAN emulator
+in front of it and, for each scenario and network setting, runs side by side:
+starget cold (empty cache), starget warm (TOC cache from a previous run), the ideal
+client (the minimal bytes in the fewest requests) and a full pull (every blob whole,
+then extract). Prints a table of median wall time, requests, connections, bytes,
+bytes / minimum and peak RSS; checks the targets; --out writes the Markdown report.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import image  # noqa: E402
+import plan  # noqa: E402
+import wanproxy  # noqa: E402
+
+REGISTRY = os.path.join(ROOT, "testdata", "registry")
+MiB = 1 << 20
+NETS = [("0 ms", 0.0, None), ("25 ms, 100 Mbit/s", 0.025, 100.0)]
+CLIENTS = ["starget cold", "starget warm", "ideal", "full pull"]
+NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- environment
+
+class Registry(object):
+    def __init__(self, workdir):
+        self.dir = os.path.join(workdir, "registry")
+        out = subprocess.run(["bash", os.path.join(REGISTRY, "run-registry.sh"), "--dir", self.dir,
+                              "--background"], stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+        self.addr = re.search(r"REGISTRY_ADDR=(\S+)", out).group(1)
+
+    def push(self, layout, ref):
+        subprocess.run([sys.executable, os.path.join(REGISTRY, "push-oci-layout.py"), layout,
+                        "%s/%s" % (self.addr, ref)], stdout=subprocess.DEVNULL, check=True)
+
+    def stop(self):
+        subprocess.run(["bash", os.path.join(REGISTRY, "run-registry.sh"), "--stop", self.dir])
+
+
+def client_env(cache_dir, home):
+    env = {k: v for k, v in os.environ.items()
+           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+           and not k.startswith("STARGET_") and k not in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
+    env["STARGET_CACHE_DIR"] = cache_dir
+    env["DOCKER_CONFIG"] = os.path.join(home, "docker")          # no credentials
+    env["XDG_RUNTIME_DIR"] = os.path.join(home, "run")
+    return env
+
+
+class Launcher(object):
+    """Runs clients from a small helper process (bench/launcher.py) so that their peak RSS
+    (ru_maxrss) is their own, not this process's: (wall seconds, peak RSS bytes, exit code)."""
+
+    def __init__(self):
+        self.p = subprocess.Popen([sys.executable, os.path.join(HERE, "launcher.py")], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, universal_newlines=True)
+
+    def run(self, argv, env=None, timeout=900, stderr_path=None):
+        self.p.stdin.write(json.dumps({"argv": argv, "env": env, "stderr": stderr_path, "timeout": timeout}) + "\n")
+        self.p.stdin.flush()
+        r = json.loads(self.p.stdout.readline())
+        return r["wall"], r["maxrss"], r["rc"]
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait()
+
+
+def tail(path, n=3):
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", "replace").strip().splitlines()
+        return " | ".join(lines[-n:])
+    except OSError:
+        return ""
+
+
+def verify(out, expected, dirs):
+    """'ok' or a short description of what is wrong in the output tree."""
+    missing = wrong = 0
+    for path, (size, digest) in expected.items():
+        p = os.path.join(out, path)
+        if not os.path.isfile(p) or os.path.getsize(p) != size:
+            missing += 1
+            continue
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for piece in iter(lambda: f.read(1 << 20), b""):
+                h.update(piece)
+        if size and "sha256:" + h.hexdigest() != digest:
+            wrong += 1
+    found = sum(len(files) for _, _, files in os.walk(out))
+    problems = []
+    if missing:
+        problems.append("%d missing/short" % missing)
+    if wrong:
+        problems.append("%d wrong digest" % wrong)
+    if found != len(expected):
+        problems.append("%d files written, %d expected" % (found, len(expected)))
+    missing_dirs = sum(1 for d in dirs if not os.path.isdir(os.path.join(out, d)))
+    if missing_dirs:
+        problems.append("%d dirs missing" % missing_dirs)
+    return "; ".join(problems) or "ok"
+
+
+# ---------------------------------------------------------------- image facts
+
+def load_layers(layout):
+    meta = image.load_meta(layout)
+    layers = []
+    for i, info in enumerate(meta["layers"]):
+        with open(os.path.join(layout, "blobs", "sha256", info["digest"][7:]), "rb") as f:
+            f.seek(info["toc_offset"])
+            toc, _ = plan.read_toc(f.read())
+        layers.append(plan.Layer(toc, info["toc_offset"], info["size"], i, info["digest"]))
+    return meta, layers
+
+
+def choose_dir(layers):
+    """The directory whose regular files add up closest to 1 % of the image's."""
+    view = plan.merged(layers)
+    sizes, counts = {}, {}
+    for path, (i, e) in view.items():
+        if e.type != "reg":
+            continue
+        parts = path.split("/")
+        for k in range(1, len(parts)):
+            d = "/".join(parts[:k])
+            sizes[d] = sizes.get(d, 0) + e.size
+            counts[d] = counts.get(d, 0) + 1
+    target = 0.01 * sum(e.size for i, e in view.values() if e.type == "reg")
+    return min(sizes, key=lambda d: (abs(sizes[d] - target), -counts[d], d))
+
+
+def classify(record, blobs):
+    path = record["path"]
+    if "/manifests/" in path:
+        return "manifest"
+    m = re.search(r"/blobs/(sha256:[0-9a-f]+)", path)
+    if not m:
+        return "other " + path
+    info = blobs.get(m.group(1))
+    if info is None:
+        return "config/other blob"
+    if record["method"] == "HEAD":
+        return "HEAD blob"
+    r = record.get("range")
+    if not r:
+        return "whole blob"
+    rm = re.match(r"bytes=(\d*)-(\d*)$", r)
+    if rm and (not rm.group(1) or not rm.group(2) or int(rm.group(2)) >= info["size"] - 51):
+        return "tail/TOC range"
+    return "data range"
+
+
+def describe_log(log_records, blobs, limit=12):
+    lines = []
+    for r in log_records[:limit]:
+        m = re.search(r"/blobs/(sha256:[0-9a-f]+)", r["path"])
+        where = ("layer %d" % blobs[m.group(1)]["index"]) if m and m.group(1) in blobs else r["path"]
+        lines.append("%s %s %s %s -> %s, %d B (conn %d) [%s]" % (
+            r["method"], where, r.get("range") or "", "", r["status"], r["bytes"], r["conn"],
+            classify(r, blobs)))
+    if len(log_records) > limit:
+        kinds = {}
+        for r in log_records[limit:]:
+            k = classify(r, blobs)
+            kinds[k] = kinds.get(k, 0) + 1
+        lines.append("... and %d more: %s" % (len(log_records) - limit,
+                                              ", ".join("%d %s" % (v, k) for k, v in sorted(kinds.items()))))
+    return lines
+
+
+# ---------------------------------------------------------------- the bench
+
+class Bench(object):
+    def __init__(self, args, work):
+        self.args, self.work = args, work
+        self.launcher = Launcher()          # first, while this process is still small
+        self.home = os.path.join(work, "home")
+        os.makedirs(os.path.join(self.home, "docker"))
+        os.makedirs(os.path.join(self.home, "run"), mode=0o700)
+        self.starget = os.path.abspath(args.starget)
+
+    def setup(self):
+        self.layout = image.cached_layout("img", log)
+        self.meta, self.layers = load_layers(self.layout)
+        self.blobs = {info["digest"]: dict(info, index=i) for i, info in enumerate(self.meta["layers"])}
+        self.dir = choose_dir(self.layers)
+        prefix = "usr/lib/" + os.path.basename(image.sysconfig.get_paths()["stdlib"])
+        self.scenarios = [("one small file", prefix + "/json/decoder.py"),
+                          ("one 20 MB file", image.FILE_20M),
+                          ("directory ~1 %", self.dir + "/"),
+                          ("everything", ".")]
+        self.minimum = {name: plan.minimum(self.layers, pat, self.meta["manifest_size"])
+                        for name, pat in self.scenarios}
+        self.registry = Registry(self.work)
+        self.registry.push(self.layout, "bench/img:latest")
+        self.proxy = wanproxy.WanProxy(self.registry.addr).start()
+        self.host = "127.0.0.1:%d" % self.proxy.port
+
+    def teardown(self):
+        self.launcher.close()
+        if hasattr(self, "proxy"):
+            self.proxy.stop()
+        if hasattr(self, "registry"):
+            self.registry.stop()
+
+    def argv(self, client, pattern, out, image_ref="bench/img:latest", hints=None):
+        if client.startswith("starget"):
+            return [sys.executable, self.starget, "--no-progress", "get", "%s/%s" % (self.host, image_ref),
+                    pattern, out]
+        mode = "ideal" if client == "ideal" else "full"
+        argv = [sys.executable, os.path.join(HERE, "clients.py"), mode, self.host, image_ref, pattern, out]
+        return argv + (["--hints", hints] if hints else [])
+
+    def one(self, client, pattern, cache, hints=None, check=None, image_ref="bench/img:latest"):
+        out = os.path.join(self.work, "out")
+        shutil.rmtree(out, ignore_errors=True)
+        if client == "starget cold":
+            shutil.rmtree(cache, ignore_errors=True)
+            os.makedirs(cache)
+        self.proxy.stats.reset()
+        errfile = os.path.join(self.work, "stderr.txt")
+        wall, rss, rc = self.launcher.run(self.argv(client, pattern, out, image_ref, hints),
+                                          client_env(cache, self.home), stderr_path=errfile)
+        s = self.proxy.stats.snapshot()
+        r = {"wall": wall, "rss": rss, "rc": rc, "requests": s["requests"], "connections": s["connections"],
+             "bytes": s["bytes"], "log": s["log"]}
+        if rc != 0:
+            r["error"] = tail(errfile)
+        if check is not None:
+            r["check"] = verify(out, *check) if rc == 0 else "exit %d: %s" % (rc, r.get("error", ""))
+        shutil.rmtree(out, ignore_errors=True)
+        return r
+
+    def scenario(self, net, name, pattern, runs):
+        mn = self.minimum[name]
+        hints = os.path.join(self.work, "hints.json")
+        with open(hints, "w") as f:
+            json.dump({"needed": mn["needed_layers"],
+                       "toc_offsets": {d: b["toc_offset"] for d, b in self.blobs.items()}}, f)
+        warm_cache = os.path.join(self.work, "cache-warm")
+        cold_cache = os.path.join(self.work, "cache-cold")
+        shutil.rmtree(warm_cache, ignore_errors=True)
+        os.makedirs(warm_cache)
+        self.one("starget warm", pattern, warm_cache)            # fills the warm cache, not measured
+        results = {c: [] for c in CLIENTS}
+        for k in range(runs):
+            for c in CLIENTS:
+                check = (mn["expected"], mn["dirs"]) if k == 0 else None
+                cache = warm_cache if c == "starget warm" else cold_cache
+                results[c].append(self.one(c, pattern, cache, hints if c == "ideal" else None, check))
+            log("  %s / %s: run %d/%d: %s" % (net, name, k + 1, runs, ", ".join(
+                "%s %.2fs" % (c, results[c][-1]["wall"]) for c in CLIENTS)))
+        rows = {}
+        for c in CLIENTS:
+            rs = results[c]
+            ok = [r for r in rs if r["rc"] == 0]
+            base = mn["warm_bytes"] if c == "starget warm" else mn["bytes"]
+            med = lambda key, src=ok or rs: statistics.median(r[key] for r in src)   # noqa: E731
+            rows[c] = {"wall": med("wall"), "requests": med("requests"), "connections": med("connections"),
+                       "bytes": med("bytes"), "ratio": med("bytes") / base, "rss": max(r["rss"] for r in rs),
+                       "walls": [round(r["wall"], 3) for r in rs], "failures": len(rs) - len(ok),
+                       "check": rs[0].get("check", "?"), "log": rs[0]["log"], "min_bytes": base,
+                       "min_requests": mn["warm_requests"] if c == "starget warm" else mn["requests"]}
+            if len(ok) < len(rs):
+                rows[c]["error"] = next(r.get("error", "") for r in rs if r["rc"] != 0)
+        return rows
+
+    def startup(self, n=10):
+        """Median wall times: `python3 starget.py --help`, `python3 -m starget --help` (byte-compiled
+        module, as an installed entry point would run), `python3 -c pass`."""
+        env = client_env(os.path.join(self.work, "cache-startup"), self.home)
+        env_m = dict(env, PYTHONPATH=os.path.dirname(self.starget))
+        med = lambda argv, e: statistics.median(self.launcher.run(argv, e)[0] for _ in range(n))  # noqa: E731
+        self.launcher.run([sys.executable, "-c", "import starget"], env_m)      # writes __pycache__
+        return {"script": med([sys.executable, self.starget, "--help"], env),
+                "module": med([sys.executable, "-m", "starget", "--help"], env_m),
+                "python": med([sys.executable, "-c", "pass"], env)}
+
+    def big(self):
+        layout = image.cached_layout("big", log)
+        meta, layers = load_layers(layout)
+        self.registry.push(layout, "bench/big:latest")
+        self.proxy.configure(0.0, None)
+        mn = plan.minimum(layers, image.FILE_1G, meta["manifest_size"])
+        cache = os.path.join(self.work, "cache-big")
+        r = self.one("starget cold", image.FILE_1G, cache, check=(mn["expected"], mn["dirs"]),
+                     image_ref="bench/big:latest")
+        r.update(min_bytes=mn["bytes"], min_requests=mn["requests"], size=image.SIZE_1G,
+                 blob=meta["layers"][0]["size"])
+        return r
+
+    def run(self):
+        a = self.args
+        res = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+               "machine": machine(), "image": self.image_facts(), "nets": {}}
+        nets = NETS[:1] if a.quick else NETS
+        for label, rtt, mbit in nets:
+            self.proxy.configure(rtt, mbit)
+            res["nets"][label] = {}
+            for name, pattern in self.scenarios:
+                log("%s / %s (%s)" % (label, name, pattern))
+                res["nets"][label][name] = self.scenario(label, name, pattern, a.runs)
+        self.proxy.configure(0.0, None)
+        log("startup: starget --help x10")
+        res["startup"] = self.startup()
+        if a.big:
+            log("peak RSS: get of a 1 GiB file")
+            res["big"] = self.big()
+        return res
+
+    def image_facts(self):
+        files = sum(len(l.files) for l in self.layers)
+        return {"layers": [{"size": b["size"], "toc_bytes": b["size"] - b["toc_offset"],
+                            "entries": b["toc_entries"], "files": len(self.layers[i].files),
+                            "file_bytes": sum(e.size for e in self.layers[i].files.values())}
+                           for i, b in enumerate(self.meta["layers"])],
+                "files": files, "file_bytes": sum(e.size for l in self.layers for e in l.files.values()),
+                "blob_bytes": sum(b["size"] for b in self.meta["layers"]),
+                "scenarios": [(n, p, {k: v for k, v in self.minimum[n].items() if k not in ("expected", "dirs")})
+                              for n, p in self.scenarios]}
+
+
+def machine():
+    def cmd(argv):
+        try:
+            return subprocess.run(argv, stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
+        except OSError:
+            return "?"
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+    except OSError:
+        pass
+    mem = cmd(["free", "-h"]).splitlines()
+    reg = cmd(["docker-registry", "--version"])
+    return {"nproc": cmd(["nproc"]), "cpu": cpu, "mem": mem[1].split()[1] if len(mem) > 1 else "?",
+            "python": platform.python_version(), "kernel": platform.release(),
+            "os": cmd(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]), "registry": reg}
+
+
+# ---------------------------------------------------------------- reporting
+
+def fmt_bytes(n):
+    for unit, div in (("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return "%.*f %s" % (2 if n < 10 * div else 1, n / div, unit)
+    return "%d B" % n
+
+
+def table(res):
+    out = []
+    for label, scen in res["nets"].items():
+        out.append("### Network: %s\n" % label)
+        out.append("| scenario | client | wall (median) | requests | conns | bytes | bytes / min | peak RSS | output |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|---|")
+        for name, rows in scen.items():
+            for c, r in rows.items():
+                fail = " (%d failed)" % r["failures"] if r["failures"] else ""
+                out.append("| %s | %s | %.3f s%s | %g | %g | %s | %.3f | %.1f MiB | %s |" % (
+                    name, c, r["wall"], fail, r["requests"], r["connections"], fmt_bytes(r["bytes"]), r["ratio"],
+                    r["rss"] / MiB, r["check"]))
+        out.append("")
+    return "\n".join(out)
+
+
+def targets(res, image_facts):
+    """[(target, measured, met?)]"""
+    t = []
+    mins = {n: m for n, p, m in image_facts["scenarios"]}
+    for label, scen in res["nets"].items():
+        for name in ("one small file", "directory ~1 %"):
+            for c in ("starget cold", "starget warm"):
+                r = scen[name][c]
+                t.append(("bytes <= 1.05 x minimum: %s, %s, %s" % (name, c, label),
+                          "%s / %s = %.3f x" % (fmt_bytes(r["bytes"]), fmt_bytes(r["min_bytes"]), r["ratio"]),
+                          r["ratio"] <= 1.05 and not r["failures"]))
+        m = mins["directory ~1 %"]
+        allowed = 3 * len(m["layers_touched"]) + math.ceil(m["data_bytes"] / (16.0 * MiB))
+        for c in ("starget cold", "starget warm"):
+            r = scen["directory ~1 %"][c]
+            t.append(("requests for the directory <= 3 x %d layers + 1 per 16 MiB = %d: %s, %s"
+                      % (len(m["layers_touched"]), allowed, c, label),
+                      "%g requests (ideal %d)" % (r["requests"], r["min_requests"]), r["requests"] <= allowed))
+        r, i = scen["one 20 MB file"]["starget cold"], scen["one 20 MB file"]["ideal"]
+        t.append(("20 MB file within 1.2 x of the ideal: %s" % label,
+                  "%.3f s vs %.3f s = %.2f x" % (r["wall"], i["wall"], r["wall"] / i["wall"]),
+                  r["wall"] <= 1.2 * i["wall"] and not r["failures"]))
+        if "25 ms" in label:
+            d, f = scen["directory ~1 %"]["starget cold"], scen["directory ~1 %"]["full pull"]
+            t.append(("1 %% subset >= 10 x faster than the full pull: %s" % label,
+                      "%.3f s vs %.3f s = %.1f x" % (d["wall"], f["wall"], f["wall"] / d["wall"]),
+                      f["wall"] >= 10 * d["wall"] and not d["failures"]))
+        worst = max((r["rss"], n, c) for n, rows in scen.items() for c, r in rows.items() if c.startswith("starget"))
+        t.append(("peak RSS <= 64 MiB, all scenarios: %s" % label,
+                  "max %.1f MiB (%s, %s)" % (worst[0] / MiB, worst[1], worst[2]), worst[0] <= 64 * MiB))
+    if "big" in res:
+        b = res["big"]
+        t.append(("peak RSS <= 64 MiB for a 1 GiB file (get, cold, 0 ms)",
+                  "%.1f MiB, %.1f s, %s, %d requests, output %s" % (
+                      b["rss"] / MiB, b["wall"], fmt_bytes(b["bytes"]), b["requests"], b.get("check")),
+                  b["rss"] <= 64 * MiB and b["rc"] == 0))
+    s = res["startup"]
+    t.append(("`python3 starget.py --help` under 80 ms", "%.1f ms (`python3 -m starget --help`: %.1f ms; "
+              "`python3 -c pass`: %.1f ms)" % (s["script"] * 1000, s["module"] * 1000, s["python"] * 1000),
+              s["script"] < 0.080))
+    return t
+
+
+def diagnostics(res, blobs):
+    out = []
+    for label, scen in res["nets"].items():
+        for name, rows in scen.items():
+            for c in ("starget cold", "starget warm"):
+                r = rows[c]
+                extra_req = r["requests"] - r["min_requests"]
+                extra_bytes = r["bytes"] - r["min_bytes"]
+                if r["failures"]:
+                    out.append("- %s, %s, %s: %d of the runs failed: %s" % (label, name, c, r["failures"],
+                                                                         r.get("error", "")))
+                if extra_req <= 0 and r["ratio"] <= 1.05:
+                    continue
+                out.append("- %s, %s, %s: %g requests (minimum %d), %s (minimum %s, +%s). First run:" % (
+                    label, name, c, r["requests"], r["min_requests"], fmt_bytes(r["bytes"]),
+                    fmt_bytes(r["min_bytes"]), fmt_bytes(max(extra_bytes, 0))))
+                out.extend("    - " + l for l in describe_log(r["log"], blobs))
+    return "\n".join(out) or "(none: starget made no requests beyond the minimum)"
+
+
+def report(res, bench):
+    m, im = res["machine"], res["image"]
+    lines = ["# starget benchmark results", "",
+             "Generated by `python3 bench/run.py%s` on %s." % (" " + " ".join(bench.args.argv_echo) if
+                                                              bench.args.argv_echo else "", res["date"]),
+             "Machine: %s CPUs (%s), %s RAM, %s, kernel %s, Python %s, %s." % (
+                 m["nproc"], m["cpu"], m["mem"], m["os"], m["kernel"], m["python"], m["registry"] or "docker-registry"),
+             "",
+             "Image: 3 eStargz layers written by `bench/estargz_writer.py` (4 MiB chunks, zlib level 6) over this "
+             "Python's standard library (no site-packages, config-*/, test/**/__pycache__) plus a 20 MB file: "
+             "%d regular files, %s uncompressed, %s compressed (layers: %s)." % (
+                 im["files"], fmt_bytes(im["file_bytes"]), fmt_bytes(im["blob_bytes"]),
+                 "; ".join("%s, %d files, TOC+footer %s" % (fmt_bytes(l["size"]), l["files"], fmt_bytes(l["toc_bytes"]))
+                           for l in im["layers"])),
+             "Registry: Debian docker-registry (distribution) on loopback, behind `bench/wanproxy.py` (one RTT per "
+             "request, one more per new connection, shared token bucket on response bodies). starget runs as "
+             "`python3 starget.py --no-progress get IMAGE PATH OUT` with default concurrency; wall times are medians "
+             "of %d runs and include process start; requests/conns/bytes are medians as counted by the proxy "
+             "(response bodies, manifest included); peak RSS is the child's ru_maxrss (max over runs)." % bench.args.runs,
+             "",
+             "Scenarios and their minimum (see `bench/plan.py`: manifest + TOC member and footer of each layer a "
+             "correct client must read + the compressed extents of the selected files, one request per layer TOC and "
+             "per contiguous run):", ""]
+    lines.append("| scenario | path | files | file bytes | needed layers | minimum bytes | minimum requests | warm minimum |")
+    lines.append("|---|---|---:|---:|---|---:|---:|---:|")
+    for name, pat, mn in im["scenarios"]:
+        lines.append("| %s | `%s` | %d | %s | %s | %s | %d | %s in %d |" % (
+            name, pat, mn["files"], fmt_bytes(mn["file_bytes"]), ",".join(map(str, mn["needed_layers"])),
+            fmt_bytes(mn["bytes"]), mn["requests"], fmt_bytes(mn["warm_bytes"]), mn["warm_requests"]))
+    lines += ["", "bytes / min: starget warm is compared with the warm minimum (no TOC), every other client with "
+              "the cold minimum. \"ideal\" is `bench/clients.py ideal` (told the TOC offsets and needed layers); "
+              "\"full pull\" is `bench/clients.py full` (3 blobs in parallel, then tarfile extraction of the path).",
+              "", "## Results", "", table(res), "## Targets", "",
+              "| target | measured | met |", "|---|---|---|"]
+    for what, measured, ok in targets(res, im):
+        lines.append("| %s | %s | %s |" % (what, measured, "yes" if ok else "**NO**"))
+    lines += ["", "## Requests beyond the minimum (starget)", "", diagnostics(res, bench.blobs), ""]
+    return "\n".join(lines)
+
+
+def write_report(path, text):
+    notes = "%s\n## Notes\n\n(analysis of missed targets goes here)\n%s\n" % (NOTES_BEGIN, NOTES_END)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if NOTES_BEGIN in old and NOTES_END in old:
+            notes = old[old.index(NOTES_BEGIN):old.index(NOTES_END) + len(NOTES_END)] + "\n"
+    with open(path, "w") as f:
+        f.write(text + "\n" + notes)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 runs, 0 ms only, no 1 GiB file")
+    ap.add_argument("--runs", type=int, help="runs per client and scenario (default 5; --quick: 2)")
+    ap.add_argument("--out", help="write the Markdown report here (e.g. bench/RESULTS.md)")
+    ap.add_argument("--json", help="also dump the raw results here")
+    ap.add_argument("--big", dest="big", action="store_true", default=None,
+                    help="peak RSS check with a 1 GiB file (default: on unless --quick)")
+    ap.add_argument("--no-big", dest="big", action="store_false")
+    ap.add_argument("--starget", default=os.path.join(ROOT, "starget.py"))
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    a = ap.parse_args()
+    a.argv_echo = sys.argv[1:]
+    if a.runs is None:
+        a.runs = 2 if a.quick else 5
+    if a.big is None:
+        a.big = not a.quick
+    if not os.path.exists(a.starget):
+        ap.error("no starget at %s" % a.starget)
+    work = tempfile.mkdtemp(prefix="starget-bench-")
+    bench = Bench(a, work)
+    try:
+        bench.setup()
+        log("image: %s; proxy %s -> registry %s; directory scenario: %s" % (
+            bench.layout, bench.host, bench.registry.addr, bench.dir))
+        res = bench.run()
+    finally:
+        bench.teardown()
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    text = report(res, bench)
+    print(text)
+    if a.out:
+        write_report(a.out, text)
+        log("wrote " + a.out)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
