@@ -692,22 +692,36 @@ class Transport(object):
         self._idle = {}
         self._lock = threading.Lock()
         self._tls_contexts = {}
-        self._proxies = None
 
     # -- connections ---------------------------------------------------------
+    def _env(self, name):
+        return self.environ.get(name.lower()) or self.environ.get(name.upper())
+
     def _proxy_for(self, url):
-        """The proxy _URL for this request or None (loopback is never proxied, as in Go)."""
+        """The proxy URL for this request, or None: `HTTPS_PROXY`/`HTTP_PROXY` unless
+        `NO_PROXY` names the host; loopback is never proxied (as in Go)."""
         if url.host in ("localhost", "::1") or url.host.startswith("127."):
             return None
-        import urllib.request
-        if self._proxies is None:
-            self._proxies = urllib.request.getproxies_environment()
-        proxy = self._proxies.get(url.scheme)
-        if not proxy or urllib.request.proxy_bypass_environment(url.host, self._proxies):
+        proxy = self._env(url.scheme + "_proxy")
+        if not proxy or self._bypass_proxy(url):
             return None
-        if "://" not in proxy:
-            proxy = "http://" + proxy
-        return proxy
+        return proxy if "://" in proxy else "http://" + proxy
+
+    def _bypass_proxy(self, url):
+        for item in (self._env("no_proxy") or "").split(","):
+            item = item.strip().lower()
+            if not item:
+                continue
+            if item == "*":
+                return True
+            name, _, port = item.rpartition(":") if re.search(r":\d+$", item) else (item, "", "")
+            if port and int(port) != url.port:
+                continue
+            name = name.lstrip(".").strip("[]")
+            host = url.host.lower()
+            if host == name or host.endswith("." + name):
+                return True
+        return False
 
     def _tls_context(self, url):
         key = url.netloc
