@@ -1256,7 +1256,7 @@ def test_toc_digest_mismatch_is_integrity_error(httpserver, ws):
     blob, _ = rewrite_toc(blob_bytes("multiarch", layer["digest"]), edit)
     reg.add_image("fixtures/tampered", [blob], annotations=[{TOC_DIGEST_ANNOTATION: layer["toc_digest"]}])
     rc, out, err = run_cli("get", reg.image("fixtures/tampered"), ".", ws.out)
-    assert_one_line_error(rc, err, (6, 8))
+    assert_one_line_error(rc, err, 8)
     ws.assert_out_empty()
 
 
@@ -1281,5 +1281,5 @@ def test_tampered_payload_is_integrity_error(httpserver, ws):
     assert ent["digest"] != other["digest"]
     reg.add_image("fixtures/tampered", [blob], annotations=[{TOC_DIGEST_ANNOTATION: sha256_digest(new_json)}])
     rc, out, err = run_cli("get", reg.image("fixtures/tampered"), "etc/arch", ws.out)
-    assert_one_line_error(rc, err, (6, 8, 11))
+    assert_one_line_error(rc, err, 8)
     assert not os.path.exists(os.path.join(ws.out, "etc", "arch"))
