@@ -1295,6 +1295,23 @@ class RegistryClient(object):
                   % (what, start, end))
         self._raise_for(response, what)
 
+    def config_platform(self, manifest):
+        """The platform an image's config blob declares (one small extra request)."""
+        if not manifest.config_digest or not _DIGEST_RE.match(str(manifest.config_digest)):
+            return None
+        response = self.request("GET", "/blobs/" + manifest.config_digest)
+        if response.status != 200:
+            response.discard()
+            return None
+        raw = response.read_all(MAX_MANIFEST_SIZE)
+        if _sha256_digest(raw) != manifest.config_digest:
+            _fail(ErrorCode.INTEGRITY, "config blob %s does not match its digest" % manifest.config_digest)
+        try:
+            config = json.loads(raw.decode("utf-8"))
+            return Platform(str(config["os"]), str(config["architecture"]), config.get("variant"))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            return None
+
     def read_blob(self, digest, start, end):
         """Bytes [start, end] (inclusive) of a blob."""
         response = self.open_blob(digest, start, end)
@@ -2948,6 +2965,7 @@ def _print_sizes(entries, as_json, out):
 
 def cmd_info(session, out):
     manifest = session.client.resolve(session.platform)
+    platform = manifest.platform or session.client.config_platform(manifest)
     layers = []
     for layer in manifest.layers:
         row = {"index": layer.index, "digest": layer.digest, "media_type": layer.media_type,
@@ -2963,7 +2981,7 @@ def cmd_info(session, out):
             row["error"] = e.message
         layers.append(row)
     doc = {"reference": str(manifest.ref), "digest": manifest.digest, "media_type": manifest.media_type,
-           "platform": str(manifest.platform) if manifest.platform else None, "layers": layers}
+           "platform": str(platform) if platform else None, "layers": layers}
     if session.args.json:
         out.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         return 0
