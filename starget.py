@@ -347,7 +347,7 @@ class Credentials(object):
     Order: the explicit `--credential`; `REGISTRY_AUTH_FILE`; podman's
     `$XDG_RUNTIME_DIR/containers/auth.json` and `~/.config/containers/auth.json`;
     docker's `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`. In each file
-    `credHelpers[host]`, then `credsStore`, then `auths`. starget never writes them.
+    `credHelpers[host]`, then `auths`, then `credsStore`. starget never writes them.
     """
 
     def __init__(self, explicit=None, environ=None, home=None):
@@ -368,7 +368,8 @@ class Credentials(object):
             files.append(env["REGISTRY_AUTH_FILE"])
         if env.get("XDG_RUNTIME_DIR"):
             files.append(os.path.join(env["XDG_RUNTIME_DIR"], "containers", "auth.json"))
-        files.append(os.path.join(self.home, ".config", "containers", "auth.json"))
+        config_home = env.get("XDG_CONFIG_HOME") or os.path.join(self.home, ".config")
+        files.append(os.path.join(config_home, "containers", "auth.json"))
         docker_dir = env.get("DOCKER_CONFIG") or os.path.join(self.home, ".docker")
         files.append(os.path.join(docker_dir, "config.json"))
         return files
@@ -448,11 +449,15 @@ class Credentials(object):
         return None
 
     def _from_helper(self, name, registry, required):
+        import shutil
+        import subprocess
         program = "docker-credential-" + name
         server = DOCKER_HUB_AUTH_KEY if registry == DOCKER_HUB else registry
         try:
-            import subprocess
-            proc = subprocess.Popen([program, "get"], stdin=subprocess.PIPE,
+            path = shutil.which(program, path=self.environ.get("PATH") or os.environ.get("PATH", os.defpath))
+            if path is None:
+                raise FileNotFoundError(2, "not found on PATH")
+            proc = subprocess.Popen([path, "get"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             out, err = proc.communicate(server.encode("utf-8"), timeout=60)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -477,6 +482,391 @@ class Credentials(object):
         if user == "<token>":
             return Credential(user, None, identity_token=secret, source=source)
         return Credential(user, secret, source=source)
+
+# =============================================================================
+# config
+# =============================================================================
+
+CONFIG_DIR_NAME = ".stargz-get"
+CONFIG_FILE_NAME = "config.yaml"
+MAX_CONFIG_SIZE = 1 << 20
+
+_YAML_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+_YAML_NULLS = ("null", "~")
+_YAML_INT_RE = re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$")   # 0755 stays a string: YAML 1.1 and 1.2 disagree
+_YAML_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t"}
+_YAML_DOC_START_RE = re.compile(r"^---(?:[ \t]+#.*|[ \t]*)$")
+# What a plain (unquoted) key or value may not start with, and why.
+_YAML_INDICATORS = {
+    "[": "flow collections ([...]) are not supported; quote keys such as \"[::1]:5000\"",
+    "]": "unexpected ']'", "}": "unexpected '}'", ",": "a plain value cannot start with ','; quote it",
+    "{": "flow mappings ({...}) are not supported; use indented 'key: value' lines",
+    "&": "anchors (&name) are not supported", "*": "aliases (*name) are not supported",
+    "!": "tags (!tag) are not supported", "|": "multi-line scalars (| and >) are not supported",
+    ">": "multi-line scalars (| and >) are not supported", "%": "directives and values starting with '%' "
+    "are not supported; quote the value", "@": "'@' is reserved in YAML; quote the value",
+    "`": "'`' is reserved in YAML; quote the value",
+}
+
+
+class _YAMLMapping(dict):
+    """A parsed mapping that also remembers the line of each key, for error messages."""
+
+    def __init__(self):
+        dict.__init__(self)
+        self.lines = {}
+
+
+def parse_simple_yaml(text, source="config.yaml"):
+    """Parse the small YAML subset starget's config file uses; returns a dict.
+
+    Accepted: nested mappings by indentation (spaces), `key: value` with plain,
+    'single' or "double" (escapes \\" \\\\ \\n \\t) quoted scalars; true/false/yes/no/
+    on/off, null/~, decimal integers; `#` comments; blank lines; a leading `---`.
+    Keys are always strings and end at the first ': ' (or ':' at the end of the
+    line), so `mirror.internal:5000:` is the key `mirror.internal:5000`.
+    Everything else (lists, flow {} [], anchors, tags, | >, duplicate keys, bad
+    indentation) is a USAGE error "SOURCE line N: what is wrong". The mappings
+    returned are dicts with a `.lines` attribute: key -> line number.
+    """
+    root = _YAMLMapping()
+    stack = [[None, root]]   # [indent, mapping], outermost first; the root's indent comes from its first key
+    pending = None           # (mapping, key, indent) of a `key:` whose value may be an indented mapping
+    seen_content = False
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    for lineno, line in enumerate(text.split("\n"), 1):
+        def fail(what):
+            _fail(ErrorCode.USAGE, "%s line %d: %s" % (source, lineno, what))
+
+        line = line[:-1] if line.endswith("\r") else line
+        body = line.lstrip(" \t")
+        if not body or body.startswith("#"):
+            continue
+        indent = len(line) - len(body)
+        if "\t" in line[:indent]:
+            fail("tab characters are not allowed in indentation (use spaces)")
+        if _YAML_DOC_START_RE.match(body) and indent == 0:
+            if seen_content:
+                fail("a second document ('---') is not supported")
+            seen_content = True
+            continue
+        if body.startswith("---") or body.startswith("..."):
+            fail("document markers other than a leading '---' are not supported")
+        seen_content = True
+        key, value, has_value = _yaml_key_value(body, fail)
+
+        if pending is not None:
+            mapping, parent_key, parent_indent = pending
+            pending = None
+            if indent > parent_indent:      # the value of `parent_key:` is this nested mapping
+                child = _YAMLMapping()
+                mapping[parent_key] = child
+                stack.append([indent, child])
+        popped = False
+        while len(stack) > 1 and indent < stack[-1][0]:
+            stack.pop()
+            popped = True
+        if stack[-1][0] is None:
+            stack[-1][0] = indent
+        level, mapping = stack[-1]
+        if indent > level:
+            fail("indentation does not match any outer level" if popped else
+                 "unexpected indentation (only a 'key:' with no value may be followed by an indented block)")
+        if indent < level:
+            fail("indentation does not match any outer level")
+        if key in mapping:
+            fail("duplicate key %r (first on line %d)" % (key, mapping.lines[key]))
+        mapping[key] = value
+        mapping.lines[key] = lineno
+        if not has_value:
+            pending = (mapping, key, indent)
+    return root
+
+
+def _yaml_key_value(body, fail):
+    """One content line -> (key, value, has_value); has_value is False for `key:`."""
+    if body == "-" or body.startswith("- ") or body.startswith("-\t"):
+        fail("lists ('- item') are not supported")
+    if body == "?" or body.startswith("? ") or body.startswith("?\t"):
+        fail("complex keys ('? key') are not supported")
+    if body[0] in _YAML_INDICATORS:
+        fail(_YAML_INDICATORS[body[0]])
+    if body[0] in "\"'":
+        key, end = _yaml_quoted(body, fail)
+        rest = body[end:].lstrip(" \t")
+        if not rest.startswith(":") or rest[1:2] not in ("", " ", "\t"):
+            fail("expected ': ' after the quoted key")
+        after = rest[1:]
+    else:
+        colon = -1
+        for i, ch in enumerate(body):
+            if ch == "#" and body[i - 1] in " \t":
+                break                                   # a comment starts: no ':' on this line
+            if ch == ":" and body[i + 1:i + 2] in ("", " ", "\t"):
+                colon = i
+                break
+        if colon < 0:
+            fail("expected 'key: value', got %r" % body.split(" #")[0].strip())
+        key = body[:colon].rstrip(" \t")
+        if not key:
+            fail("a key is missing before ':'")
+        after = body[colon + 1:]
+    value = after.lstrip(" \t")
+    if not value or value.startswith("#"):
+        return key, None, False
+    return key, _yaml_scalar(value, fail), True
+
+
+def _yaml_quoted(text, fail):
+    """A quoted scalar at the start of `text` -> (string, index after the closing quote)."""
+    quote, out, i = text[0], [], 1
+    while i < len(text):
+        ch = text[i]
+        if ch == quote:
+            if quote == "'" and text[i + 1:i + 2] == "'":   # '' is a literal ' inside '...'
+                out.append("'")
+                i += 2
+                continue
+            return "".join(out), i + 1
+        if ch == "\\" and quote == '"':
+            escape = text[i + 1:i + 2]
+            if escape not in _YAML_ESCAPES:
+                fail("unsupported escape '\\%s' in a double-quoted string (use \\\" \\\\ \\n \\t, "
+                     "or single quotes for backslashes)" % escape)
+            out.append(_YAML_ESCAPES[escape])
+            i += 2
+            continue
+        out.append(ch)
+        i += 1
+    fail("unterminated %s-quoted string (strings cannot span lines)" % ("single" if quote == "'" else "double"))
+
+
+def _yaml_scalar(text, fail):
+    """The value after `key: ` (comment included) -> str, int, bool or None."""
+    if text[0] in "\"'":
+        value, end = _yaml_quoted(text, fail)
+        rest = text[end:]
+        after = rest.lstrip(" \t")
+        if after and not (after.startswith("#") and len(after) < len(rest)):
+            fail("unexpected text after the quoted value: %r" % after)
+        return value
+    if text == "-" or text.startswith("- ") or text.startswith("-\t"):
+        fail("lists ('- item') are not supported")
+    if text == "?" or text.startswith("? "):
+        fail("complex keys ('? key') are not supported")
+    if text[0] in _YAML_INDICATORS:
+        fail(_YAML_INDICATORS[text[0]])
+    comment = re.search(r"[ \t]#", text)
+    if comment:
+        text = text[:comment.start()]
+    text = text.rstrip(" \t")
+    if re.search(r":[ \t]", text) or text.endswith(":"):
+        fail("a value cannot contain ': ' (a mapping needs its own indented line; quote strings)")
+    lowered = text.lower()
+    if lowered in _YAML_BOOLS:
+        return _YAML_BOOLS[lowered]
+    if lowered in _YAML_NULLS:
+        return None
+    if _YAML_INT_RE.match(text):
+        return int(text)
+    return text
+
+
+# -- the validated configuration --------------------------------------------
+
+_CONFIG_HOST_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?$")
+# key -> (kind, arguments): what each setting accepts.
+_CONFIG_DEFAULTS = {
+    "concurrency": ("int", 1, 256), "retries": ("int", 0, 20), "no_progress": ("bool",),
+    "platform": ("platform",), "cache": ("bool",),
+}
+_CONFIG_REGISTRY = {
+    "plain_http": ("bool",), "insecure": ("bool",), "ca_file": ("path",), "mirror": ("host",),
+    "auth_type": ("choice", "basic", "bearer", "none"),
+}
+
+
+def _config_host_key(host):
+    """Registry names are case-insensitive; docker.io has three spellings."""
+    host = host.strip().lower()
+    return DOCKER_HUB if host in ("docker.io", "index.docker.io") else host
+
+
+class Config(object):
+    """Settings from ~/.stargz-get/config.yaml, or the file $STARGET_CONFIG names.
+
+    Command-line flags always win over the file. Example (every key optional):
+
+        defaults:
+          concurrency: 8            # 1-256, like --concurrency
+          retries: 5                # 0-20, like --retries
+          no_progress: true
+          platform: linux/arm64     # like --platform
+          cache: false              # like --no-cache
+        registries:
+          mirror.internal:5000:     # host[:port], exactly as in image names
+            plain_http: true
+          registry.example.com:
+            ca_file: ~/certs/example-ca.pem   # relative paths: to this file's directory
+            insecure: false
+            auth_type: bearer       # basic, bearer or none
+          docker.io:
+            mirror: mirror.internal:5000      # pull through this host instead
+
+    A missing ~/.stargz-get/config.yaml is an empty configuration; a missing
+    $STARGET_CONFIG file, a syntax error or an unknown key is a USAGE error
+    that names the file and the line.
+    """
+
+    def __init__(self, defaults=None, registries=None, path=None):
+        self.path = path
+        self._defaults = dict(defaults or {})
+        self._registries = dict(registries or {})
+
+    @classmethod
+    def load(cls, path=None, environ=None):
+        environ = os.environ if environ is None else environ
+        named_by = "the caller" if path is not None else "STARGET_CONFIG" if environ.get("STARGET_CONFIG") else None
+        if path is None:
+            path = environ.get("STARGET_CONFIG")
+        if not path:
+            home = environ.get("HOME") or os.path.expanduser("~")
+            path = os.path.join(home, CONFIG_DIR_NAME, CONFIG_FILE_NAME)
+        path = os.path.expanduser(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_CONFIG_SIZE + 1)
+        except (FileNotFoundError, NotADirectoryError) as e:
+            if named_by is None:     # the default file is optional
+                return cls()
+            _fail(ErrorCode.USAGE, "config file %s (named by %s) does not exist" % (path, named_by), e)
+        except (IOError, OSError) as e:
+            _fail(ErrorCode.USAGE, "cannot read config file %s: %s" % (path, e.strerror or e), e)
+        if len(data) > MAX_CONFIG_SIZE:
+            _fail(ErrorCode.USAGE, "config file %s is larger than %d bytes" % (path, MAX_CONFIG_SIZE))
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _fail(ErrorCode.USAGE, "config file %s is not UTF-8 text" % path, e)
+        return cls.from_text(text, source=path)
+
+    @classmethod
+    def from_text(cls, text, source="config.yaml"):
+        """Parse and check a config document; `source` names it in error messages."""
+        doc = parse_simple_yaml(text, source)
+        checker = _ConfigChecker(source, os.path.dirname(os.path.abspath(source)))
+        defaults, registries = {}, {}
+        for key, value in doc.items():
+            line = doc.lines[key]
+            if key == "defaults":
+                defaults = checker.section(value, line, "defaults", _CONFIG_DEFAULTS)
+            elif key == "registries":
+                registries = checker.registries(value, line)
+            else:
+                checker.fail(line, "unknown key %r (known: defaults, registries)" % key)
+        return cls(defaults, registries, path=source)
+
+    def default(self, name, fallback=None):
+        """A `defaults:` value, or `fallback` when the file does not set it."""
+        value = self._defaults.get(name)
+        return fallback if value is None else value
+
+    def registry(self, host):
+        """The settings of registry `host[:port]` (a new dict; empty if none)."""
+        return dict(self._registries.get(_config_host_key(host), {}))
+
+    def endpoint(self, host):
+        """(host to contact, its settings): the mirror and the mirror's own settings
+        when `host` has `mirror:`, else `host` and its settings."""
+        settings = self.registry(host)
+        mirror = settings.get("mirror")
+        if mirror:
+            return mirror, self.registry(mirror)
+        return host, settings
+
+    def flag_defaults(self):
+        """The `defaults:` as argparse destinations, for the flags the user did not give."""
+        values = {}
+        for name in ("concurrency", "retries", "no_progress", "platform"):
+            if self._defaults.get(name) is not None:
+                values[name] = self._defaults[name]
+        if self._defaults.get("cache") is not None:
+            values["no_cache"] = not self._defaults["cache"]
+        return values
+
+    def __repr__(self):
+        return "Config(path=%r, defaults=%r, registries=%r)" % (self.path, self._defaults, self._registries)
+
+
+class _ConfigChecker(object):
+    """Checks parsed sections against the schema, naming the line of each mistake."""
+
+    def __init__(self, source, base_dir):
+        self.source, self.base_dir = source, base_dir
+
+    def fail(self, line, what):
+        _fail(ErrorCode.USAGE, "%s line %d: %s" % (self.source, line, what))
+
+    def section(self, mapping, line, where, schema):
+        """A mapping of known keys -> {key: checked value}; null values are left out."""
+        if mapping is None:
+            return {}
+        if not isinstance(mapping, dict):
+            self.fail(line, "%s must be a mapping (indented 'key: value' lines), got %r" % (where, mapping))
+        values = {}
+        for key, value in mapping.items():
+            key_line = mapping.lines[key]
+            if key not in schema:
+                self.fail(key_line, "unknown key %r in %s (known: %s)" % (key, where, ", ".join(sorted(schema))))
+            if value is not None:
+                values[key] = self.value(value, schema[key], key_line, "%s.%s" % (where, key))
+        return values
+
+    def registries(self, mapping, line):
+        if mapping is None:
+            return {}
+        if not isinstance(mapping, dict):
+            self.fail(line, "registries must be a mapping of host[:port] to settings, got %r" % (mapping,))
+        result, first_line = {}, {}
+        for host, settings in mapping.items():
+            host_line = mapping.lines[host]
+            if not _CONFIG_HOST_RE.match(host):
+                self.fail(host_line, "registries: %r is not a registry host[:port] (no scheme, no path)" % host)
+            key = _config_host_key(host)
+            if key in result:
+                self.fail(host_line, "registries: %r is the same registry as line %d" % (host, first_line[key]))
+            result[key] = self.section(settings, host_line, "registries.%s" % host, _CONFIG_REGISTRY)
+            first_line[key] = host_line
+        return result
+
+    def value(self, value, spec, line, where):
+        kind = spec[0]
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int) or not spec[1] <= value <= spec[2]:
+                self.fail(line, "%s must be a whole number from %d to %d, got %r" % (where, spec[1], spec[2], value))
+            return value
+        if kind == "bool":
+            if not isinstance(value, bool):
+                self.fail(line, "%s must be true or false, got %r" % (where, value))
+            return value
+        if not isinstance(value, str) or not value:
+            self.fail(line, "%s must be a string, got %r" % (where, value))
+        if kind == "platform":
+            try:
+                Platform.parse(value)
+            except StargzError as e:
+                self.fail(line, "%s: %s" % (where, e.message))
+        elif kind == "choice" and value not in spec[1:]:
+            self.fail(line, "%s must be one of %s, got %r" % (where, ", ".join(spec[1:]), value))
+        elif kind == "host":
+            if not _CONFIG_HOST_RE.match(value):
+                self.fail(line, "%s must be a registry host[:port] (no scheme, no path), got %r" % (where, value))
+            value = _config_host_key(value)
+        elif kind == "path":
+            value = os.path.join(self.base_dir, os.path.expanduser(value))
+        return value
+
 
 # =============================================================================
 # transport
@@ -737,13 +1127,15 @@ class Transport(object):
             ctx.verify_mode = ssl.CERT_NONE
         else:
             ctx = ssl.create_default_context()
+            cafile = None
             try:
                 for cafile in (self.cafile, settings.get("ca_file")):
                     if cafile:
                         ctx.load_verify_locations(cafile=cafile)
+                cafile = "the certificates for %s in %s" % (url.netloc, " or ".join(self.certs_dirs))
                 self._load_host_certs(ctx, url)
             except (OSError, ssl.SSLError) as e:
-                _fail(ErrorCode.USAGE, "cannot load CA certificates: %s" % _describe_os_error(e), e)
+                _fail(ErrorCode.USAGE, "cannot load CA certificates from %s: %s" % (cafile, _describe_os_error(e)), e)
         with self._lock:
             self._tls_contexts[key] = ctx
         return ctx
@@ -814,12 +1206,15 @@ class Transport(object):
                     getattr(error, "verify_message", None) or reason
                 return StargzError(ErrorCode.NETWORK, "TLS verification failed for %s (%s): pass --cacert FILE, "
                                    "put the CA in /etc/containers/certs.d/%s/ca.crt, or use -k/--insecure"
-                                   % (where, why, where), error)
+                                   % (where, why, where), error, {"permanent": True})
             return StargzError(ErrorCode.NETWORK, "TLS handshake with %s failed: %s" % (where, reason),
                                error, {"tls_failed": True})
         if isinstance(error, socket.gaierror):
+            # A name that does not exist stays so; a temporary DNS failure may pass.
+            unknown = error.errno in (getattr(socket, "EAI_NONAME", -2), getattr(socket, "EAI_NODATA", -5))
             return StargzError(ErrorCode.NETWORK, "cannot resolve host %s (%s); check the name, DNS, or "
-                               "HTTPS_PROXY/NO_PROXY" % ((proxy_url or url).host, error.strerror), error)
+                               "HTTPS_PROXY/NO_PROXY" % ((proxy_url or url).host, error.strerror), error,
+                               {"permanent": unknown})
         if isinstance(error, ConnectionRefusedError):
             target = "proxy %s" % proxy_url.netloc if proxy_url else where
             return StargzError(ErrorCode.NETWORK, "connection refused by %s" % target, error)
@@ -933,7 +1328,7 @@ class Transport(object):
             try:
                 response = self._send_once(method, url, headers, body)
             except StargzError as e:
-                if last or e.details.get("tls_failed"):
+                if last or e.code != ErrorCode.NETWORK or e.details.get("tls_failed") or e.details.get("permanent"):
                     raise
                 log.info("retrying %s %s after: %s", method, url.netloc, e.message)
                 self.stats.add("retries")
@@ -1041,6 +1436,10 @@ class RegistryClient(object):
         self.host = host
         self.scheme = "http" if plain_http else "https"
         self._authorization = None      # header value for this host only
+        if self.auth_type == "basic":   # configured: send it without waiting for a 401
+            cred = self._credential()
+            if cred is not None and not cred.identity_token:
+                self._authorization = cred.basic_header()
 
     # -- auth ----------------------------------------------------------------
     @property
@@ -1072,6 +1471,21 @@ class RegistryClient(object):
             return "Bearer " + self._fetch_token(params, cred)
         _fail(ErrorCode.AUTH, "%s sent an authentication challenge starget cannot answer: %s"
               % (where, redact(challenge or "(none)")))
+
+    def _rejected(self, challenge, sent):
+        """A 401 for the credentials just sent: say which and why."""
+        scheme, params = parse_www_authenticate(challenge)
+        cred = self._credential()
+        if scheme == "basic" or (sent or "").startswith("Basic "):
+            if cred is None:
+                _fail(ErrorCode.AUTH, "%s requires authentication: pass --credential USER:PASSWORD or log in "
+                      "with docker/podman" % self.host)
+            _fail(ErrorCode.AUTH, "authentication failed for %s: wrong username or password (%s)"
+                  % (self.host, cred.source))
+        reason = params.get("error") or "token rejected"
+        _fail(ErrorCode.AUTH, "access to %s on %s denied (%s)%s" % (
+            self.ref.repository, self.host, reason,
+            "" if cred is not None else ": pass --credential or log in with docker/podman"))
 
     def _fetch_token(self, params, cred):
         from urllib.parse import urlencode
@@ -1131,10 +1545,12 @@ class RegistryClient(object):
                     self.scheme, fell_back = "http", True
                     continue
                 raise
-            if response.status != 401 or answered:
+            if response.status != 401:
                 return response
             challenge = response.header("WWW-Authenticate", "")
             response.discard()
+            if answered:
+                self._rejected(challenge, authorization)
             new_authorization = self._answer_challenge(challenge, authorization)
             with self._lock:
                 self._authorization = new_authorization
@@ -2791,6 +3207,487 @@ _GLOBAL_DEFAULTS = {
 }
 
 
+# -- shell completion -----------------------------------------------------------
+#
+# `starget completion bash|zsh|fish` prints a script; for the PATH argument of
+# get/cat the scripts run `starget [flags] __complete IMAGE [BLOB] PREFIX`,
+# which prints one candidate a line (directories end with '/').
+
+_COMPLETION_COMMANDS = (
+    ("info", "show the layers of the image"),
+    ("ls", "list the files of the image"),
+    ("get", "download files"),
+    ("cat", "write one file to standard output"),
+    ("completion", "print a shell completion script"),
+)
+# flag -> (takes a value, description); accepted before or after the command.
+_COMPLETION_GLOBAL_FLAGS = (
+    ("--credential", True, "registry credentials USER:PASSWORD"),
+    ("-v", False, "say what is happening"), ("--verbose", False, "say what is happening"),
+    ("-d", False, "log every request"), ("--debug", False, "log every request"),
+    ("-k", False, "skip TLS verification"), ("--insecure", False, "skip TLS verification"),
+    ("--no-progress", False, "no progress bar"),
+    ("--concurrency", True, "parallel requests"),
+    ("--platform", True, "image platform os/arch[/variant]"),
+    ("--retries", True, "retries per request"),
+    ("--skip-verify", False, "do not check digests"),
+    ("--no-cache", False, "do not use the TOC cache"),
+    ("--cacert", True, "extra CA certificates (PEM file)"),
+    ("--timeout", True, "read stall timeout in seconds"),
+    ("--connect-timeout", True, "connect timeout in seconds"),
+    ("--fallback-stream", False, "read layers that are not eStargz whole (slow)"),
+    ("-h", False, "show help"), ("--help", False, "show help"),
+)
+_COMPLETION_COMMAND_FLAGS = {
+    "info": (("--json", "one JSON object"),),
+    "ls": (("--json", "one JSON array"), ("-l", "long listing"), ("--long", "long listing"),
+           ("--sizes", "show sizes")),
+}
+_COMPLETION_PLATFORMS = ("linux/amd64", "linux/arm64", "linux/arm64/v8", "linux/arm/v7",
+                         "linux/ppc64le", "linux/s390x", "linux/riscv64")
+_COMPLETION_SHELLS = ("bash", "zsh", "fish")
+# Flags that change how the image is reached; the scripts pass them on to __complete.
+_COMPLETION_NOT_FORWARDED = ("-v", "--verbose", "-d", "--debug", "--no-progress", "-h", "--help")
+
+
+def complete_paths(index, prefix, blob=None):
+    """Shell-completion candidates for a path in the image: the entries one level
+    below the directory part of `prefix` whose names start with its last part,
+    sorted; directories (and links to them) end with '/'. What the user typed
+    before the path proper (a leading '/' or './') is kept, since shells only
+    accept candidates that start with the word as typed."""
+    view = index.view(blob)
+    lead, rest = "", prefix
+    while rest.startswith("/") or rest.startswith("./"):
+        step = 1 if rest.startswith("/") else 2
+        lead, rest = lead + rest[:step], rest[step:]
+    directory, _, partial = rest.rpartition("/")
+    shown = lead + (directory + "/" if directory else "")
+    try:   # the directory part may go through links (lib -> usr/lib): list where it leads
+        parent = _resolve_in(view, directory, follow_last=True)
+    except StargzError:
+        return []
+    if parent and (view.get(parent) is None or view[parent].type != "dir"):
+        return []
+    candidates = []
+    for path, entry in view.items():
+        if not path or posixpath.dirname(path) != parent:
+            continue
+        name = posixpath.basename(path)
+        if name.startswith(partial):
+            candidates.append(shown + name + ("/" if _completes_as_dir(view, entry) else ""))
+    return sorted(candidates)
+
+
+def _completes_as_dir(view, entry):
+    if entry.type == "dir":
+        return True
+    if entry.type != "symlink":
+        return False
+    try:
+        target = view.get(_resolve_in(view, entry.path, follow_last=True))
+    except StargzError:      # a link loop: complete it as the link it is
+        return False
+    return target is not None and target.type == "dir"
+
+
+def cmd_complete(session, out):
+    """Hidden `starget __complete IMAGE [BLOB] PREFIX`, run by the completion scripts:
+    one candidate a line (see complete_paths)."""
+    blob, rest = _split_blob(session.args.args, 1)
+    for candidate in complete_paths(session.index(blob), rest[0], blob):
+        out.write(candidate + "\n")
+    return 0
+
+
+def completion_script(shell):
+    """The completion script for `shell` (bash, zsh or fish), as text."""
+    builders = {"bash": _bash_completion, "zsh": _zsh_completion, "fish": _fish_completion}
+    if shell not in builders:
+        _fail(ErrorCode.USAGE, "unknown shell %r for completion (want one of: %s)"
+              % (shell, ", ".join(_COMPLETION_SHELLS)))
+    return builders[shell]()
+
+
+def _completion_fill(template, words):
+    for name, value in words.items():
+        template = template.replace("@%s@" % name, value)
+    return template
+
+
+def _completion_words():
+    globals_ = [f for f, _, _ in _COMPLETION_GLOBAL_FLAGS]
+    value_flags = [f for f, takes, _ in _COMPLETION_GLOBAL_FLAGS if takes]
+    return {
+        "COMMANDS": " ".join(c for c, _ in _COMPLETION_COMMANDS),
+        "GLOBAL_FLAGS": " ".join(globals_),
+        "INFO_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["info"]),
+        "LS_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["ls"]),
+        "PLATFORMS": " ".join(_COMPLETION_PLATFORMS),
+        "SHELLS": " ".join(_COMPLETION_SHELLS),
+        "VALUE_FLAGS": "|".join(value_flags),
+        "VALUE_FLAGS_EQ": "|".join(f + "=*" for f in value_flags),
+        "FORWARDED_FLAGS": "|".join(f for f in globals_ if f not in _COMPLETION_NOT_FORWARDED and f not in value_flags),
+    }
+
+
+def _bash_completion():
+    return _completion_fill(_BASH_COMPLETION, _completion_words())
+
+
+def _zsh_completion():
+    words = _completion_words()
+    words["DESCRIBED_COMMANDS"] = " ".join("'%s:%s'" % (c, d.replace("'", "")) for c, d in _COMPLETION_COMMANDS)
+    return _completion_fill(_ZSH_COMPLETION, words)
+
+
+def _fish_completion():
+    lines = []
+    for command, description in _COMPLETION_COMMANDS:
+        lines.append("complete -c starget -n __starget_needs_command -a %s -d '%s'"
+                     % (command, description.replace("'", "")))
+    for flag, takes, description in _COMPLETION_GLOBAL_FLAGS:
+        option = "-s %s" % flag[1:] if not flag.startswith("--") else "-l %s" % flag[2:]
+        extra = ""
+        if flag == "--platform":
+            extra = " -x -a '%s'" % " ".join(_COMPLETION_PLATFORMS)
+        elif flag == "--cacert":
+            extra = " -r -F"
+        elif takes:
+            extra = " -x"
+        lines.append("complete -c starget %s%s -d '%s'" % (option, extra, description))
+    lines.append("complete -c starget -n __starget_needs_command -l version -d 'show the version'")
+    for command in sorted(_COMPLETION_COMMAND_FLAGS):
+        for flag, description in _COMPLETION_COMMAND_FLAGS[command]:
+            option = "-s %s" % flag[1:] if not flag.startswith("--") else "-l %s" % flag[2:]
+            lines.append("complete -c starget -n '__starget_command_is %s' %s -d '%s'" % (command, option, description))
+    words = _completion_words()
+    words["COMPLETE_LINES"] = "\n".join(lines)
+    words["VALUE_FLAGS"] = " ".join("'%s'" % f for f, takes, _ in _COMPLETION_GLOBAL_FLAGS if takes)
+    words["FORWARDED_FLAGS"] = " ".join("'%s'" % f for f in words["FORWARDED_FLAGS"].split("|"))
+    return _completion_fill(_FISH_COMPLETION, words)
+
+
+_BASH_COMPLETION = r'''# bash completion for starget
+# Install: starget completion bash > ~/.local/share/bash-completion/completions/starget
+#      or: add  source <(starget completion bash)  to ~/.bashrc
+
+_starget_words()
+{
+    # Bash splits words at ':', '=' and '@' (COMP_WORDBREAKS); glue them back so
+    # that host:5000/img@sha256:... and --platform=linux/arm64 are one word each.
+    local line=${COMP_LINE:0:COMP_POINT} word blank i
+    _starget_w=()
+    for ((i = 0; i <= COMP_CWORD; i++)); do
+        word=${COMP_WORDS[i]}
+        blank=${line%%[![:space:]]*}
+        line=${line:${#blank}}
+        if ((i > 0 && ${#_starget_w[@]} > 0)) && [[ -z $blank ]] &&
+            [[ $word == [=:@]* || ${_starget_w[${#_starget_w[@]}-1]} == *[=:@] ]]; then
+            _starget_w[${#_starget_w[@]}-1]+=$word
+        else
+            _starget_w+=("$word")
+        fi
+        line=${line#"$word"}
+    done
+}
+
+_starget_trim()
+{
+    # Readline replaces only the text after the word's last ':', '=' or '@' (when
+    # in COMP_WORDBREAKS), so candidates must lose what comes before it.
+    local cur=$1 breaks="" lead
+    [[ $COMP_WORDBREAKS == *:* ]] && breaks+=":"
+    [[ $COMP_WORDBREAKS == *=* ]] && breaks+="="
+    [[ $COMP_WORDBREAKS == *@* ]] && breaks+="@"
+    [[ -n $breaks && $cur == *["$breaks"]* ]] || return 0
+    lead=${cur%"${cur##*["$breaks"]}"}
+    local i
+    for i in "${!COMPREPLY[@]}"; do
+        COMPREPLY[i]=${COMPREPLY[i]#"$lead"}
+    done
+}
+
+_starget()
+{
+    local _starget_w
+    _starget_words
+    local n=${#_starget_w[@]} word i
+    local cur=${_starget_w[n-1]} prev=""
+    ((n > 1)) && prev=${_starget_w[n-2]}
+    COMPREPLY=()
+
+    # A flag's value: --platform VALUE or --platform=VALUE
+    local flag="" value=$cur before=""
+    if [[ $cur == --*=* ]]; then
+        flag=${cur%%=*} value=${cur#*=} before="${cur%%=*}="
+    else
+        case $prev in
+            @VALUE_FLAGS@) flag=$prev ;;
+        esac
+    fi
+    if [[ -n $flag ]]; then
+        case $flag in
+            --platform) COMPREPLY=($(compgen -P "$before" -W "@PLATFORMS@" -- "$value")) ;;
+            --cacert)
+                compopt -o filenames 2>/dev/null
+                COMPREPLY=($(compgen -P "$before" -f -- "$value")) ;;
+        esac
+        _starget_trim "$cur"
+        return 0
+    fi
+
+    # The positional words (command, IMAGE, ...) and the flags __complete needs
+    local -a args=() forward=()
+    local skip=0
+    for ((i = 1; i < n - 1; i++)); do
+        word=${_starget_w[i]}
+        if ((skip)); then
+            forward+=("$word")
+            skip=0
+            continue
+        fi
+        case $word in
+            @VALUE_FLAGS@) forward+=("$word"); skip=1 ;;
+            @VALUE_FLAGS_EQ@|@FORWARDED_FLAGS@) forward+=("$word") ;;
+            -*) ;;
+            *) args+=("$word") ;;
+        esac
+    done
+    local command=${args[0]-}
+
+    if [[ $cur == -* ]]; then
+        local flags="@GLOBAL_FLAGS@"
+        case $command in
+            "") flags+=" --version" ;;
+            info) flags+=" @INFO_FLAGS@" ;;
+            ls) flags+=" @LS_FLAGS@" ;;
+        esac
+        COMPREPLY=($(compgen -W "$flags" -- "$cur"))
+        _starget_trim "$cur"
+        return 0
+    fi
+
+    if [[ -z $command ]]; then
+        COMPREPLY=($(compgen -W "@COMMANDS@" -- "$cur"))
+        return 0
+    fi
+    case $command in
+        completion)
+            ((${#args[@]} == 1)) && COMPREPLY=($(compgen -W "@SHELLS@" -- "$cur"))
+            ;;
+        get|cat)
+            # command IMAGE [BLOB] PATH [OUTPUT_DIR]; nothing to offer for IMAGE
+            ((${#args[@]} >= 2)) || return 0
+            local image=${args[1]} blob="" position=$((${#args[@]} - 2))
+            if ((position > 0)) && [[ ${args[2]} == sha256:* ]]; then
+                blob=${args[2]}
+                position=$((position - 1))
+            fi
+            local IFS=$'\n'
+            if ((position == 0)) && [[ $cur != sha256:* ]]; then
+                COMPREPLY=($(starget "${forward[@]}" __complete "$image" ${blob:+"$blob"} "$cur" 2>/dev/null))
+                compopt -o filenames 2>/dev/null
+                if ((${#COMPREPLY[@]} == 1)) && [[ ${COMPREPLY[0]} == */ ]]; then
+                    compopt -o nospace 2>/dev/null   # go on typing inside the directory
+                fi
+            elif ((position == 1)) && [[ $command == get ]]; then
+                compopt -o filenames 2>/dev/null
+                COMPREPLY=($(compgen -d -- "$cur"))
+            fi
+            _starget_trim "$cur"
+            ;;
+    esac
+    return 0
+}
+
+complete -F _starget starget
+'''
+
+_ZSH_COMPLETION = r'''#compdef starget
+# zsh completion for starget
+# Install: starget completion zsh > "${fpath[1]}/_starget"   (then start a new shell)
+#      or: add  source <(starget completion zsh)  to ~/.zshrc (after compinit)
+
+_starget() {
+  local cur=${words[CURRENT]} prev=${words[CURRENT-1]}
+  local -a commands platforms flags args forward candidates dirs files
+  commands=(@DESCRIBED_COMMANDS@)
+  platforms=(@PLATFORMS@)
+
+  # A flag's value: --platform VALUE or --platform=VALUE
+  local flag=""
+  if [[ $cur == --*=* ]]; then
+    flag=${cur%%=*}
+    compset -P '*='
+  else
+    case $prev in
+      @VALUE_FLAGS@) flag=$prev ;;
+    esac
+  fi
+  if [[ -n $flag ]]; then
+    case $flag in
+      --platform) compadd -- $platforms ;;
+      --cacert) _files ;;
+    esac
+    return 0
+  fi
+
+  # The positional words (command, IMAGE, ...) and the flags __complete needs
+  local i word skip=0
+  for ((i = 2; i < CURRENT; i++)); do
+    word=${words[i]}
+    if (( skip )); then
+      forward+=("$word")
+      skip=0
+      continue
+    fi
+    case $word in
+      @VALUE_FLAGS@) forward+=("$word"); skip=1 ;;
+      @VALUE_FLAGS_EQ@|@FORWARDED_FLAGS@) forward+=("$word") ;;
+      -*) ;;
+      *) args+=("$word") ;;
+    esac
+  done
+  local command=${args[1]-}
+
+  if [[ $cur == -* ]]; then
+    flags=(@GLOBAL_FLAGS@)
+    case $command in
+      "") flags+=(--version) ;;
+      info) flags+=(@INFO_FLAGS@) ;;
+      ls) flags+=(@LS_FLAGS@) ;;
+    esac
+    compadd -- $flags
+    return 0
+  fi
+
+  if [[ -z $command ]]; then
+    _describe -t commands 'starget command' commands
+    return 0
+  fi
+  case $command in
+    completion)
+      (( ${#args} == 1 )) && compadd -- @SHELLS@
+      ;;
+    get|cat)
+      # command IMAGE [BLOB] PATH [OUTPUT_DIR]; nothing to offer for IMAGE
+      (( ${#args} >= 2 )) || return 0
+      local image=${args[2]} blob="" position=$(( ${#args} - 2 ))
+      if (( position > 0 )) && [[ ${args[3]} == sha256:* ]]; then
+        blob=${args[3]}
+        position=$(( position - 1 ))
+      fi
+      if (( position == 0 )) && [[ $cur != sha256:* ]]; then
+        candidates=(${(f)"$(starget $forward __complete $image $blob "$cur" 2>/dev/null)"})
+        dirs=(${(M)candidates:#*/})
+        files=(${candidates:#*/})
+        (( ${#dirs} )) && compadd -S '' -- $dirs     # go on typing inside the directory
+        (( ${#files} )) && compadd -- $files
+      elif (( position == 1 )) && [[ $command == get ]]; then
+        _files -/
+      fi
+      ;;
+  esac
+  return 0
+}
+
+if [[ ${funcstack[1]-} == _starget ]]; then
+  _starget "$@"    # autoloaded from $fpath
+else
+  compdef _starget starget
+fi
+'''
+
+_FISH_COMPLETION = r'''# fish completion for starget
+# Install: starget completion fish > ~/.config/fish/completions/starget.fish
+#      or: starget completion fish | source
+
+function __starget_args --description 'the positional words of the starget command line'
+    set -l tokens (commandline -opc)
+    set -e tokens[1]
+    set -l skip 0
+    for word in $tokens
+        if test $skip = 1
+            set skip 0
+            continue
+        end
+        if contains -- $word @VALUE_FLAGS@
+            set skip 1
+        else if not string match -q -- '-*' $word
+            echo $word
+        end
+    end
+end
+
+function __starget_forward --description 'the flags of the command line that __complete needs'
+    set -l tokens (commandline -opc)
+    set -e tokens[1]
+    set -l skip 0
+    for word in $tokens
+        if test $skip = 1
+            echo $word
+            set skip 0
+        else if contains -- $word @VALUE_FLAGS@
+            echo $word
+            set skip 1
+        else if contains -- $word @FORWARDED_FLAGS@; or string match -q -- '--*=*' $word
+            echo $word
+        end
+    end
+end
+
+function __starget_needs_command
+    set -l args (__starget_args)
+    not set -q args[1]
+end
+
+function __starget_command_is
+    set -l args (__starget_args)
+    set -q args[1]; and contains -- $args[1] $argv
+end
+
+# Which positional word is being typed after IMAGE [BLOB]: 0 for PATH, 1 for OUTPUT_DIR
+function __starget_position
+    set -l args (__starget_args)
+    set -q args[2]; or return 1
+    contains -- $args[1] get cat; or return 1
+    set -l position (math (count $args) - 2)
+    if test $position -gt 0; and string match -q -- 'sha256:*' $args[3]
+        set position (math $position - 1)
+    end
+    echo $position
+end
+
+function __starget_wants_path
+    set -l position (__starget_position)
+    set -l cur (commandline -ct)
+    test "$position" = 0; and not string match -q -- 'sha256:*' "$cur"; and not string match -q -- '-*' "$cur"
+end
+
+function __starget_wants_output_dir
+    set -l position (__starget_position)
+    __starget_command_is get; and test "$position" = 1
+end
+
+function __starget_paths
+    set -l args (__starget_args)
+    set -l blob
+    if set -q args[3]; and string match -q -- 'sha256:*' $args[3]
+        set blob $args[3]
+    end
+    set -l cur (commandline -ct)
+    starget (__starget_forward) __complete $args[2] $blob "$cur" 2>/dev/null
+end
+
+complete -c starget -f
+@COMPLETE_LINES@
+complete -c starget -n '__starget_command_is completion; and test (count (__starget_args)) -eq 1' -a '@SHELLS@'
+complete -c starget -n __starget_wants_path -a '(__starget_paths)'
+complete -c starget -n __starget_wants_output_dir -a '(__fish_complete_directories (commandline -ct))'
+'''
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -2855,7 +3752,15 @@ def build_parser():
     cat.add_argument("image", metavar="IMAGE")
     cat.add_argument("args", metavar="[BLOB] PATH", nargs="+")
 
-    for sub in (info, ls, get, cat):
+    completion = commands.add_parser("completion", help="print a shell completion script: completion bash|zsh|fish")
+    completion.add_argument("shell", metavar="SHELL", help="bash, zsh or fish")
+
+    # Hidden (no help=): the completion scripts run `__complete IMAGE [BLOB] PREFIX`.
+    complete = commands.add_parser("__complete")
+    complete.add_argument("image", metavar="IMAGE")
+    complete.add_argument("args", metavar="[BLOB] PREFIX", nargs="+")
+
+    for sub in (info, ls, get, cat, complete):
         _add_global_options(sub)
     return parser
 
@@ -2863,13 +3768,28 @@ def build_parser():
 class _Session(object):
     """What every command needs, built from the parsed flags."""
 
-    def __init__(self, args):
+    def __init__(self, args, config=None):
         self.args = args
-        retry = RetryPolicy(retries=max(0, args.retries))
+        config = config or Config()
+        ref = ImageRef.parse(args.image)
+        settings = config.registry(ref.registry)            # config.yaml `registries:`
+        mirrors = []
+        if settings.get("mirror"):
+            mirrors.append((settings["mirror"], config.registry(settings["mirror"]).get("plain_http")))
+        host_tls = {}
+        for host in [ref.registry] + [m for m, _ in mirrors]:
+            host_settings = config.registry(host)
+            host_tls[host] = {"insecure": host_settings.get("insecure"), "ca_file": host_settings.get("ca_file")}
+        for cafile in [args.cacert] + [t["ca_file"] for t in host_tls.values()]:
+            if cafile and not os.path.isfile(cafile):
+                _fail(ErrorCode.USAGE, "CA certificate file %s does not exist" % cafile)
+        insecure = args.insecure or bool(settings.get("insecure"))
         transport = Transport(insecure=args.insecure, cafile=args.cacert, read_timeout=args.timeout,
-                              connect_timeout=args.connect_timeout, retry=retry)
-        self.client = RegistryClient(args.image, credentials=Credentials(args.credential),
-                                     insecure=args.insecure, transport=transport)
+                              connect_timeout=args.connect_timeout, retry=RetryPolicy(retries=max(0, args.retries)),
+                              host_tls=host_tls)
+        self.client = RegistryClient(ref, credentials=Credentials(args.credential), insecure=insecure,
+                                     transport=transport, plain_http=settings.get("plain_http"),
+                                     mirrors=mirrors, auth_type=settings.get("auth_type"))
         self.cache = None if args.no_cache else TOCCache()
         self.platform = Platform.parse(args.platform) if args.platform else None
         self.scratch = None
@@ -3057,7 +3977,7 @@ def cmd_cat(session, out):
     return 0
 
 
-COMMANDS = {"info": cmd_info, "ls": cmd_ls, "get": cmd_get, "cat": cmd_cat}
+COMMANDS = {"info": cmd_info, "ls": cmd_ls, "get": cmd_get, "cat": cmd_cat, "__complete": cmd_complete}
 
 
 def main(argv=None, out=None):
@@ -3068,13 +3988,21 @@ def main(argv=None, out=None):
         args = parser.parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else ErrorCode.USAGE
+    given = set(vars(args))     # the flags on the command line (absent ones are SUPPRESSed)
     for key, value in _GLOBAL_DEFAULTS.items():
-        if not hasattr(args, key):
+        if key not in given:
             setattr(args, key, value)
     configure_logging(args.verbose, args.debug)
     session = None
     try:
-        session = _Session(args)
+        if args.command == "completion":       # needs no image and no config
+            out.write(completion_script(args.shell))
+            return 0
+        config = Config.load()
+        for key, value in config.flag_defaults().items():   # config.yaml fills what the flags left
+            if key not in given:
+                setattr(args, key, value)
+        session = _Session(args, config)
         return COMMANDS[args.command](session, out) or 0
     except StargzError as e:
         message = " ".join(redact(e.message).split())

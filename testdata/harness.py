@@ -882,3 +882,228 @@ class OCIServer(object):
             return self._resp(206, data[a:b + 1], h,
                               content_type="application/octet-stream")
         return self._resp(200, data, h, content_type="application/octet-stream")
+
+
+# =============================================================================
+# ecosystem helpers: a TLS registry, a forward proxy, fake credential helpers
+# =============================================================================
+
+def make_tls_cert(directory, dns_names=("localhost",), ips=("127.0.0.1",)):
+    """A self-signed cert.pem/key.pem under `directory` (for run-registry.sh --tls, which
+    keeps an existing non-empty tls/cert.pem). Returns the cert path."""
+    os.makedirs(directory, exist_ok=True)
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    san = ",".join(["DNS:%s" % n for n in dns_names] + ["IP:%s" % i for i in ips])
+    p = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-subj", "/CN=starget-test", "-addext", "subjectAltName=" + san,
+                        "-keyout", key, "-out", cert],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    if p.returncode != 0:
+        raise RuntimeError("openssl failed: %s" % p.stderr)
+    return cert
+
+
+def start_tls_registry(workdir, images=(("basic", "latest"),), dns_names=("localhost",)):
+    """An anonymous registry over HTTPS on 127.0.0.1 whose certificate also names
+    `dns_names`; pushes `images` [(layout, ref)] to fixtures/<layout>.
+    Returns (Registry, stop); Registry.extra["REGISTRY_CACERT"] is the CA (the cert itself)."""
+    regdir = os.path.join(workdir, "registry")
+    make_tls_cert(os.path.join(regdir, "tls"), dns_names=dns_names)
+    script = os.path.join(REGISTRY_SCRIPTS, "run-registry.sh")
+    p = subprocess.run(["bash", script, "--dir", regdir, "--tls", "--background"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                       timeout=90, env=_env_for_registry())
+    if p.returncode != 0:
+        raise RuntimeError("run-registry.sh --tls failed (%d): %s%s" % (p.returncode, p.stdout, p.stderr))
+    kv = _parse_kv(p.stdout)
+
+    def stop():
+        subprocess.run(["bash", script, "--stop", regdir], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=60)
+
+    reg = Registry("tls", kv["REGISTRY_ADDR"], kv["REGISTRY_URL"], kv.get("REGISTRY_PID"), workdir, extra=kv)
+    try:
+        for layout, ref in images:
+            target = "%s/fixtures/%s:%s" % (reg.addr, layout, ref)
+            q = subprocess.run([sys.executable, os.path.join(REGISTRY_SCRIPTS, "push-oci-layout.py"),
+                                os.path.join(FIXTURES, layout), target, "--ref", ref, "-q",
+                                "--https", "--cacert", kv["REGISTRY_CACERT"]],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                               timeout=120, env=_env_for_registry())
+            if q.returncode != 0:
+                raise RuntimeError("push of %s over https failed: %s%s" % (target, q.stdout, q.stderr))
+            reg.pushed[(layout, ref)] = target
+    except Exception:
+        stop()
+        raise
+    return reg, stop
+
+
+class ForwardProxy(object):
+    """A tiny threaded HTTP forward proxy on 127.0.0.1.
+
+    - absolute-form requests (`GET http://host:port/path`) are forwarded for plain HTTP
+      (one upstream connection per request; the client connection is kept alive);
+    - `CONNECT host:port` opens a tunnel (for HTTPS).
+    `hosts` maps fake names to addresses (e.g. {"registry.test": "127.0.0.1"}); other
+    names are resolved normally. Every request line is recorded in `self.requests` as
+    (method, target, headers dict with lower-case names).
+    """
+
+    def __init__(self, hosts=None):
+        import socketserver
+        global socket
+        import socket
+        self.hosts = dict(hosts or {})
+        self.requests = []
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                try:
+                    proxy._serve(self.request)
+                except OSError:
+                    pass
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def seen(self, method=None):
+        with self._lock:
+            return [r for r in self.requests if method is None or r[0] == method]
+
+    def _resolve(self, host):
+        return self.hosts.get(host.lower(), host)
+
+    @staticmethod
+    def _read_head(sock, buf):
+        while b"\r\n\r\n" not in buf:
+            data = sock.recv(65536)
+            if not data:
+                return None, buf
+            buf += data
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        return head.decode("latin-1"), rest
+
+    def _serve(self, sock):
+        import http.client
+        from urllib.parse import urlsplit
+        buf = b""
+        while True:
+            head, buf = self._read_head(sock, buf)
+            if head is None:
+                return
+            lines = head.split("\r\n")
+            method, target, _version = (lines[0].split(" ", 2) + ["", ""])[:3]
+            headers = {}
+            for line in lines[1:]:
+                k, _, v = line.partition(":")
+                headers[k.strip().lower()] = v.strip()
+            with self._lock:
+                self.requests.append((method, target, headers))
+            if method == "CONNECT":
+                host, _, port = target.rpartition(":")
+                try:
+                    upstream = socket.create_connection((self._resolve(host), int(port)), timeout=10)
+                except (OSError, ValueError):
+                    sock.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                    return
+                sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                if buf:
+                    upstream.sendall(buf)
+                self._pipe(sock, upstream)
+                return
+            parts = urlsplit(target)
+            if parts.scheme != "http" or not parts.hostname:
+                sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            length = int(headers.get("content-length") or 0)
+            while len(buf) < length:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                buf += data
+            body, buf = buf[:length], buf[length:]
+            hop = ("connection", "proxy-connection", "keep-alive", "proxy-authorization", "te",
+                   "trailer", "transfer-encoding", "upgrade")
+            fwd = {k: v for k, v in headers.items() if k not in hop}
+            path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+            try:
+                up = http.client.HTTPConnection(self._resolve(parts.hostname), parts.port or 80, timeout=30)
+                up.request(method, path, body=body or None, headers=fwd)
+                resp = up.getresponse()
+                data = resp.read()
+                status, reason, rheaders = resp.status, resp.reason, resp.getheaders()
+                up.close()
+            except OSError:
+                sock.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                continue
+            out = ["HTTP/1.1 %d %s" % (status, reason)]
+            for k, v in rheaders:
+                if k.lower() in ("transfer-encoding", "connection", "keep-alive") or \
+                        (k.lower() == "content-length" and method != "HEAD"):
+                    continue
+                out.append("%s: %s" % (k, v))
+            if method != "HEAD":
+                out.append("Content-Length: %d" % len(data))
+            sock.sendall(("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + (data if method != "HEAD" else b""))
+
+    @staticmethod
+    def _pipe(a, b):
+        import select
+        socks = [a, b]
+        try:
+            while True:
+                ready, _, _ = select.select(socks, [], [], 60)
+                if not ready:
+                    return
+                for s in ready:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    (b if s is a else a).sendall(data)
+        finally:
+            b.close()
+
+
+def write_credential_helper(directory, name, stdout="", stderr="", code=0):
+    """An executable `docker-credential-NAME` in `directory` that records each call
+    (argv and stdin) as one JSON line in `directory/NAME.calls`, then prints `stdout`
+    and `stderr` and exits with `code`. Returns the path of the calls file."""
+    os.makedirs(directory, exist_ok=True)
+    calls = os.path.join(directory, name + ".calls")
+    path = os.path.join(directory, "docker-credential-" + name)
+    with open(path, "w") as f:
+        f.write("#!%s\n" % sys.executable)
+        f.write("import json, sys\n"
+                "data = sys.stdin.read()\n"
+                "with open(%r, 'a') as f:\n"
+                "    f.write(json.dumps({'argv': sys.argv[1:], 'stdin': data}) + '\\n')\n"
+                "sys.stdout.write(%r)\n"
+                "sys.stderr.write(%r)\n"
+                "sys.exit(%d)\n" % (calls, stdout, stderr, code))
+    os.chmod(path, 0o755)
+    return calls
+
+
+def helper_calls(calls_file):
+    """The recorded calls of a fake credential helper ([] when never called)."""
+    if not os.path.exists(calls_file):
+        return []
+    with open(calls_file) as f:
+        return [json.loads(line) for line in f if line.strip()]
