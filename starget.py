@@ -877,18 +877,16 @@ def parse_retry_after(value, now=None):
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.match(r"^[0-9]{1,10}$", value):
         return float(value)
-    try:
-        import email.utils
-        parsed = email.utils.parsedate_tz(value)
-    except (TypeError, ValueError):
-        return None
-    if not parsed:
-        return None
     import calendar
-    when = calendar.timegm(parsed[:9]) - (parsed[9] or 0)
-    return max(0.0, when - (time.time() if now is None else now))
+    import email.utils
+    try:
+        parsed = email.utils.parsedate_tz(value)
+        when = calendar.timegm(parsed[:9]) - (parsed[9] or 0) if parsed else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return None if when is None else max(0.0, when - (time.time() if now is None else now))
 
 
 class RetryPolicy(object):
@@ -1001,6 +999,9 @@ class Response(object):
             self.close()
             _fail(ErrorCode.FORMAT, "response from %s is too large" % self.url.netloc)
         self.close()
+        if length is not None and len(data) < length:
+            _fail(ErrorCode.NETWORK, "body from %s ended %d bytes early (truncated)"
+                  % (self.url.netloc, length - len(data)), truncated=True)
         return data
 
     def read_exactly(self, amount):
@@ -1328,7 +1329,10 @@ class Transport(object):
             try:
                 response = self._send_once(method, url, headers, body)
             except StargzError as e:
-                if last or e.code != ErrorCode.NETWORK or e.details.get("tls_failed") or e.details.get("permanent"):
+                if last:
+                    e.details["exhausted"] = True   # callers must not retry it again
+                    raise
+                if e.code != ErrorCode.NETWORK or e.details.get("tls_failed") or e.details.get("permanent"):
                     raise
                 log.info("retrying %s %s after: %s", method, url.netloc, e.message)
                 self.stats.add("retries")
@@ -1579,8 +1583,8 @@ class RegistryClient(object):
             _fail(ErrorCode.NOT_FOUND, "%s not found (%s)" % (what, text))
         if status in (401, 403):
             _fail(ErrorCode.AUTH, "access to %s denied: HTTP %d (%s)" % (what, status, text))
-        if status == 429 or status >= 500:
-            _fail(ErrorCode.NETWORK, "%s: HTTP %d from %s (%s)" % (what, status, self.host, text))
+        if status == 429 or status >= 500:   # the transport has retried it already
+            _fail(ErrorCode.NETWORK, "%s: HTTP %d from %s (%s)" % (what, status, self.host, text), exhausted=True)
         _fail(ErrorCode.NETWORK, "%s: unexpected HTTP %d (%s)" % (what, status, text))
 
     # -- manifests -----------------------------------------------------------
@@ -1589,10 +1593,13 @@ class RegistryClient(object):
         reference = reference or self.ref.reference
         what = "manifest %s" % ("%s@%s" % (self.ref.repository, reference) if reference.startswith("sha256:")
                                 else "%s:%s" % (self.ref.repository, reference))
-        response = self.request("GET", "/manifests/" + reference, {"Accept": MANIFEST_ACCEPT})
-        if response.status != 200:
-            self._raise_for(response, "image %s (%s)" % (self.ref, what))
-        raw = response.read_all(MAX_MANIFEST_SIZE)
+        def fetch():
+            response = self.request("GET", "/manifests/" + reference, {"Accept": MANIFEST_ACCEPT})
+            if response.status != 200:
+                self._raise_for(response, "image %s (%s)" % (self.ref, what))
+            return response, response.read_all(MAX_MANIFEST_SIZE)
+
+        response, raw = self.retrying_body(fetch)
         digest = _sha256_digest(raw)
         if reference.startswith("sha256:") and digest != reference:
             _fail(ErrorCode.INTEGRITY, "%s does not match its digest (got %s)" % (what, digest))
@@ -1729,12 +1736,29 @@ class RegistryClient(object):
             return None
 
     def read_blob(self, digest, start, end):
-        """Bytes [start, end] (inclusive) of a blob."""
-        response = self.open_blob(digest, start, end)
-        try:
-            return response.read_exactly(end - start + 1)
-        finally:
-            response.close()
+        """Bytes [start, end] (inclusive) of a blob; a broken body is fetched again."""
+        def fetch():
+            response = self.open_blob(digest, start, end)
+            try:
+                return response.read_exactly(end - start + 1)
+            finally:
+                response.close()
+        return self.retrying_body(fetch)
+
+    def retrying_body(self, fetch):
+        """Run `fetch` again, with backoff, when a body breaks after its headers came
+        (reset, truncation, stall): the transport only retries before a response."""
+        policy = self.transport.retry
+        for attempt in range(policy.retries + 1):
+            try:
+                return fetch()
+            except StargzError as e:
+                if e.code != ErrorCode.NETWORK or e.details.get("exhausted") or e.details.get("permanent") \
+                        or attempt == policy.retries:
+                    raise
+                log.info("retrying after: %s", e.message)
+                self.transport.stats.add("retries")
+                policy.wait(attempt)
 
 # =============================================================================
 # estargz format (pure: bytes in, objects out; no I/O)
@@ -1785,7 +1809,7 @@ def extract_toc_json(member):
     try:
         data = inflater.decompress(bytes(member), MAX_TOC_JSON_SIZE + 1024)
     except zlib.error as e:
-        _fail(ErrorCode.FORMAT, "TOC is not valid gzip: %s" % e, e)
+        _fail(ErrorCode.FORMAT, "TOC is not valid gzip: %s" % e, e, corrupt=True)
     if len(data) < 512:
         _fail(ErrorCode.FORMAT, "TOC member is truncated (%d bytes inflated)" % len(data))
     header = data[:512]
@@ -1977,6 +2001,8 @@ def parse_toc(data, toc_offset=None, blob=None, layer=None):
             path = normalize_path(raw_name)
         except StargzError as e:
             _fail(ErrorCode.FORMAT, "refusing a hostile TOC: entry %s" % e.message)
+        if not raw_name or (path == "" and kind != "dir"):
+            _fail(ErrorCode.FORMAT, "refusing a hostile TOC: a %s entry named %r" % (kind, raw_name))
         offset = _int_field(raw, "offset", path)
         if offset and offset >= limit:
             _fail(ErrorCode.FORMAT, "TOC entry %r: offset %d is past the TOC at %d" % (path, offset, limit))
@@ -2156,10 +2182,18 @@ def fetch_layer_toc(client, layer, cache=None):
         toc_offset, data, footer_size = cached
         log.debug("TOC of %s from the cache", layer.digest)
     else:
-        toc_offset, data, footer_size = _read_toc_from_blob(client, layer)
-        if expected and _sha256_digest(data) != expected:
-            _fail(ErrorCode.INTEGRITY, "layer %s: TOC digest %s does not match the manifest annotation %s; "
-                  "refusing the layer" % (layer.digest, _sha256_digest(data), expected))
+        for attempt in (1, 2):   # bytes damaged on the way get one more fetch
+            try:
+                toc_offset, data, footer_size = _read_toc_from_blob(client, layer)
+                if expected and _sha256_digest(data) != expected:
+                    _fail(ErrorCode.INTEGRITY, "layer %s: TOC digest %s does not match the manifest annotation %s; "
+                          "refusing the layer" % (layer.digest, _sha256_digest(data), expected))
+                break
+            except StargzError as e:
+                if attempt == 2 or not (e.code == ErrorCode.INTEGRITY or e.details.get("corrupt")):
+                    raise
+                log.info("fetching the TOC of %s again: %s", layer.digest, e.message)
+                client.transport.stats.add("retries")
         if cache:
             cache.put(layer.digest, toc_offset, data, footer_size)
     try:
@@ -2725,6 +2759,8 @@ class Downloader(object):
         self.progress_enabled = progress
         self.gap, self.part_size = gap, part_size
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._mismatches = {}
 
     def download(self, index, pattern, output_dir, blob=None):
         """Get the files `pattern` selects into `output_dir`; returns DownloadStats."""
@@ -2945,7 +2981,7 @@ class Downloader(object):
     def _run_range(self, blob, members, stats, progress):
         """Fetch one coalesced range; on a transient failure fetch what is still
         missing again, with backoff; a digest mismatch is refetched once."""
-        attempt, integrity_retried = 0, False
+        attempt = 0
         while True:
             members = [m for m in members if any(self._wanted(t, i) for t, i in m.targets)]
             if not members or self._stop.is_set():
@@ -2957,13 +2993,18 @@ class Downloader(object):
                 error = e
             if error.code == ErrorCode.INTERRUPTED:
                 return
-            retryable = error.code == ErrorCode.NETWORK or (error.code == ErrorCode.INTEGRITY and not integrity_retried)
-            if error.code == ErrorCode.INTEGRITY:
-                integrity_retried = True
+            if error.details.get("refetch"):   # each chunk gets one more fetch: this ends
+                stats.add("retries")
+                continue
+            # Body faults (reset, truncation, stall) are retried here; what the transport
+            # already retried (refused connections, 5xx) is not retried twice.
+            retryable = error.code == ErrorCode.NETWORK and not error.details.get("exhausted") \
+                and not error.details.get("permanent")
             if not retryable or attempt >= self.retry.retries:
                 for member in members:
                     for task, i in member.targets:
-                        self._fail_task(task, error, stats)
+                        if self._wanted(task, i):
+                            self._fail_task(task, error, stats)
                 return
             log.info("retrying bytes %d-%d of %s: %s", members[0].offset, members[-1].end - 1, blob, error.message)
             stats.add("retries")
@@ -2977,14 +3018,17 @@ class Downloader(object):
     def _fetch_members(self, blob, members, stats, progress):
         start, end = members[0].offset, members[-1].end
         response = self.client.open_blob(blob, start, end - 1)
+        refetch = False
         try:
             position = start
             for member in members:
                 self._read_through(response, member.offset - position)
-                self._inflate_member(response, member, stats, progress)
+                refetch = self._inflate_member(response, member, stats, progress) or refetch
                 position = member.end
         finally:
             response.close()
+        if refetch:
+            _fail(ErrorCode.INTEGRITY, "a chunk did not match its digest: fetching it again", refetch=True)
 
     def _read_through(self, response, amount):
         while amount > 0:
@@ -2995,12 +3039,13 @@ class Downloader(object):
 
     def _inflate_member(self, response, member, stats, progress):
         """Stream one member's compressed bytes through zlib, handing each wanted
-        chunk its bytes; never inflate past the last byte the TOC declares."""
+        chunk its bytes; never inflate past the last byte the TOC declares.
+        Returns True when a chunk came out wrong and deserves one more fetch."""
         sinks = [_ChunkSink(task, i) for task, i in member.targets if self._wanted(task, i)]
         sinks.sort(key=lambda s: s.start)
         need = max(s.stop for s in sinks) if sinks else 0
         inflater = zlib.decompressobj(31)
-        produced, remaining = 0, member.end - member.offset
+        produced, remaining, broken = 0, member.end - member.offset, None
         while remaining > 0:
             if self._stop.is_set():
                 _fail(ErrorCode.INTERRUPTED, "interrupted")
@@ -3008,11 +3053,12 @@ class Downloader(object):
             if not data:
                 _fail(ErrorCode.NETWORK, "blob body ended early (truncated)", truncated=True)
             remaining -= len(data)
-            while data and produced < need:
+            while data and produced < need and broken is None:
                 try:
                     out = inflater.decompress(data, READ_SIZE * 4)
-                except zlib.error as e:
-                    _fail(ErrorCode.INTEGRITY, "corrupt gzip data in the member at offset %d: %s" % (member.offset, e))
+                except zlib.error as e:   # keep reading: the next members of the range are fine
+                    broken = "corrupt gzip data in the member at offset %d: %s" % (member.offset, e)
+                    break
                 data = inflater.unconsumed_tail
                 if out:
                     for sink in sinks:
@@ -3022,11 +3068,26 @@ class Downloader(object):
                     data, inflater = inflater.unused_data, zlib.decompressobj(31)
                 elif not out and not data:
                     break
-        if produced < need:
-            _fail(ErrorCode.INTEGRITY, "the member at offset %d holds %d bytes, fewer than the TOC declares (%d)"
-                  % (member.offset, produced, need))
+        if broken is None and produced < need:
+            broken = "the member at offset %d holds %d bytes, fewer than the TOC declares (%d)" % (
+                member.offset, produced, need)
+        refetch = False
         for sink in sinks:
-            self._chunk_done(sink, stats, progress)
+            problem = sink.mismatch or (broken if sink.written < sink.chunk.size else None)
+            if problem is None:
+                self._chunk_done(sink, stats, progress)
+            elif self._count_mismatch(sink) == 1:
+                refetch = True
+            else:
+                self._fail_task(sink.task, StargzError(ErrorCode.INTEGRITY, problem), stats)
+        return refetch
+
+    def _count_mismatch(self, sink):
+        """How often this chunk came out wrong: once is refetched, twice fails its file."""
+        key = (id(sink.task), sink.index)
+        with self._lock:
+            self._mismatches[key] = self._mismatches.get(key, 0) + 1
+            return self._mismatches[key]
 
     def _chunk_done(self, sink, stats, progress):
         task, index = sink.task, sink.index
@@ -3172,7 +3233,7 @@ class _ChunkSink(object):
     """Receives a member's inflated bytes and keeps the slice that is one chunk:
     writes it at its place in the file and hashes it."""
 
-    __slots__ = ("task", "index", "chunk", "start", "stop", "hasher", "written")
+    __slots__ = ("task", "index", "chunk", "start", "stop", "hasher", "written", "mismatch")
 
     def __init__(self, task, index):
         self.task, self.index = task, index
@@ -3181,6 +3242,7 @@ class _ChunkSink(object):
         self.stop = self.start + self.chunk.size
         self.hasher = hashlib.sha256()
         self.written = 0
+        self.mismatch = None
 
     def feed(self, produced, data, verify):
         low, high = max(self.start, produced), min(self.stop, produced + len(data))
@@ -3193,8 +3255,8 @@ class _ChunkSink(object):
         if self.written == self.chunk.size and verify and self.chunk.digest:
             digest = "sha256:" + self.hasher.hexdigest()
             if digest != self.chunk.digest:
-                _fail(ErrorCode.INTEGRITY, "%s: chunk at %d has digest %s, the TOC says %s"
-                      % (self.task.path, self.chunk.file_offset, digest, self.chunk.digest))
+                self.mismatch = "%s: chunk at %d has digest %s, the TOC says %s" % (
+                    self.task.path, self.chunk.file_offset, digest, self.chunk.digest)
 
 # =============================================================================
 # cli
