@@ -1989,6 +1989,15 @@ def parse_toc(data, toc_offset=None, blob=None, layer=None):
     entries, warnings, prioritized = [], [], []
     names = {}
     member_offsets = set()
+    mtimes = {}   # writers stamp most entries with one time: parse each string once
+
+    def mtime_of(text):
+        if not isinstance(text, str):
+            return 0
+        if text not in mtimes:
+            mtimes[text] = parse_rfc3339(text)
+        return mtimes[text]
+
     last_reg = None
     for raw in raw_entries:
         if not isinstance(raw, dict):
@@ -2028,7 +2037,7 @@ def parse_toc(data, toc_offset=None, blob=None, layer=None):
             uid=_int_field(raw, "uid", path, 1 << 32), gid=_int_field(raw, "gid", path, 1 << 32),
             uname=raw.get("userName") if isinstance(raw.get("userName"), str) else None,
             gname=raw.get("groupName") if isinstance(raw.get("groupName"), str) else None,
-            mtime=parse_rfc3339(raw.get("modtime")), link=None,
+            mtime=mtime_of(raw.get("modtime")), link=None,
             digest=_digest_field(raw, "digest", path), offset=offset, inner_offset=inner,
             dev_major=_int_field(raw, "devMajor", path, 1 << 32), dev_minor=_int_field(raw, "devMinor", path, 1 << 32),
             xattrs=raw.get("xattrs") if isinstance(raw.get("xattrs"), dict) else None)
@@ -2110,7 +2119,10 @@ def _assign_extents(entries, member_offsets, toc_offset):
 # image index (layers merged, lookups, patterns; TOC fetching and cache)
 # =============================================================================
 
-TAIL_READ_SIZE = 64 << 10      # one tail read usually holds the footer and the whole TOC
+# The first read of a layer is its tail: the footer and, for a small TOC, all of it.
+# A bigger TOC costs one more request for exactly its missing head, so the tail
+# stays small: what it over-reads of a small layer is waste.
+TAIL_READ_SIZE = 16 << 10
 MAX_TOC_MEMBER_SIZE = 64 << 20
 
 
@@ -2540,7 +2552,7 @@ class _Destination(object):
 
     def __init__(self, root):
         self.root = os.path.abspath(root)
-        self.created = set()
+        self.verified = set()   # directories checked (or made) during this run
 
     def path(self, rel):
         normalize_path(rel)  # raises UNSAFE for '..', absolute, NUL
@@ -2552,16 +2564,19 @@ class _Destination(object):
         parts = rel.split("/")
         for part in parts[:-1]:
             current = os.path.join(current, part)
+            if current in self.verified:
+                continue
             try:
                 st = os.lstat(current)
             except FileNotFoundError:
                 os.mkdir(current, 0o755)
-                self.created.add(current)
+                self.verified.add(current)
                 continue
             if stat.S_ISLNK(st.st_mode):
                 _fail(ErrorCode.UNSAFE, "refusing to write %s: %s is a symlink" % (rel, current))
             if not stat.S_ISDIR(st.st_mode):
                 _fail(ErrorCode.UNSAFE, "refusing to write %s: %s is not a directory" % (rel, current))
+            self.verified.add(current)
         return self.path(rel)
 
 
@@ -2577,11 +2592,21 @@ class _FileTask(object):
         self.fd = None
         self.failed = None
         self.finished = False
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
 
     @property
     def complete(self):
         return len(self.done) == len(self.chunks)
+
+    def ensure_open(self):
+        """The partial file's descriptor, created on the first write (so that the
+        first requests go out before thousands of files are created)."""
+        with self.lock:
+            if self.fd is None:
+                flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+                self.fd = os.open(self.partial, flags, 0o600)
+                os.ftruncate(self.fd, self.source.size or 0)
+            return self.fd
 
     def state(self):
         return {"blob": self.source.blob, "digest": self.source.digest, "size": self.source.size,
@@ -2875,7 +2900,7 @@ class Downloader(object):
                     stats.add("skipped")
                     self._apply_metadata(task.final, entry)
                     continue
-                self._open_partial(task)
+                self._resume_or_reset(task)
                 tasks.append(task)
                 if task.complete:
                     self._finish(task, stats, None)
@@ -2900,9 +2925,9 @@ class Downloader(object):
         finally:
             os.close(fd)
 
-    def _open_partial(self, task):
-        """Open `NAME.partial`, keeping the chunks a previous run verified (checked again)."""
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    def _resume_or_reset(self, task):
+        """Keep the chunks of `NAME.partial` that a previous run verified (hashed
+        again here); discard a partial file from another image version."""
         state = None
         if os.path.exists(task.state_file):
             try:
@@ -2920,9 +2945,8 @@ class Downloader(object):
                 if os.path.lexists(stale):
                     os.unlink(stale)
             state = None
-        task.fd = os.open(task.partial, flags, 0o600)
-        os.ftruncate(task.fd, task.source.size or 0)
         if state:
+            task.ensure_open()
             for i in state.get("done") or []:
                 if isinstance(i, int) and 0 <= i < len(task.chunks):
                     chunk = task.chunks[i]
@@ -3074,7 +3098,9 @@ class Downloader(object):
         refetch = False
         for sink in sinks:
             problem = sink.mismatch or (broken if sink.written < sink.chunk.size else None)
-            if problem is None:
+            if sink.write_error:
+                self._fail_task(sink.task, StargzError(ErrorCode.IO, sink.write_error), stats)
+            elif problem is None:
                 self._chunk_done(sink, stats, progress)
             elif self._count_mismatch(sink) == 1:
                 refetch = True
@@ -3118,6 +3144,7 @@ class Downloader(object):
                 return
             source = task.source
             try:
+                task.ensure_open()   # an empty file had no chunk to create it
                 if self.verify and source.digest and (len(task.chunks) != 1 or task.chunks[0].digest != source.digest):
                     digest, _ = _hash_file_range(task.fd, 0, source.size or 0)
                     if digest != source.digest:
@@ -3233,7 +3260,7 @@ class _ChunkSink(object):
     """Receives a member's inflated bytes and keeps the slice that is one chunk:
     writes it at its place in the file and hashes it."""
 
-    __slots__ = ("task", "index", "chunk", "start", "stop", "hasher", "written", "mismatch")
+    __slots__ = ("task", "index", "chunk", "start", "stop", "hasher", "written", "mismatch", "write_error")
 
     def __init__(self, task, index):
         self.task, self.index = task, index
@@ -3242,14 +3269,18 @@ class _ChunkSink(object):
         self.stop = self.start + self.chunk.size
         self.hasher = hashlib.sha256()
         self.written = 0
-        self.mismatch = None
+        self.mismatch = self.write_error = None
 
     def feed(self, produced, data, verify):
         low, high = max(self.start, produced), min(self.stop, produced + len(data))
-        if low >= high:
+        if low >= high or self.write_error:
             return
         piece = data[low - produced:high - produced]
-        os.pwrite(self.task.fd, piece, self.chunk.file_offset + (low - self.start))
+        try:
+            os.pwrite(self.task.ensure_open(), piece, self.chunk.file_offset + (low - self.start))
+        except OSError as e:   # this file cannot be written; the others of the range go on
+            self.write_error = "cannot write %s: %s" % (self.task.partial, _describe_os_error(e))
+            return
         self.hasher.update(piece)
         self.written += len(piece)
         if self.written == self.chunk.size and verify and self.chunk.digest:
