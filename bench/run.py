@@ -151,10 +151,11 @@ def choose_dir(layers):
             sizes[d] = sizes.get(d, 0) + e.size
             counts[d] = counts.get(d, 0) + 1
     target = 0.01 * sum(e.size for i, e in view.values() if e.type == "reg")
-    return min(sizes, key=lambda d: (abs(sizes[d] - target), -counts[d], d))
+    candidates = [d for d in sizes if not d.endswith("__pycache__")]
+    return min(candidates, key=lambda d: (abs(sizes[d] - target), -counts[d], d))
 
 
-def classify(record, blobs):
+def classify(record, blobs, needed=None):
     path = record["path"]
     if "/manifests/" in path:
         return "manifest"
@@ -170,27 +171,46 @@ def classify(record, blobs):
     if not r:
         return "whole blob"
     rm = re.match(r"bytes=(\d*)-(\d*)$", r)
-    if rm and (not rm.group(1) or not rm.group(2) or int(rm.group(2)) >= info["size"] - 51):
-        return "tail/TOC range"
-    return "data range"
+    if not rm:
+        return "odd range"
+    if not rm.group(1) or not rm.group(2) or int(rm.group(2)) >= info["size"] - 51:
+        kind = "tail (footer+TOC)"
+    elif int(rm.group(1)) >= info["toc_offset"]:
+        kind = "TOC rest"
+    else:
+        kind = "data"
+    if needed is not None and info["index"] not in needed:
+        kind += ", layer not needed"
+    return kind
 
 
-def describe_log(log_records, blobs, limit=12):
+def describe_log(log_records, blobs, needed=None, limit=12):
     lines = []
+    t0 = log_records[0]["t"] if log_records else 0
     for r in log_records[:limit]:
         m = re.search(r"/blobs/(sha256:[0-9a-f]+)", r["path"])
         where = ("layer %d" % blobs[m.group(1)]["index"]) if m and m.group(1) in blobs else r["path"]
-        lines.append("%s %s %s %s -> %s, %d B (conn %d) [%s]" % (
-            r["method"], where, r.get("range") or "", "", r["status"], r["bytes"], r["conn"],
-            classify(r, blobs)))
+        lines.append("+%.3fs %s %s %s -> %s, %d B, conn %d [%s]" % (
+            r["t"] - t0, r["method"], where, r.get("range") or "", r["status"], r["bytes"], r["conn"],
+            classify(r, blobs, needed)))
     if len(log_records) > limit:
         kinds = {}
         for r in log_records[limit:]:
-            k = classify(r, blobs)
+            k = classify(r, blobs, needed)
             kinds[k] = kinds.get(k, 0) + 1
         lines.append("... and %d more: %s" % (len(log_records) - limit,
                                               ", ".join("%d %s" % (v, k) for k, v in sorted(kinds.items()))))
     return lines
+
+
+def first_data_delay(log_records, blobs):
+    """Seconds from the first request to the first data range request (None if none)."""
+    if not log_records:
+        return None
+    for r in log_records:
+        if classify(r, blobs).startswith("data"):
+            return r["t"] - log_records[0]["t"]
+    return None
 
 
 # ---------------------------------------------------------------- the bench
@@ -203,6 +223,7 @@ class Bench(object):
         os.makedirs(os.path.join(self.home, "docker"))
         os.makedirs(os.path.join(self.home, "run"), mode=0o700)
         self.starget = os.path.abspath(args.starget)
+        self.scratch = tempfile.mkdtemp(prefix="starget-bench-out-", dir=args.scratch) if args.scratch else work
 
     def setup(self):
         self.layout = image.cached_layout("img", log)
@@ -223,6 +244,8 @@ class Bench(object):
 
     def teardown(self):
         self.launcher.close()
+        if self.scratch != self.work:
+            shutil.rmtree(self.scratch, ignore_errors=True)
         if hasattr(self, "proxy"):
             self.proxy.stop()
         if hasattr(self, "registry"):
@@ -237,7 +260,7 @@ class Bench(object):
         return argv + (["--hints", hints] if hints else [])
 
     def one(self, client, pattern, cache, hints=None, check=None, image_ref="bench/img:latest"):
-        out = os.path.join(self.work, "out")
+        out = os.path.join(self.scratch, "out")
         shutil.rmtree(out, ignore_errors=True)
         if client == "starget cold":
             shutil.rmtree(cache, ignore_errors=True)
@@ -290,16 +313,26 @@ class Bench(object):
                 rows[c]["error"] = next(r.get("error", "") for r in rs if r["rc"] != 0)
         return rows
 
-    def startup(self, n=10):
-        """Median wall times: `python3 starget.py --help`, `python3 -m starget --help` (byte-compiled
-        module, as an installed entry point would run), `python3 -c pass`."""
+    def startup(self, n=15):
+        """Median wall times of `python3 starget.py --help` and, to explain it: the same with -S
+        (no site-packages .pth hooks), `python3 -m starget --help` from a byte-compiled module (as an
+        installed entry point runs), `python3 -c pass` and `python3 -S -c pass`."""
         env = client_env(os.path.join(self.work, "cache-startup"), self.home)
-        env_m = dict(env, PYTHONPATH=os.path.dirname(self.starget))
-        med = lambda argv, e: statistics.median(self.launcher.run(argv, e)[0] for _ in range(n))  # noqa: E731
-        self.launcher.run([sys.executable, "-c", "import starget"], env_m)      # writes __pycache__
-        return {"script": med([sys.executable, self.starget, "--help"], env),
-                "module": med([sys.executable, "-m", "starget", "--help"], env_m),
-                "python": med([sys.executable, "-c", "pass"], env)}
+        env_m = dict(env, PYTHONPATH=os.path.dirname(self.starget),
+                     PYTHONPYCACHEPREFIX=os.path.join(self.work, "pycache"))
+        prime = {k: v for k, v in env_m.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        self.launcher.run([sys.executable, "-m", "starget", "--help"], prime)   # writes the .pyc files
+        py = sys.executable
+        variants = {"script": ([py, self.starget, "--help"], env),
+                    "script_S": ([py, "-S", self.starget, "--help"], env),
+                    "module": ([py, "-m", "starget", "--help"], env_m),
+                    "python": ([py, "-c", "pass"], env),
+                    "python_S": ([py, "-S", "-c", "pass"], env)}
+        walls = {k: [] for k in variants}
+        for _ in range(n):                       # round robin, so that noise hits all alike
+            for k, (argv, e) in variants.items():
+                walls[k].append(self.launcher.run(argv, e)[0])
+        return {k: statistics.median(v) for k, v in walls.items()}
 
     def big(self):
         layout = image.cached_layout("big", log)
@@ -317,7 +350,9 @@ class Bench(object):
     def run(self):
         a = self.args
         res = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-               "machine": machine(), "image": self.image_facts(), "nets": {}}
+               "machine": machine(), "image": self.image_facts(), "nets": {},
+               "create_us": file_create_cost(self.scratch), "scratch": self.scratch,
+               "starget": starget_version(self.starget)}
         nets = NETS[:1] if a.quick else NETS
         for label, rtt, mbit in nets:
             self.proxy.configure(rtt, mbit)
@@ -326,11 +361,14 @@ class Bench(object):
                 log("%s / %s (%s)" % (label, name, pattern))
                 res["nets"][label][name] = self.scenario(label, name, pattern, a.runs)
         self.proxy.configure(0.0, None)
-        log("startup: starget --help x10")
+        log("startup: starget --help")
         res["startup"] = self.startup()
         if a.big:
             log("peak RSS: get of a 1 GiB file")
             res["big"] = self.big()
+        if starget_version(self.starget) != res["starget"]:
+            res["starget"] += " -- WARNING: starget.py changed during the run"
+            log(res["starget"])
         return res
 
     def image_facts(self):
@@ -343,6 +381,36 @@ class Bench(object):
                 "blob_bytes": sum(b["size"] for b in self.meta["layers"]),
                 "scenarios": [(n, p, {k: v for k, v in self.minimum[n].items() if k not in ("expected", "dirs")})
                               for n, p in self.scenarios]}
+
+
+def file_create_cost(where, n=2000):
+    """Microseconds to create one small file (open O_CREAT, ftruncate, close) in a fresh directory."""
+    d = tempfile.mkdtemp(dir=where)
+    t0 = time.perf_counter()
+    for i in range(n):
+        fd = os.open(os.path.join(d, "f%d" % i), os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, 4096)
+        os.close(fd)
+    cost = (time.perf_counter() - t0) / n * 1e6
+    shutil.rmtree(d)
+    return cost
+
+
+def starget_version(path):
+    """sha256 prefix of the starget.py measured, and the git commit it sits on (+ dirty)."""
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    try:
+        root = os.path.dirname(path)
+        head = subprocess.run(["git", "-C", root, "log", "-1", "--format=%h %s"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, universal_newlines=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", os.path.basename(path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               universal_newlines=True).stdout.strip()
+    except OSError:
+        head, dirty = "", ""
+    return "starget.py sha256:%s%s" % (digest, " (git %s%s)" % (head, ", uncommitted changes" if dirty else "")
+                                       if head else "")
 
 
 def machine():
@@ -426,16 +494,19 @@ def targets(res, image_facts):
                       b["rss"] / MiB, b["wall"], fmt_bytes(b["bytes"]), b["requests"], b.get("check")),
                   b["rss"] <= 64 * MiB and b["rc"] == 0))
     s = res["startup"]
-    t.append(("`python3 starget.py --help` under 80 ms", "%.1f ms (`python3 -m starget --help`: %.1f ms; "
-              "`python3 -c pass`: %.1f ms)" % (s["script"] * 1000, s["module"] * 1000, s["python"] * 1000),
-              s["script"] < 0.080))
+    t.append(("`python3 starget.py --help` under 80 ms", "%.1f ms (`python3 -c pass`: %.1f ms; without site hooks "
+              "(-S): %.1f ms vs %.1f ms; `python3 -m starget --help` with a cached .pyc: %.1f ms)" % (
+                  s["script"] * 1000, s["python"] * 1000, s["script_S"] * 1000, s["python_S"] * 1000,
+                  s["module"] * 1000), s["script"] < 0.080))
     return t
 
 
 def diagnostics(res, blobs):
     out = []
+    needed = {n: set(m["needed_layers"]) for n, p, m in res["image"]["scenarios"]}
     for label, scen in res["nets"].items():
         for name, rows in scen.items():
+            ideal_delay = first_data_delay(rows["ideal"]["log"], blobs)
             for c in ("starget cold", "starget warm"):
                 r = rows[c]
                 extra_req = r["requests"] - r["min_requests"]
@@ -445,20 +516,27 @@ def diagnostics(res, blobs):
                                                                          r.get("error", "")))
                 if extra_req <= 0 and r["ratio"] <= 1.05:
                     continue
-                out.append("- %s, %s, %s: %g requests (minimum %d), %s (minimum %s, +%s). First run:" % (
-                    label, name, c, r["requests"], r["min_requests"], fmt_bytes(r["bytes"]),
-                    fmt_bytes(r["min_bytes"]), fmt_bytes(max(extra_bytes, 0))))
-                out.extend("    - " + l for l in describe_log(r["log"], blobs))
+                delay = first_data_delay(r["log"], blobs)
+                out.append("- %s, %s, %s: %g requests (minimum %d), %s (minimum %s, +%s); first data request "
+                           "after %s (ideal: %s). First run:" % (
+                               label, name, c, r["requests"], r["min_requests"], fmt_bytes(r["bytes"]),
+                               fmt_bytes(r["min_bytes"]), fmt_bytes(max(extra_bytes, 0)),
+                               "%.3f s" % delay if delay is not None else "-",
+                               "%.3f s" % ideal_delay if ideal_delay is not None else "-"))
+                out.extend("    - " + l for l in describe_log(r["log"], blobs, needed[name]))
     return "\n".join(out) or "(none: starget made no requests beyond the minimum)"
 
 
 def report(res, bench):
     m, im = res["machine"], res["image"]
     lines = ["# starget benchmark results", "",
-             "Generated by `python3 bench/run.py%s` on %s." % (" " + " ".join(bench.args.argv_echo) if
-                                                              bench.args.argv_echo else "", res["date"]),
-             "Machine: %s CPUs (%s), %s RAM, %s, kernel %s, Python %s, %s." % (
-                 m["nproc"], m["cpu"], m["mem"], m["os"], m["kernel"], m["python"], m["registry"] or "docker-registry"),
+             "Generated by `python3 bench/run.py%s` on %s, measuring %s." % (
+                 " " + " ".join(bench.args.argv_echo) if bench.args.argv_echo else "", res["date"], res["starget"]),
+             "Machine: %s CPUs (%s), %s RAM, %s, kernel %s, Python %s, %s. Output written to %s, where creating "
+             "one small file costs %.0f µs." % (
+                 m["nproc"], m["cpu"], m["mem"], m["os"], m["kernel"], m["python"], m["registry"] or "docker-registry",
+                 "%s (--scratch)" % bench.args.scratch if bench.args.scratch else "the temp dir (disk)",
+                 res["create_us"]),
              "",
              "Image: 3 eStargz layers written by `bench/estargz_writer.py` (4 MiB chunks, zlib level 6) over this "
              "Python's standard library (no site-packages, config-*/, test/**/__pycache__) plus a 20 MB file: "
@@ -513,9 +591,16 @@ def main():
                     help="peak RSS check with a 1 GiB file (default: on unless --quick)")
     ap.add_argument("--no-big", dest="big", action="store_false")
     ap.add_argument("--starget", default=os.path.join(ROOT, "starget.py"))
+    ap.add_argument("--scratch", help="where clients write their output (default: the work dir in $TMPDIR); "
+                    "e.g. /dev/shm to take the disk out of the measurement")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args()
-    a.argv_echo = sys.argv[1:]
+    a.argv_echo, skip = [], False
+    for arg in sys.argv[1:]:                      # the command line as the report shows it, minus --json
+        if skip or arg == "--json" or arg.startswith("--json="):
+            skip = arg == "--json"
+            continue
+        a.argv_echo.append(arg)
     if a.runs is None:
         a.runs = 2 if a.quick else 5
     if a.big is None:
