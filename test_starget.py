@@ -9,7 +9,7 @@ the code it is about (a fault on the wire is transport; resume is download).
   test infrastructure  not a section of starget.py: what the fixtures are (from
                        EXPECTED.json), small shared helpers, the `basic` fixture as the
                        reliability tests use it, FaultProxy (a fault-injecting reverse
-                       proxy), Workspace / Sandbox output directories and final-tree
+                       proxy), Workspace output directories and final-tree
                        checks, the shared hypothesis settings
   errors               exit codes, StargzError, main() returning the code
   logging              --debug request lines; secrets (passwords, Basic values, tokens)
@@ -159,7 +159,8 @@ def _reg_files(files):
 
 
 class Workspace(object):
-    """parent/out (the OUTPUT_DIR, created empty), parent/canary/keep.txt (must stay)."""
+    """base/parent/out (the OUTPUT_DIR, created empty) next to base/parent/canary/keep.txt
+    (which must stay), snapshotted so that a test can prove nothing was written outside."""
 
     def __init__(self, base):
         self.base = str(base)
@@ -177,9 +178,15 @@ class Workspace(object):
         snap = snapshot_dir(self.parent)
         return {k: v for k, v in snap.items() if k != "out" and not k.startswith("out" + os.sep)}
 
-    def assert_nothing_outside(self):
+    def assert_untouched(self):
+        """Nothing was written next to OUTPUT_DIR, in the canary, or above."""
         assert sorted(os.listdir(self.base)) == self._base_listing, "something written next to parent"
         assert self._outside() == self._before, "something written outside OUTPUT_DIR"
+        with open(os.path.join(self.canary, "keep.txt")) as f:
+            assert f.read() == "canary\n"
+        assert os.lstat(os.path.join(self.canary, "keep.txt")).st_nlink == 1, "a hardlink to the canary"
+
+    assert_nothing_outside = assert_untouched
 
     def assert_out_empty(self):
         left = os.listdir(self.out) if os.path.isdir(self.out) else []
@@ -630,41 +637,9 @@ def anon_proxy(registry_anon, make_proxy):
 
 # ---- output directories and final-tree checks -------------------------------
 
-class Sandbox(object):
-    """base/parent/out (OUTPUT_DIR) next to base/parent/canary/keep.txt, snapshotted."""
-
-    def __init__(self, base):
-        self.base = str(base)
-        self.parent = os.path.join(self.base, "parent")
-        self.out = os.path.join(self.parent, "out")
-        self.canary = os.path.join(self.parent, "canary")
-        os.makedirs(self.out)
-        os.makedirs(self.canary)
-        with open(os.path.join(self.canary, "keep.txt"), "w") as f:
-            f.write("canary\n")
-        self._before = self._outside()
-        self._base_listing = sorted(os.listdir(self.base))
-
-    def _outside(self):
-        snap = snapshot_dir(self.parent)
-        return {k: v for k, v in snap.items() if k != "out" and not k.startswith("out" + os.sep)}
-
-    def assert_untouched(self):
-        """Nothing was written next to OUTPUT_DIR, in the canary, or above."""
-        assert sorted(os.listdir(self.base)) == self._base_listing, "something written next to parent"
-        assert self._outside() == self._before, "something written outside OUTPUT_DIR"
-        with open(os.path.join(self.canary, "keep.txt")) as f:
-            assert f.read() == "canary\n"
-        assert os.lstat(os.path.join(self.canary, "keep.txt")).st_nlink == 1, "a hardlink to the canary"
-
-    def assert_out_empty(self):
-        left = os.listdir(self.out) if os.path.isdir(self.out) else []
-        assert left == [], "files written although the command was refused: %r" % left
-
-
 @pytest.fixture
 def sandbox(tmp_path):
-    return Sandbox(tmp_path)
+    return Workspace(tmp_path)
 
 
 def _is_leftover(path):
