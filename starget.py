@@ -776,15 +776,6 @@ class Config(object):
         """The settings of registry `host[:port]` (a new dict; empty if none)."""
         return dict(self._registries.get(_config_host_key(host), {}))
 
-    def endpoint(self, host):
-        """(host to contact, its settings): the mirror and the mirror's own settings
-        when `host` has `mirror:`, else `host` and its settings."""
-        settings = self.registry(host)
-        mirror = settings.get("mirror")
-        if mirror:
-            return mirror, self.registry(mirror)
-        return host, settings
-
     def flag_defaults(self):
         """The `defaults:` as argparse destinations, for the flags the user did not give."""
         values = {}

@@ -1744,13 +1744,6 @@ def test_config_registry_returns_a_copy():
     assert config.registry("h") == {"insecure": True}
 
 
-def test_config_endpoint_follows_the_mirror():
-    config = C.Config.from_text(FULL)
-    assert config.endpoint(starget.DOCKER_HUB) == ("mirror.internal:5000", {"plain_http": True})
-    assert config.endpoint("quay.io") == ("quay.io", {})
-    assert config.endpoint("mirror.internal:5000") == ("mirror.internal:5000", {"plain_http": True})
-
-
 def test_config_ca_file_home_and_absolute(tmp_path):
     config = C.Config.from_text("registries:\n  a:\n    ca_file: ~/ca.pem\n  b:\n    ca_file: /abs/ca.pem\n",
                                 source=str(tmp_path / "config.yaml"))
@@ -2455,9 +2448,9 @@ def test_tls_api_ssl_cert_file(tls_registry, api_env, monkeypatch):
 
 # ---- transport: TLS through the command line --------------------------------
 
-# starget speaks plain HTTP to 127.0.0.1 and has no flag to change that, so the
-# command line reaches the HTTPS registry as registry.test:PORT through the proxy
-# (registry.test is in the certificate).
+# starget speaks plain HTTP to 127.0.0.1 unless the configuration file says
+# `plain_http: false` (tested below); these tests reach the HTTPS registry as
+# registry.test:PORT through the proxy instead (registry.test is in the certificate).
 
 def _tls_cli_env(proxy, **extra):
     env = {"HTTPS_PROXY": proxy.url}
@@ -2787,6 +2780,51 @@ if given is not None:
         got_scheme, got = starget.parse_www_authenticate(header)
         assert got_scheme == scheme.lower()
         assert got == params
+
+
+# ---- registry: mirrors from the configuration file (two real registries) ------
+
+@pytest.fixture(scope="module")
+def empty_registry(tmp_path_factory):
+    """A second real registry with nothing pushed to it."""
+    from harness import start_registry
+    try:
+        registry, stop = start_registry("anon", str(tmp_path_factory.mktemp("empty")), push=False)
+    except RuntimeError as e:
+        pytest.skip(str(e)) if os.environ.get("STARGET_REQUIRE_REGISTRY") != "1" else pytest.fail(str(e))
+    yield registry
+    stop()
+
+
+def _mirror_config(tmp_path, upstream, mirror):
+    path = tmp_path / "config.yaml"
+    path.write_text('registries:\n  "%s":\n    mirror: "%s"\n' % (upstream, mirror))
+    return {"STARGET_CONFIG": str(path)}
+
+
+def test_a_mirror_serves_the_image_of_another_registry(registry_anon, empty_registry, tmp_path):
+    env = _mirror_config(tmp_path, empty_registry.addr, registry_anon.addr)
+    image = "%s/fixtures/layers:latest" % empty_registry.addr     # only the mirror has it
+    rc, out, err = run_cli("-d", "get", image, ".", str(tmp_path / "out"), env=env)
+    assert rc == 0, err
+    assert compare_tree(expected_files("layers", "latest"), walk_tree(str(tmp_path / "out"))) == []
+    requests = [line for line in err.splitlines() if "> GET" in line]
+    assert requests and all(registry_anon.addr in line for line in requests)
+
+
+def test_a_mirror_without_the_image_falls_back_to_the_registry(registry_anon, empty_registry, tmp_path):
+    env = _mirror_config(tmp_path, registry_anon.addr, empty_registry.addr)
+    rc, out, err = run_cli("ls", registry_anon.image("basic"), env=env)
+    assert rc == 0, err
+    assert "mirror %s" % empty_registry.addr in err and "using %s" % registry_anon.addr in err
+    assert sorted(out.splitlines()) == sorted(p for p in expected_files("basic", "latest") if p)
+
+
+def test_an_unreachable_mirror_falls_back_to_the_registry(registry_anon, tmp_path):
+    env = _mirror_config(tmp_path, registry_anon.addr, "127.0.0.1:1")
+    rc, out, err = run_cli("--retries", "0", "ls", registry_anon.image("basic"), env=env)
+    assert rc == 0, err
+    assert "mirror 127.0.0.1:1" in err
 
 
 # =============================================================================

@@ -222,7 +222,11 @@ class Bench(object):
         self.home = os.path.join(work, "home")
         os.makedirs(os.path.join(self.home, "docker"))
         os.makedirs(os.path.join(self.home, "run"), mode=0o700)
-        self.starget = os.path.abspath(args.starget)
+        # measure a snapshot: starget.py may be edited while the bench runs
+        self.source = os.path.abspath(args.starget)
+        os.makedirs(os.path.join(work, "snapshot"))
+        self.starget = os.path.join(work, "snapshot", "starget.py")
+        shutil.copyfile(self.source, self.starget)
         self.scratch = tempfile.mkdtemp(prefix="starget-bench-out-", dir=args.scratch) if args.scratch else work
 
     def setup(self):
@@ -352,7 +356,7 @@ class Bench(object):
         res = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                "machine": machine(), "image": self.image_facts(), "nets": {},
                "create_us": file_create_cost(self.scratch), "scratch": self.scratch,
-               "starget": starget_version(self.starget)}
+               "starget": starget_version(self.source, self.starget)}
         nets = NETS[:1] if a.quick else NETS
         for label, rtt, mbit in nets:
             self.proxy.configure(rtt, mbit)
@@ -366,9 +370,10 @@ class Bench(object):
         if a.big:
             log("peak RSS: get of a 1 GiB file")
             res["big"] = self.big()
-        if starget_version(self.starget) != res["starget"]:
-            res["starget"] += " -- WARNING: starget.py changed during the run"
-            log(res["starget"])
+        with open(self.source, "rb") as f1, open(self.starget, "rb") as f2:
+            changed = f1.read() != f2.read()
+        if changed:
+            res["starget"] += " (a snapshot taken at the start: the file changed during the run)"
         return res
 
     def image_facts(self):
@@ -396,9 +401,9 @@ def file_create_cost(where, n=2000):
     return cost
 
 
-def starget_version(path):
+def starget_version(path, snapshot=None):
     """sha256 prefix of the starget.py measured, and the git commit it sits on (+ dirty)."""
-    with open(path, "rb") as f:
+    with open(snapshot or path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
     try:
         root = os.path.dirname(path)
