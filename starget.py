@@ -1886,11 +1886,15 @@ class TOCEntry(object):
                  "digest", "offset", "inner_offset", "dev_major", "dev_minor", "xattrs", "chunks",
                  "layer", "blob", "link_target", "spool")
 
-    def __init__(self, path, type, **fields):
-        self.path, self.type = path, type
-        for name in self.__slots__[2:]:
-            setattr(self, name, fields.get(name))
-        self.chunks = self.chunks or []
+    def __init__(self, path, type, size=0, mode=0, uid=0, gid=0, uname=None, gname=None, mtime=0,
+                 link=None, digest=None, offset=0, inner_offset=0, dev_major=0, dev_minor=0, xattrs=None,
+                 chunks=None, layer=None, blob=None, link_target=None, spool=None):
+        self.path, self.type, self.size, self.mode = path, type, size, mode
+        self.uid, self.gid, self.uname, self.gname, self.mtime = uid, gid, uname, gname, mtime
+        self.link, self.digest, self.offset, self.inner_offset = link, digest, offset, inner_offset
+        self.dev_major, self.dev_minor, self.xattrs = dev_major, dev_minor, xattrs
+        self.chunks = chunks or []
+        self.layer, self.blob, self.link_target, self.spool = layer, blob, link_target, spool
 
     @property
     def name(self):
@@ -1938,19 +1942,19 @@ class LayerTOC(object):
 
 
 def _int_field(raw, key, name, limit=MAX_OFFSET):
-    value = raw.get(key, 0)
+    value = raw.get(key)
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > limit:
+    if value.__class__ is not int or value < 0 or value > limit:   # bool is not accepted
         _fail(ErrorCode.FORMAT, "TOC entry %r: field %s=%r is not a sane non-negative integer" % (name, key, value))
     return value
 
 
 def _digest_field(raw, key, name):
     value = raw.get(key)
-    if value in (None, ""):
+    if value is None or value == "":
         return None
-    if not isinstance(value, str) or not _DIGEST_RE.match(value):
+    if value.__class__ is not str or not _DIGEST_RE.match(value):
         _fail(ErrorCode.FORMAT, "TOC entry %r: %s %r is not a sha256 digest" % (name, key, value))
     return value
 
