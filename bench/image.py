@@ -9,7 +9,6 @@ big image ("bench/big:latest"): one layer, opt/bench/blob-1g.bin (1 GiB of text-
 data, compressed at zlib level 1), for the peak RSS check.
 """
 import hashlib
-import io
 import json
 import os
 import random
