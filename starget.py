@@ -16,18 +16,21 @@ Map of this file (sections in the order data flows; each calls only those above)
     logging         log, redact: levels, secrets scrubbed from every line
     references      ImageRef, Platform: parse and normalise image names
     credentials     Credentials: --credential, auth files, docker credential helpers
+    config          Config, parse_simple_yaml: ~/.stargz-get/config.yaml (a YAML subset)
     transport       Transport, RetryPolicy: pooled HTTP/1.1, TLS, proxies, redirects, retries
     registry        RegistryClient: auth challenges and tokens, manifests, blob ranges
     estargz format  parse_footer, parse_toc, TOCEntry, LayerTOC: pure functions on bytes
-    image index     ImageIndex, TOCCache, open_image: merged layers, lookups, patterns
+    image index     ImageIndex, TOCCache, open_image: TOCs fetched and cached, layers
+                    merged, lookups and patterns (and --fallback-stream's spooled layers)
     download        DownloadJob, Downloader, ExtractionPolicy: plan, fetch, verify, write
-    cli             main: argparse commands and output formats, no logic of its own
+    cli             main: argparse commands, output formats, shell completion
 
 Public API (stable; everything else is internal):
 
-    __version__, StargzError, ErrorCode, ImageRef, Platform, Credentials,
-    Transport, RegistryClient, parse_footer, parse_toc, LayerTOC, TOCEntry,
-    ImageIndex, open_image, DownloadJob, Downloader, DownloadStats, main
+    __version__, StargzError, ErrorCode, ImageRef, Platform, Credentials, Config,
+    Transport, RetryPolicy, RegistryClient, parse_footer, parse_toc, LayerTOC,
+    TOCEntry, ImageIndex, TOCCache, open_image, DownloadJob, Downloader,
+    DownloadStats, ExtractionPolicy, main
 
 Example:
 
@@ -54,18 +57,13 @@ import sys
 import threading
 import time
 import zlib
+from enum import IntEnum
 # http.client, ssl, subprocess, calendar, argparse and concurrent.futures are
 # imported where they are used, so that `starget --help` starts fast.
 
 # =============================================================================
 # errors
 # =============================================================================
-
-try:
-    from enum import IntEnum
-except ImportError:  # pragma: no cover - enum exists on every supported Python
-    IntEnum = int
-
 
 class ErrorCode(IntEnum):
     """What went wrong; the value is the process exit code."""
@@ -141,14 +139,19 @@ def redact(text):
 
 
 class _RedactingFormatter(logging.Formatter):
+    """`starget: warning: ...` with every secret masked."""
+
     def format(self, record):
-        return redact(super().format(record))
+        text = "starget: %s: %s" % (record.levelname.lower(), record.getMessage())
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return redact(text)
 
 
 def configure_logging(verbose=False, debug=False, stream=None):
     """CLI logging: warnings by default, info with --verbose, everything with --debug."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(_RedactingFormatter("starget: %(levelname)s: %(message)s"))
+    handler.setFormatter(_RedactingFormatter())
     for old in [h for h in log.handlers if not isinstance(h, logging.NullHandler)]:
         log.removeHandler(old)
     log.addHandler(handler)
@@ -156,12 +159,6 @@ def configure_logging(verbose=False, debug=False, stream=None):
     log.propagate = False
 
 
-def _lower_levelnames():
-    for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR):
-        logging.addLevelName(level, logging.getLevelName(level).lower())
-
-
-_lower_levelnames()
 
 # =============================================================================
 # references
@@ -171,7 +168,7 @@ DOCKER_HUB = "registry-1.docker.io"
 DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
 _REPO_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPO_RE = re.compile(r"^%s(?:/%s)*$" % (_REPO_COMPONENT, _REPO_COMPONENT))
-_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
 
@@ -270,7 +267,8 @@ class Platform(object):
     __slots__ = ("os", "architecture", "variant")
 
     def __init__(self, os_name, architecture, variant=None):
-        self.os, self.architecture, self.variant = os_name, architecture, variant or None
+        self.os, self.architecture = os_name, architecture
+        self.variant = str(variant) if variant else None
 
     @classmethod
     def parse(cls, text):
@@ -288,7 +286,8 @@ class Platform(object):
 
     @classmethod
     def from_descriptor(cls, desc):
-        plat = desc.get("platform") or {}
+        plat = desc.get("platform")
+        plat = plat if isinstance(plat, dict) else {}
         return cls(str(plat.get("os", "")), str(plat.get("architecture", "")), plat.get("variant"))
 
     def matches(self, other):
@@ -408,24 +407,27 @@ class Credentials(object):
         return config
 
     def _from_config(self, config, path, registry, repository):
-        helpers = config.get("credHelpers") or {}
-        for key, helper in helpers.items():
-            if _auth_key_host(key) == registry and helper:
+        """docker's order: the host's credHelper, then credsStore (which keeps only
+        empty placeholders in `auths`), then `auths` itself."""
+        helpers = config.get("credHelpers")
+        for key, helper in (helpers.items() if isinstance(helpers, dict) else ()):
+            if isinstance(key, str) and _auth_key_host(key) == registry and isinstance(helper, str) and helper:
                 return self._from_helper(helper, registry, required=True)
-        auths = config.get("auths") or {}
-        entry = self._auth_entry(auths, registry, repository)
-        if entry is not None:
-            return self._from_auth_entry(entry, path)
-        if config.get("credsStore"):
-            return self._from_helper(config["credsStore"], registry, required=False)
-        return None
+        store = config.get("credsStore")
+        if isinstance(store, str) and store:
+            found = self._from_helper(store, registry, required=False)
+            if found is not None:
+                return found
+        auths = config.get("auths")
+        entry = self._auth_entry(auths if isinstance(auths, dict) else {}, registry, repository)
+        return self._from_auth_entry(entry, path) if entry is not None else None
 
     @staticmethod
     def _auth_entry(auths, registry, repository):
         """The most specific key: host/ns/repo (podman), then host/ns, then host."""
         normalised = {}
         for key, value in auths.items():
-            if isinstance(value, dict):
+            if isinstance(key, str) and isinstance(value, dict):
                 normalised.setdefault(_auth_key_host(key), value)
         parts = [registry] + [p for p in repository.split("/") if p]
         for n in range(len(parts), 0, -1):
@@ -459,7 +461,12 @@ class Credentials(object):
                 raise FileNotFoundError(2, "not found on PATH")
             proc = subprocess.Popen([path, "get"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            out, err = proc.communicate(server.encode("utf-8"), timeout=60)
+            try:
+                out, err = proc.communicate(server.encode("utf-8"), timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise
         except (OSError, subprocess.TimeoutExpired) as e:
             if required:
                 _fail(ErrorCode.AUTH, "credential helper %s for %s cannot run: %s" % (program, registry, e), e)
@@ -985,7 +992,7 @@ class Response(object):
         if length is not None and length > limit:
             self.close()
             _fail(ErrorCode.FORMAT, "response from %s is too large (%d bytes)" % (self.url.netloc, length))
-        data = self.read(limit + 1)
+        data = self.read(limit + 1 if length is None else length + 1)   # no 4 MiB buffer for 1 kB
         if len(data) > limit:
             self.close()
             _fail(ErrorCode.FORMAT, "response from %s is too large" % self.url.netloc)
@@ -1038,6 +1045,13 @@ class Response(object):
         self.close()
 
 
+def _has_ca_dir():
+    """A hashed CA directory counts as a bundle although OpenSSL loads it lazily."""
+    import ssl
+    capath = ssl.get_default_verify_paths().capath
+    return bool(capath and os.path.isdir(capath) and os.listdir(capath))
+
+
 def _describe_os_error(error):
     import http.client
     if isinstance(error, socket.timeout):
@@ -1048,6 +1062,7 @@ def _describe_os_error(error):
     return text
 
 
+READ_SIZE = 256 << 10          # how much of a body one read takes
 _REDIRECTS = (301, 302, 303, 307, 308)
 _SENSITIVE_HEADERS = ("authorization", "proxy-authorization", "cookie")
 
@@ -1063,7 +1078,7 @@ class Transport(object):
                  retry=None, environ=None, certs_dirs=None, max_idle_per_host=8, host_tls=None):
         self.insecure, self.cafile = insecure, cafile
         # per registry "host[:port]" -> {"insecure": bool, "ca_file": path}, from the config file
-        self.host_tls = dict(host_tls or {})
+        self.host_tls = {host.lower(): settings for host, settings in (host_tls or {}).items()}
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.retry = retry or RetryPolicy()
         self.environ = os.environ if environ is None else environ
@@ -1113,21 +1128,20 @@ class Transport(object):
             return ctx
         import ssl
         settings = self.host_tls.get(url.netloc) or self.host_tls.get(url.host) or {}
-        if self.insecure or settings.get("insecure"):
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        insecure = self.insecure or settings.get("insecure")
+        ctx = ssl.create_default_context()
+        if insecure:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        else:
-            ctx = ssl.create_default_context()
-            cafile = None
-            try:
-                for cafile in (self.cafile, settings.get("ca_file")):
-                    if cafile:
-                        ctx.load_verify_locations(cafile=cafile)
-                cafile = "the certificates for %s in %s" % (url.netloc, " or ".join(self.certs_dirs))
-                self._load_host_certs(ctx, url)
-            except (OSError, ssl.SSLError) as e:
-                _fail(ErrorCode.USAGE, "cannot load CA certificates from %s: %s" % (cafile, _describe_os_error(e)), e)
+        cafile = None
+        try:
+            for cafile in (self.cafile, settings.get("ca_file")):
+                if cafile and not insecure:
+                    ctx.load_verify_locations(cafile=cafile)
+            cafile = "the certificates for %s in %s" % (url.netloc, " or ".join(self.certs_dirs))
+            self._load_host_certs(ctx, url)   # with -k too: a client certificate still counts
+        except (OSError, ssl.SSLError) as e:
+            _fail(ErrorCode.USAGE, "cannot load CA certificates from %s: %s" % (cafile, _describe_os_error(e)), e)
         with self._lock:
             self._tls_contexts[key] = ctx
         return ctx
@@ -1193,7 +1207,7 @@ class Transport(object):
         if isinstance(error, ssl.SSLError):
             reason = getattr(error, "reason", None) or str(error)
             if "CERTIFICATE_VERIFY_FAILED" in str(error) or "certificate verify failed" in str(error):
-                no_bundle = not self._tls_context(url).cert_store_stats().get("x509_ca")
+                no_bundle = not self._tls_context(url).cert_store_stats().get("x509_ca") and not _has_ca_dir()
                 why = "no CA bundle found (install ca-certificates or set SSL_CERT_FILE)" if no_bundle else \
                     getattr(error, "verify_message", None) or reason
                 return StargzError(ErrorCode.NETWORK, "TLS verification failed for %s (%s): pass --cacert FILE, "
@@ -1213,11 +1227,11 @@ class Transport(object):
         return StargzError(ErrorCode.NETWORK, "cannot connect to %s: %s" % (where, _describe_os_error(error)),
                            error)
 
-    def _acquire(self, url):
+    def _acquire(self, url, fresh=False):
         key = (url.scheme, url.host, url.port)
         with self._lock:
             idle = self._idle.get(key)
-            if idle:
+            if idle and not fresh:
                 conn = idle.pop()
                 self._active.add(conn)
                 return key, conn, True
@@ -1225,6 +1239,12 @@ class Transport(object):
         with self._lock:
             self._active.add(conn)
         return key, conn, False
+
+    def _drop_idle(self, key):
+        with self._lock:
+            idle = self._idle.pop(key, [])
+        for conn in idle:
+            conn.close()
 
     def _forget(self, conn):
         with self._lock:
@@ -1259,11 +1279,12 @@ class Transport(object):
 
     # -- requests ------------------------------------------------------------
     def _send_once(self, method, url, headers, body):
-        """One request on a pooled connection; a stale kept-alive connection is
-        replaced once without counting as a retry."""
+        """One request on a pooled connection; if a kept-alive connection turns out
+        stale, the host's idle ones are dropped and a new connection is tried once,
+        without counting as a retry."""
         import http.client
         for fresh_try in (False, True):
-            key, conn, reused = self._acquire(url)
+            key, conn, reused = self._acquire(url, fresh=fresh_try)
             target = url.text if conn._starget_absolute_form else url.path
             all_headers = dict(conn._starget_proxy_headers)
             all_headers.update(headers)
@@ -1275,12 +1296,17 @@ class Transport(object):
                 self._forget(conn)
                 conn.close()
                 if reused and not fresh_try:
+                    self._drop_idle(key)   # the server closed them all, most likely
                     continue
                 _fail(ErrorCode.NETWORK, "%s %s: %s" % (method, url.netloc, _describe_os_error(e)), e)
             except (socket.timeout, OSError, http.client.HTTPException) as e:
                 self._forget(conn)
                 conn.close()
                 _fail(ErrorCode.NETWORK, "%s %s: %s" % (method, url.netloc, _describe_os_error(e)), e)
+            except (ValueError, UnicodeError) as e:   # a header or URL http.client will not send
+                self._forget(conn)
+                conn.close()
+                _fail(ErrorCode.NETWORK, "%s %s: invalid request: %s" % (method, url.netloc, e), e, permanent=True)
             self.stats.add("requests")
             log.debug("> %s %s", method, redact(url.text))
             log.debug("< %d %s", raw.status, raw.reason)
@@ -1302,8 +1328,11 @@ class Transport(object):
             if not (follow_redirects and response.status in _REDIRECTS and location):
                 return response
             response.discard()
-            from urllib.parse import urljoin
-            next_target = _URL(urljoin(target.text, location))
+            from urllib.parse import quote, urljoin
+            next_target = _URL(urljoin(target.text, quote(location, safe="/:?#[]@!$&'()*+,;=%~")))
+            if body is not None and response.status in (307, 308) and next_target.origin != origin:
+                _fail(ErrorCode.NETWORK, "refused to send a request body on to %s after a redirect"
+                      % next_target.netloc)
             if target.scheme == "https" and next_target.scheme == "http":
                 _fail(ErrorCode.NETWORK, "refused redirect from https://%s to plain http://%s"
                       % (target.netloc, next_target.netloc))
@@ -1349,7 +1378,6 @@ MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MANIFEST_ACCEPT = ", ".join((MEDIA_OCI_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_MANIFEST, MEDIA_DOCKER_LIST))
 INDEX_MEDIA_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
 ANNOTATION_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
-ANNOTATION_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
 MAX_MANIFEST_SIZE = 4 << 20
 
 
@@ -1431,7 +1459,7 @@ class RegistryClient(object):
         self.host = host
         self.scheme = "http" if plain_http else "https"
         self._authorization = None      # header value for this host only
-        if self.auth_type == "basic":   # configured: send it without waiting for a 401
+        if self.auth_type == "basic" and host == self.ref.registry:   # configured: no wait for a 401
             cred = self._credential()
             if cred is not None and not cred.identity_token:
                 self._authorization = cred.basic_header()
@@ -1489,6 +1517,10 @@ class RegistryClient(object):
         if params.get("service"):
             query["service"] = params["service"]
         realm = params["realm"]
+        if cred is not None and self.scheme == "https" and not realm.lower().startswith("https://") \
+                and not is_loopback(_URL(realm).netloc):
+            _fail(ErrorCode.AUTH, "%s names a plain-http token server (%s): refusing to send credentials there"
+                  % (self.host, redact(realm)))
         headers, method, body = {}, "GET", None
         if cred is not None and cred.identity_token:
             # docker's identity tokens are OAuth2 refresh tokens.
@@ -1513,10 +1545,10 @@ class RegistryClient(object):
         try:
             doc = json.loads(response.read_all(1 << 20).decode("utf-8"))
             token = doc.get("token") or doc.get("access_token")
-        except (ValueError, AttributeError, UnicodeDecodeError):
+        except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
             token = None
-        if not token or not isinstance(token, str):
-            _fail(ErrorCode.AUTH, "token server for %s answered without a token" % self.host)
+        if not isinstance(token, str) or not re.match(r"^[\x21-\x7e]{1,16384}$", token):
+            _fail(ErrorCode.AUTH, "token server for %s answered without a usable token" % self.host)
         register_secret(token)
         return token
 
@@ -1622,11 +1654,14 @@ class RegistryClient(object):
             media_type = doc.get("mediaType") or media_type
             chosen = Platform.from_descriptor(child)
         else:
-            chosen = platform
+            chosen = None   # a single manifest names no platform: its config does
+        raw_layers = doc.get("layers") or []
+        if not isinstance(raw_layers, list):
+            _fail(ErrorCode.FORMAT, "manifest %s: 'layers' is not a list" % digest)
         layers = []
-        for i, layer in enumerate(doc.get("layers") or []):
+        for i, layer in enumerate(raw_layers):
             if not isinstance(layer, dict) or not _DIGEST_RE.match(str(layer.get("digest", ""))) \
-                    or not isinstance(layer.get("size"), int) or layer["size"] < 0:
+                    or layer.get("size").__class__ is not int or layer["size"] < 0:
                 _fail(ErrorCode.FORMAT, "manifest %s has a malformed layer descriptor #%d" % (digest, i))
             annotations = layer.get("annotations") if isinstance(layer.get("annotations"), dict) else {}
             layers.append(LayerDescriptor(i, layer["digest"], layer["size"], str(layer.get("mediaType", "")),
@@ -1639,7 +1674,7 @@ class RegistryClient(object):
     def _parse_manifest_json(self, raw):
         try:
             doc = json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             _fail(ErrorCode.FORMAT, "manifest of %s is not valid JSON" % self.ref, e)
         if not isinstance(doc, dict):
             _fail(ErrorCode.FORMAT, "manifest of %s is not a JSON object" % self.ref)
@@ -1648,11 +1683,12 @@ class RegistryClient(object):
     def _choose_platform(self, index, platform):
         wanted = platform or Platform.host()
         candidates = []
-        for desc in index.get("manifests") or []:
+        entries = index.get("manifests")
+        for desc in entries if isinstance(entries, list) else []:
             if not isinstance(desc, dict) or not _DIGEST_RE.match(str(desc.get("digest", ""))):
                 continue
             plat = Platform.from_descriptor(desc)
-            annotations = desc.get("annotations") or {}
+            annotations = desc.get("annotations") if isinstance(desc.get("annotations"), dict) else {}
             if (plat.os, plat.architecture) == ("unknown", "unknown") or \
                     annotations.get("vnd.docker.reference.type") == "attestation-manifest":
                 continue
@@ -1672,10 +1708,14 @@ class RegistryClient(object):
             location = self._blob_locations.get(digest)
         response = None
         if location and location[1] > time.time():
-            response = self.transport.request("GET", location[0], headers=headers)
-            if response.status in (401, 403, 404, 410):
+            try:
+                response = self.transport.request("GET", location[0], headers=headers)
+            except StargzError as e:
+                log.info("stored location of %s failed (%s): asking the registry again", digest, e.message)
+            if response is not None and response.status not in (200, 206):   # expired signature, ...
                 response.discard()
                 response = None
+            if response is None:
                 with self._lock:
                     self._blob_locations.pop(digest, None)
         if response is None:
@@ -1723,7 +1763,7 @@ class RegistryClient(object):
         try:
             config = json.loads(raw.decode("utf-8"))
             return Platform(str(config["os"]), str(config["architecture"]), config.get("variant"))
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError):
             return None
 
     def read_blob(self, digest, start, end):
@@ -1765,6 +1805,7 @@ OPAQUE_WHITEOUT = ".wh..wh..opq"
 MAX_TOC_JSON_SIZE = 256 << 20      # uncompressed TOC bound: decompression bombs stop here
 MAX_FILE_SIZE = 1 << 46            # 64 TiB: anything larger is a hostile or broken TOC
 MAX_OFFSET = 1 << 50
+ID_LIMIT = (1 << 32) - 2           # uid, gid, device numbers: what the kernel accepts
 ENTRY_TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk")
 _ZSTD_CHUNKED_MAGIC = b"GnUlInUx"
 _FOOTER_PAYLOAD_RE = re.compile(br"^([0-9a-f]{16})STARGZ$")
@@ -2029,12 +2070,12 @@ def parse_toc(data, toc_offset=None, blob=None, layer=None):
         mode = _int_field(raw, "mode", path, 0o7777777)
         entry = TOCEntry(
             path, kind, size=_int_field(raw, "size", path, MAX_FILE_SIZE), mode=mode & 0o7777,
-            uid=_int_field(raw, "uid", path, 1 << 32), gid=_int_field(raw, "gid", path, 1 << 32),
+            uid=_int_field(raw, "uid", path, ID_LIMIT), gid=_int_field(raw, "gid", path, ID_LIMIT),
             uname=raw.get("userName") if isinstance(raw.get("userName"), str) else None,
             gname=raw.get("groupName") if isinstance(raw.get("groupName"), str) else None,
             mtime=mtime_of(raw.get("modtime")), link=None,
             digest=_digest_field(raw, "digest", path), offset=offset, inner_offset=inner,
-            dev_major=_int_field(raw, "devMajor", path, 1 << 32), dev_minor=_int_field(raw, "devMinor", path, 1 << 32),
+            dev_major=_int_field(raw, "devMajor", path, ID_LIMIT), dev_minor=_int_field(raw, "devMinor", path, ID_LIMIT),
             xattrs=raw.get("xattrs") if isinstance(raw.get("xattrs"), dict) else None)
         if kind in ("symlink", "hardlink"):
             link = raw.get("linkName")
@@ -2139,7 +2180,7 @@ class TOCCache(object):
         return os.path.join(self.directory, "toc", blob.replace(":", "-") + ".json")
 
     def get(self, blob, toc_digest=None):
-        """(toc_offset, json bytes) or None; a corrupt or mismatching entry is ignored."""
+        """(toc_offset, json bytes, footer size) or None; a corrupt or mismatching entry is ignored."""
         try:
             with open(self._path(blob), "rb") as f:
                 header = json.loads(f.readline().decode("utf-8"))
@@ -2251,7 +2292,12 @@ def spool_plain_layer(client, layer, directory):
     inflater = zlib.decompressobj(31) if layer.compression == "gzip" else None
     response = client.open_blob(layer.digest, 0, max(0, layer.size - 1))
     try:
-        with open(path, "wb") as out:
+        out = open(path, "wb")
+    except OSError as e:
+        response.close()
+        _fail(ErrorCode.IO, "cannot spool layer %s: %s" % (layer.digest, _describe_os_error(e)), e)
+    try:
+        with out:
             remaining = layer.size
             while remaining > 0:
                 data = response.read(min(READ_SIZE, remaining))
@@ -2269,6 +2315,8 @@ def spool_plain_layer(client, layer, directory):
                         data, inflater = inflater.unused_data, zlib.decompressobj(31)
                 if inflater is None:
                     out.write(data)
+    except OSError as e:
+        _fail(ErrorCode.IO, "cannot spool layer %s: %s" % (layer.digest, _describe_os_error(e)), e)
     finally:
         response.close()
     if "sha256:" + hasher.hexdigest() != layer.digest:
@@ -2283,7 +2331,7 @@ def spool_plain_layer(client, layer, directory):
                 except StargzError as e:
                     warnings.append("skipped tar entry: %s" % e.message)
                     continue
-                if kind is None:
+                if kind is None or (kind in ("symlink", "hardlink") and not info.linkname):
                     continue
                 entry = TOCEntry(name, kind, size=info.size if kind == "reg" else 0, mode=info.mode & 0o7777,
                                  uid=info.uid, gid=info.gid, uname=info.uname or None, gname=info.gname or None,
@@ -2394,7 +2442,8 @@ class ImageIndex(object):
                         if key != parent:
                             del merged[key]
                 elif name.startswith(WHITEOUT_PREFIX):
-                    _remove_subtree(merged, posixpath.join(parent, name[len(WHITEOUT_PREFIX):]))
+                    if name != WHITEOUT_PREFIX:   # `.wh.` alone names nothing (not the parent)
+                        _remove_subtree(merged, posixpath.join(parent, name[len(WHITEOUT_PREFIX):]))
                 else:
                     own.append(entry)
             for entry in own:
@@ -2422,10 +2471,10 @@ class ImageIndex(object):
         view = self.view(blob)
         if not isinstance(pattern, str) or "\x00" in pattern:
             _fail(ErrorCode.USAGE, "invalid path pattern %r" % (pattern,))
-        if pattern.strip("/").strip(".") == "" and "/" not in pattern.strip("/"):
-            return [e for p, e in view.items() if p]
         links = []
         target = _resolve_in(view, pattern, follow_last=pattern.endswith("/"), collected=links)
+        if target == "":   # `.`, `/`, `..`: the whole image, root entry or not
+            return [e for p, e in view.items() if p]
         entry = view.get(target)
         if entry is None:
             _fail(ErrorCode.NOT_FOUND, "no such file or directory in the image: %s" % pattern)
@@ -2453,9 +2502,9 @@ def open_image(reference, platform=None, client=None, cache=None, blob=None, con
     manifest = client.resolve(platform)
     wanted = manifest.layers
     if blob is not None:
-        probe = ImageIndex([LayerTOC([], blob=l.digest, layer=l.index) for l in manifest.layers])
+        probe = ImageIndex([LayerTOC([], blob=layer.digest, layer=layer.index) for layer in manifest.layers])
         chosen = probe.layer(blob).blob
-        wanted = [l for l in manifest.layers if l.digest == chosen]
+        wanted = [layer for layer in manifest.layers if layer.digest == chosen]
     def load(layer):
         try:
             return fetch_layer_toc(client, layer, cache)
@@ -2466,14 +2515,14 @@ def open_image(reference, platform=None, client=None, cache=None, blob=None, con
             return spool_plain_layer(client, layer, fallback_dir)
 
     tocs = _map_parallel(load, wanted, concurrency)
-    by_digest = dict(zip([l.index for l in wanted], tocs))
+    by_index = dict(zip([layer.index for layer in wanted], tocs))
     for toc in tocs:
         for warning in toc.warnings:
             log.warning("layer %s: %s", toc.blob, warning)
-    layers = [by_digest.get(l.index) for l in manifest.layers]
+    layers = [by_index.get(layer.index) for layer in manifest.layers]
     if blob is not None:
-        layers = [t if t is not None else LayerTOC([], blob=l.digest, layer=l.index)
-                  for t, l in zip(layers, manifest.layers)]
+        layers = [toc if toc is not None else LayerTOC([], blob=layer.digest, layer=layer.index)
+                  for toc, layer in zip(layers, manifest.layers)]
     return ImageIndex(layers, client, manifest)
 
 
@@ -2493,7 +2542,6 @@ def _map_parallel(function, items, concurrency):
 
 COALESCE_GAP = 32 << 10      # fetch a small hole rather than pay another round trip
 PART_SIZE = 8 << 20          # cut long runs so that workers share them
-READ_SIZE = 256 << 10
 PARTIAL_SUFFIX = ".partial"
 STATE_SUFFIX = ".partial.state"
 
@@ -2649,6 +2697,24 @@ class DownloadJob(object):
                     self.regular.append(entry)   # its target is not written: copy the content
             else:
                 self.specials.append(entry)
+        self.conflicts = self._take_working_names()
+
+    WORKING_SUFFIXES = (PARTIAL_SUFFIX, STATE_SUFFIX, STATE_SUFFIX + ".tmp")
+
+    def _take_working_names(self):
+        """Entries named like the working files of a selected file (`a.partial` next to
+        `a`) would be overwritten or read as resume state: they are refused."""
+        regular = set(e.path for e in self.regular)
+        conflicts = []
+        for group in (self.dirs, self.regular, self.symlinks, self.hardlinks, self.specials):
+            for entry in list(group):
+                for suffix in self.WORKING_SUFFIXES:
+                    if entry.path.endswith(suffix) and entry.path[:-len(suffix)] in regular:
+                        group.remove(entry)
+                        conflicts.append((entry.path, "refusing %s: the name is starget's working file for %s"
+                                          % (entry.path, entry.path[:-len(suffix)])))
+                        break
+        return conflicts
 
     @staticmethod
     def _blocking_ancestor(view, path):
@@ -2658,10 +2724,6 @@ class DownloadJob(object):
             if ancestor is not None and ancestor.type != "dir":
                 return ancestor
         return None
-
-    @property
-    def total_bytes(self):
-        return sum(e.content.size or 0 for e in self.regular)
 
     @staticmethod
     def plan_ranges(tasks, concurrency=4, gap=COALESCE_GAP, part_size=PART_SIZE):
@@ -2781,6 +2843,7 @@ class Downloader(object):
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._mismatches = {}
+        self._written = {}      # id(entry) -> final path, of files this run wrote or verified
 
     def download(self, index, pattern, output_dir, blob=None):
         """Get the files `pattern` selects into `output_dir`; returns DownloadStats."""
@@ -2792,6 +2855,9 @@ class Downloader(object):
     def run(self, job):
         started = time.time()
         stats = DownloadStats()
+        self._stop.clear()
+        self._mismatches.clear()
+        self._written.clear()
         client = self.client or job.index.client
         self.client = client
         before = client.transport.stats.as_dict()
@@ -2800,8 +2866,11 @@ class Downloader(object):
         except OSError as e:
             _fail(ErrorCode.IO, "cannot create %s: %s" % (job.output_dir, _describe_os_error(e)), e)
         dest = _Destination(job.output_dir)
+        for path, reason in job.conflicts:
+            log.warning("%s", reason)
+            stats.fail(path, reason, ErrorCode.UNSAFE)
         self._check_free_space(dest, job.regular)
-        self._make_dirs(dest, job.dirs, stats)
+        made_dirs = self._make_dirs(dest, job.dirs, stats)
         tasks = self._prepare_files(dest, job.regular, stats)
         progress = _Progress(sum(t.source.size - sum(t.chunks[i].size for i in t.done) for t in tasks),
                              len(tasks), self.progress_enabled)
@@ -2811,10 +2880,10 @@ class Downloader(object):
             for task in tasks:
                 self._close(task)
             progress.finish()
-        self._make_hardlinks(dest, job.hardlinks, tasks, stats)
+        self._make_hardlinks(dest, job.hardlinks, stats)
         self._make_symlinks(dest, job.symlinks, stats)
         self._make_specials(dest, job.specials, stats)
-        self._finish_dirs(dest, job.dirs)
+        self._finish_dirs(made_dirs)
         after = client.transport.stats.as_dict()
         stats.requests = after["requests"] - before["requests"]
         stats.retries += after["retries"] - before["retries"]
@@ -2844,6 +2913,9 @@ class Downloader(object):
 
     # -- directories ---------------------------------------------------------
     def _make_dirs(self, dest, dirs, stats):
+        """Create the selected directories; returns [(entry, path)] of those made or
+        found as real directories: only these get their attributes at the end."""
+        made = []
         for entry in dirs:
             try:
                 path = dest.prepare(entry.path)
@@ -2851,24 +2923,23 @@ class Downloader(object):
                     st = os.lstat(path)
                 except FileNotFoundError:
                     os.mkdir(path, 0o700)
+                    made.append((entry, path))
                     continue
                 if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
                     _fail(ErrorCode.UNSAFE, "refusing to write into %s: it exists and is not a directory" % path)
+                made.append((entry, path))
             except StargzError as e:
                 stats.fail(entry.path, e.message, e.code)
             except OSError as e:
                 stats.fail(entry.path, "cannot create directory: %s" % _describe_os_error(e))
+        return made
 
-    def _finish_dirs(self, dest, dirs):
+    def _finish_dirs(self, made):
         """Modes and times last, deepest first, so read-only directories were writable meanwhile."""
-        for entry in sorted(dirs, key=lambda e: e.path.count("/"), reverse=True):
-            path = dest.path(entry.path)
+        for entry, path in sorted(made, key=lambda item: item[0].path.count("/"), reverse=True):
             try:
-                if not os.path.isdir(path) or os.path.islink(path):
-                    continue
-                self._set_owner(path, entry)
-                os.chmod(path, self.policy.mode_of(entry))
-                os.utime(path, (entry.mtime, entry.mtime))
+                if stat.S_ISDIR(os.lstat(path).st_mode):
+                    self._apply_metadata(path, entry)
             except OSError as e:
                 log.warning("cannot set attributes of %s: %s", path, _describe_os_error(e))
 
@@ -2880,7 +2951,7 @@ class Downloader(object):
                 os.fchown(fd, entry.uid, entry.gid or 0)
             else:
                 os.lchown(path, entry.uid, entry.gid or 0)
-        except OSError as e:
+        except (OSError, OverflowError) as e:
             log.debug("cannot chown %s: %s", path, e)
 
     # -- regular files: resume, fetch, verify, finish --------------------------
@@ -2894,6 +2965,7 @@ class Downloader(object):
                 if self._already_there(task):
                     stats.add("skipped")
                     self._apply_metadata(task.final, entry)
+                    self._written[id(entry)] = task.final
                     continue
                 self._resume_or_reset(task)
                 tasks.append(task)
@@ -2924,11 +2996,12 @@ class Downloader(object):
         """Keep the chunks of `NAME.partial` that a previous run verified (hashed
         again here); discard a partial file from another image version."""
         state = None
-        if os.path.exists(task.state_file):
+        if os.path.lexists(task.state_file):
             try:
-                with open(task.state_file) as f:
-                    state = json.load(f)
-            except (IOError, OSError, ValueError):
+                fd = os.open(task.state_file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                with os.fdopen(fd) as f:
+                    state = json.loads(f.read(1 << 20))
+            except (OSError, ValueError, RecursionError):
                 state = None
         if os.path.lexists(task.partial):
             st = os.lstat(task.partial)
@@ -2992,8 +3065,14 @@ class Downloader(object):
                         _fail(ErrorCode.FORMAT, "%s: the layer's tar ends inside the file" % task.path)
                     sink.feed(position, data, self.verify)
                     position += len(data)
+            if sink.write_error or sink.mismatch:
+                _fail(ErrorCode.IO if sink.write_error else ErrorCode.INTEGRITY, sink.write_error or sink.mismatch)
         except StargzError as e:
             self._fail_task(task, e, stats)
+            return
+        except OSError as e:
+            self._fail_task(task, StargzError(ErrorCode.IO, "cannot read the spooled layer: %s"
+                                              % _describe_os_error(e)), stats)
             return
         self._chunk_done(sink, stats, progress)
 
@@ -3126,7 +3205,11 @@ class Downloader(object):
     def _save_state(self, task):
         temp = task.state_file + ".tmp"
         try:
-            with open(temp, "w") as f:
+            if os.path.lexists(temp):
+                os.unlink(temp)
+            # O_EXCL | O_NOFOLLOW: never write through a link planted at this name
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(fd, "w") as f:
                 json.dump(task.state(), f)
             os.replace(temp, task.state_file)
         except OSError as e:
@@ -3156,6 +3239,7 @@ class Downloader(object):
                     os.unlink(task.state_file)
                 os.utime(task.final, (task.entry.mtime, task.entry.mtime))
                 task.finished = True
+                self._written[id(task.entry)] = task.final
             except StargzError as e:
                 task.failed, code = e.message, e.code
             except OSError as e:
@@ -3206,21 +3290,20 @@ class Downloader(object):
             return path
         except StargzError as e:
             stats.fail(entry.path, e.message, e.code)
-        except OSError as e:
+        except (OSError, OverflowError, ValueError) as e:
             stats.fail(entry.path, "cannot create %s: %s" % (entry.type, _describe_os_error(e)))
         return None
 
-    def _make_hardlinks(self, dest, hardlinks, tasks, stats):
+    def _make_hardlinks(self, dest, hardlinks, stats):
+        """Link only to a file this run wrote or found complete: never to a path that
+        was not checked (it could lead through a symlink out of the destination)."""
         for entry in hardlinks:
-            target_path = dest.path(entry.link_target.path)
-            source_task = next((t for t in tasks if t.entry is entry.link_target), None)
-            if source_task is not None and not source_task.finished:
+            target_path = self._written.get(id(entry.link_target))
+            if target_path is None:
                 stats.fail(entry.path, "hardlink target %s was not written" % entry.link_target.path)
                 continue
-            if not os.path.isfile(target_path) or os.path.islink(target_path):
-                stats.fail(entry.path, "hardlink target %s is missing" % entry.link_target.path)
-                continue
-            self._replace_with(dest, entry, stats, lambda path: os.link(target_path, path))
+            self._replace_with(dest, entry, stats,
+                               lambda path: os.link(target_path, path, follow_symlinks=False))
 
     def _make_symlinks(self, dest, symlinks, stats):
         for entry in symlinks:
@@ -3776,6 +3859,17 @@ complete -c starget -n __starget_wants_output_dir -a '(__fish_complete_directori
 '''
 
 
+def _positive_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 86400:
+        import argparse
+        raise argparse.ArgumentTypeError("want a number of seconds above 0, got %r" % text)
+    return value
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -3804,8 +3898,9 @@ def _add_global_options(parser):
     g.add_argument("--skip-verify", action="store_true", default=s, help="do not check digests")
     g.add_argument("--no-cache", action="store_true", default=s, help="do not use the TOC cache")
     g.add_argument("--cacert", metavar="FILE", default=s, help="extra CA certificates (PEM)")
-    g.add_argument("--timeout", type=float, metavar="SECONDS", default=s, help="read stall timeout (30)")
-    g.add_argument("--connect-timeout", type=float, metavar="SECONDS", default=s, help="connect timeout (15)")
+    g.add_argument("--timeout", type=_positive_seconds, metavar="SECONDS", default=s, help="read stall timeout (30)")
+    g.add_argument("--connect-timeout", type=_positive_seconds, metavar="SECONDS", default=s,
+                   help="connect timeout (15)")
     g.add_argument("--fallback-stream", action="store_true", default=s,
                    help="read layers that are not eStargz whole instead of refusing them (slow)")
 
@@ -4057,7 +4152,9 @@ def cmd_cat(session, out):
         stats = _downloader(session).download(index, path, scratch, blob)
         _report(stats, session.args.verbose)
         stream = getattr(out, "buffer", out)
-        with open(os.path.join(scratch, *path.split("/")), "rb") as f:
+        local = os.path.join(scratch, *path.split("/"))
+        os.chmod(local, 0o600)   # the image's mode may not let us read our own copy
+        with open(local, "rb") as f:
             shutil.copyfileobj(f, stream)
         stream.flush()
     finally:

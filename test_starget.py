@@ -1228,7 +1228,7 @@ def test_helper_token_username_is_identity_token(tmp_path, helper_dir):
 
 
 def test_helper_precedence_within_a_file(tmp_path, helper_dir):
-    """credHelpers[host] beats auths; auths beat credsStore (which is then not run)."""
+    """docker's order: credHelpers[host], then credsStore, then auths."""
     helper = write_credential_helper(helper_dir, "helper", stdout=_helper_json("from-helper", "h"))
     store = write_credential_helper(helper_dir, "store", stdout=_helper_json("from-store", "s"))
     environ = {}
@@ -1237,10 +1237,22 @@ def test_helper_precedence_within_a_file(tmp_path, helper_dir):
                                                  "other.example": {"auth": _b64("o", "o")}}}, environ)
     creds = starget.Credentials(environ=environ, home=str(tmp_path / "home"))
     assert creds.lookup(HOST).username == "from-helper"
-    assert creds.lookup("other.example").username == "o"
+    assert creds.lookup("other.example").username == "from-store"
     assert creds.lookup("third.example").username == "from-store"
     assert len(helper_calls(helper)) == 1
-    assert [c["stdin"] for c in helper_calls(store)] == ["third.example"]
+    assert [c["stdin"] for c in helper_calls(store)] == ["other.example", "third.example"]
+
+
+def test_a_store_without_the_host_falls_through_to_auths(tmp_path, helper_dir):
+    """`docker login` with a store leaves `auths: {host: {}}`; a store that knows nothing
+    of a host lets the file's own `auths` entry answer."""
+    write_credential_helper(helper_dir, "store", stdout="credentials not found in native keychain\n", code=1)
+    environ = {}
+    _place(tmp_path, "DOCKER_CONFIG", {"credsStore": "store",
+                                       "auths": {HOST: {}, "other.example": {"auth": _b64("o", "o")}}}, environ)
+    creds = starget.Credentials(environ=environ, home=str(tmp_path / "home"))
+    assert creds.lookup("other.example").username == "o"
+    assert creds.lookup(HOST) is None
 
 
 def test_helper_not_found_message_is_no_credential(tmp_path, helper_dir):
