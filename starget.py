@@ -167,9 +167,10 @@ def configure_logging(verbose=False, debug=False, stream=None):
 DOCKER_HUB = "registry-1.docker.io"
 DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
 _REPO_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPO_RE = re.compile(r"^%s(?:/%s)*$" % (_REPO_COMPONENT, _REPO_COMPONENT))
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_REPO_RE = re.compile(r"^%s(?:/%s)*\Z" % (_REPO_COMPONENT, _REPO_COMPONENT))
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_REGISTRY_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?\Z")   # host[:port]
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
 
 
@@ -220,7 +221,7 @@ class ImageRef(object):
         if not _REPO_RE.match(repository) or len(repository) > 255:
             _fail(ErrorCode.USAGE, "invalid repository name %r in image reference %r "
                   "(lower-case letters, digits, separators)" % (repository, text))
-        if not re.match(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?$", registry):
+        if not _REGISTRY_RE.match(registry):
             _fail(ErrorCode.USAGE, "invalid registry %r in image reference %r" % (registry, text))
         if tag is None and digest is None:
             tag = "latest"
@@ -273,7 +274,7 @@ class Platform(object):
     @classmethod
     def parse(cls, text):
         parts = (text or "").strip().split("/")
-        if len(parts) not in (2, 3) or not all(re.match(r"^[A-Za-z0-9._-]+$", p) for p in parts):
+        if len(parts) not in (2, 3) or not all(re.match(r"^[A-Za-z0-9._-]+\Z", p) for p in parts):
             _fail(ErrorCode.USAGE, "invalid platform %r (want os/arch[/variant], e.g. linux/arm64)" % (text,))
         return cls(*parts)
 
@@ -500,7 +501,7 @@ MAX_CONFIG_SIZE = 1 << 20
 
 _YAML_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 _YAML_NULLS = ("null", "~")
-_YAML_INT_RE = re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$")   # 0755 stays a string: YAML 1.1 and 1.2 disagree
+_YAML_INT_RE = re.compile(r"^[-+]?(?:0|[1-9][0-9]*)\Z")   # 0755 stays a string: YAML 1.1 and 1.2 disagree
 _YAML_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t"}
 _YAML_DOC_START_RE = re.compile(r"^---(?:[ \t]+#.*|[ \t]*)$")
 # What a plain (unquoted) key or value may not start with, and why.
@@ -682,7 +683,6 @@ def _yaml_scalar(text, fail):
 
 # -- the validated configuration --------------------------------------------
 
-_CONFIG_HOST_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?$")
 # key -> (kind, arguments): what each setting accepts.
 _CONFIG_DEFAULTS = {
     "concurrency": ("int", 1, 256), "retries": ("int", 0, 20), "no_progress": ("bool",),
@@ -829,7 +829,7 @@ class _ConfigChecker(object):
         result, first_line = {}, {}
         for host, settings in mapping.items():
             host_line = mapping.lines[host]
-            if not _CONFIG_HOST_RE.match(host):
+            if not _REGISTRY_RE.match(host):
                 self.fail(host_line, "registries: %r is not a registry host[:port] (no scheme, no path)" % host)
             key = _config_host_key(host)
             if key in result:
@@ -858,7 +858,7 @@ class _ConfigChecker(object):
         elif kind == "choice" and value not in spec[1:]:
             self.fail(line, "%s must be one of %s, got %r" % (where, ", ".join(spec[1:]), value))
         elif kind == "host":
-            if not _CONFIG_HOST_RE.match(value):
+            if not _REGISTRY_RE.match(value):
                 self.fail(line, "%s must be a registry host[:port] (no scheme, no path), got %r" % (where, value))
             value = _config_host_key(value)
         elif kind == "path":
@@ -875,7 +875,7 @@ def parse_retry_after(value, now=None):
     if not value:
         return None
     value = value.strip()
-    if re.match(r"^[0-9]{1,10}$", value):
+    if re.match(r"^[0-9]{1,10}\Z", value):
         return float(value)
     import calendar
     import email.utils
@@ -1111,7 +1111,7 @@ class Transport(object):
                 continue
             if item == "*":
                 return True
-            name, _, port = item.rpartition(":") if re.search(r":\d+$", item) else (item, "", "")
+            name, _, port = item.rpartition(":") if re.search(r":\d+\Z", item) else (item, "", "")
             if port and int(port) != url.port:
                 continue
             name = name.lstrip(".").strip("[]")
@@ -1547,7 +1547,7 @@ class RegistryClient(object):
             token = doc.get("token") or doc.get("access_token")
         except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
             token = None
-        if not isinstance(token, str) or not re.match(r"^[\x21-\x7e]{1,16384}$", token):
+        if not isinstance(token, str) or not re.match(r"^[\x21-\x7e]{1,16384}\Z", token):
             _fail(ErrorCode.AUTH, "token server for %s answered without a usable token" % self.host)
         register_secret(token)
         return token
@@ -1808,7 +1808,7 @@ MAX_OFFSET = 1 << 50
 ID_LIMIT = (1 << 32) - 2           # uid, gid, device numbers: what the kernel accepts
 ENTRY_TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk")
 _ZSTD_CHUNKED_MAGIC = b"GnUlInUx"
-_FOOTER_PAYLOAD_RE = re.compile(br"^([0-9a-f]{16})STARGZ$")
+_FOOTER_PAYLOAD_RE = re.compile(br"^([0-9a-f]{16})STARGZ\Z")
 
 
 def parse_footer(tail):
@@ -1868,7 +1868,7 @@ def _tar_number(field):
         return None
 
 
-_RFC3339_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.\d+)?(Z|z|[+-]\d\d:\d\d)?$")
+_RFC3339_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.\d+)?(Z|z|[+-]\d\d:\d\d)?\Z")
 
 
 def parse_rfc3339(text):
@@ -2407,7 +2407,7 @@ class ImageIndex(object):
 
     def layer(self, blob):
         """The LayerTOC whose digest is `blob` or starts with it (a unique prefix)."""
-        if not isinstance(blob, str) or not re.match(r"^sha256:[0-9a-f]{1,64}$", blob):
+        if not isinstance(blob, str) or not re.match(r"^sha256:[0-9a-f]{1,64}\Z", blob):
             _fail(ErrorCode.USAGE, "invalid layer digest %r (want sha256:HEX or a unique prefix)" % (blob,))
         matches = [t for t in self.layers if t is not None and t.blob and t.blob.startswith(blob)]
         if len(matches) > 1:
@@ -2708,13 +2708,22 @@ class DownloadJob(object):
         conflicts = []
         for group in (self.dirs, self.regular, self.symlinks, self.hardlinks, self.specials):
             for entry in list(group):
-                for suffix in self.WORKING_SUFFIXES:
-                    if entry.path.endswith(suffix) and entry.path[:-len(suffix)] in regular:
-                        group.remove(entry)
-                        conflicts.append((entry.path, "refusing %s: the name is starget's working file for %s"
-                                          % (entry.path, entry.path[:-len(suffix)])))
-                        break
+                owner = self._working_file_owner(entry.path, regular)
+                if owner is not None:
+                    group.remove(entry)
+                    conflicts.append((entry.path, "refusing %s: the name is starget's working file for %s"
+                                      % (entry.path, owner)))
         return conflicts
+
+    def _working_file_owner(self, path, regular):
+        """The selected file whose working name `path` (or one of its parents) takes."""
+        parts = path.split("/")
+        for n in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:n])
+            for suffix in self.WORKING_SUFFIXES:
+                if prefix.endswith(suffix) and prefix[:-len(suffix)] in regular:
+                    return prefix[:-len(suffix)]
+        return None
 
     @staticmethod
     def _blocking_ancestor(view, path):
@@ -2925,7 +2934,9 @@ class Downloader(object):
                     os.mkdir(path, 0o700)
                     made.append((entry, path))
                     continue
-                if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+                if stat.S_ISLNK(st.st_mode):
+                    _fail(ErrorCode.UNSAFE, "refusing to write into %s: it is a symlink" % path)
+                if not stat.S_ISDIR(st.st_mode):
                     _fail(ErrorCode.UNSAFE, "refusing to write into %s: it exists and is not a directory" % path)
                 made.append((entry, path))
             except StargzError as e:
@@ -4123,7 +4134,7 @@ def _report(stats, verbose):
         written = "; the others were written (re-run to retry)" if stats.files else ""
         if len(messages) == 1:
             _fail(code, messages[0] + written)
-        _fail(code, "%d files failed%s" % (len(messages), written))
+        _fail(code, "%d entries failed%s" % (len(messages), written))
 
 
 def cmd_get(session, out):

@@ -66,6 +66,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import stat
 import struct
 import subprocess
 import sys
@@ -919,6 +920,18 @@ def test_imageref_parse_rejects(text):
     assert ei.value.code == starget.ErrorCode.USAGE
 
 
+@pytest.mark.parametrize("text", ["img:t\u00e9", "127.0.0.1:1/img:t\u00e9", "127.0.0.1:1/img:v\u0662",
+                                  "127.0.0.1:1/img:\u00e9t\u00e9"])
+def test_non_ascii_tag_is_a_usage_error(text):
+    """A tag is [A-Za-z0-9_.-]: `\\w` would take `é` or an Arabic digit, which no
+    registry knows and http.client cannot put in a request line. Exit 2, one line."""
+    with pytest.raises(starget.StargzError) as ei:
+        starget.ImageRef.parse(text)
+    assert ei.value.code == starget.ErrorCode.USAGE
+    rc, out, err = run_cli("--retries", "0", "ls", text, timeout=60)
+    assert_one_line_error(rc, err, 2)
+
+
 if given is not None:
     _component = st.from_regex(r"[a-z0-9]{1,8}([._-][a-z0-9]{1,6})?", fullmatch=True)
     _tag = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True)
@@ -1450,6 +1463,18 @@ def test_e2e_creds_store(registry_basic, tmp_path):
     assert [c["stdin"] for c in helper_calls(calls)][:1] == [registry_basic.addr]
 
 
+def test_e2e_creds_store_with_docker_login_placeholder(registry_basic, tmp_path):
+    """What `docker login` writes with a store: `credsStore` plus an empty placeholder
+    `auths: {HOST: {}}`. The store is asked (the placeholder is not a credential) and
+    the Basic registry accepts what it answers."""
+    hd = str(tmp_path / "helpers")
+    calls = write_credential_helper(hd, "store", stdout=_helper_json(registry_basic.user, registry_basic.password))
+    environ = {}
+    _place(tmp_path, "HOME_DOCKER", {"auths": {registry_basic.addr: {}}, "credsStore": "store"}, environ)
+    _ls_ok(registry_basic, _helper_env(tmp_path, environ, hd))
+    assert [c["stdin"] for c in helper_calls(calls)][:1] == [registry_basic.addr]
+
+
 def test_e2e_missing_cred_helper_exit_4(registry_basic, tmp_path):
     environ = {}
     _place(tmp_path, "DOCKER_CONFIG", {"credHelpers": {registry_basic.addr: "nothere"}}, environ)
@@ -1961,6 +1986,91 @@ def test_one_connection_serves_every_request_of_a_sequential_get(registry_anon, 
     assert client.transport.stats.connections == 1
 
 
+class _IdleClosingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """A keep-alive HTTP/1.1 server on 127.0.0.1 that closes a connection once it has
+    been idle for `idle` seconds (as registries and their load balancers do); GET /wait
+    answers only when `parties` requests are in flight at once (N connections)."""
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, parties, idle=0.3):
+        self.barrier = threading.Barrier(parties, timeout=10)
+        self.closed = 0
+        self.connections = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            timeout = idle
+
+            def setup(self):
+                super().setup()
+                with server.lock:
+                    server.connections += 1
+
+            def do_GET(self):
+                if self.path == "/wait":
+                    server.barrier.wait()
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+            def log_error(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def shutdown_request(self, request):
+        super().shutdown_request(request)
+        with self.lock:
+            self.closed += 1
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+
+
+def test_a_stale_keep_alive_pool_costs_no_retry():
+    """The pool holds several idle connections, the server has closed them all: the next
+    request is answered on a new connection, with retries=0 and no retry counted (a
+    stale pool is dropped, not tried connection by connection)."""
+    n = 4
+    server = _IdleClosingServer(parties=n)
+    base = "http://127.0.0.1:%d" % server.server_address[1]
+    transport = starget.Transport(retry=starget.RetryPolicy(retries=0, base=0.01), environ={},
+                                  connect_timeout=5.0, read_timeout=5.0)
+    try:
+        def fetch(_):
+            return transport.request("GET", base + "/wait").read_all(16)
+        threads = [threading.Thread(target=fetch, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(15)
+        assert server.connections == n
+        assert sum(len(idle) for idle in transport._idle.values()) == n, "the pool was not filled"
+        deadline = time.time() + 10
+        while server.closed < n and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.closed == n, "the server did not close its idle connections"
+        before = transport.stats.as_dict()
+        response = transport.request("GET", base + "/again")
+        assert response.status == 200
+        assert response.read_all(16) == b"ok"
+        after = transport.stats.as_dict()
+        assert after["retries"] == before["retries"]
+    finally:
+        transport.close()
+        server.stop()
+
+
 def test_no_proxy_and_loopback_are_never_proxied():
     transport = starget.Transport(environ={"HTTPS_PROXY": "http://proxy.invalid:3128",
                                            "NO_PROXY": ".corp.example,mirror.local:5000"})
@@ -2292,16 +2402,9 @@ def https_server(tls_cert):
 
 
 @pytest.fixture
-def plain_server():
-    from pytest_httpserver import HTTPServer
-    srv = HTTPServer(host="127.0.0.1", port=0)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.clear()
-        if srv.is_running():
-            srv.stop()
+def plain_server(other_server):
+    """A plain-http server for the https -> http redirect tests (the second server)."""
+    return other_server
 
 
 def test_https_to_http_redirect_refused_by_transport(https_server, plain_server, tls_cert):
@@ -2764,6 +2867,91 @@ def test_unreachable_registry_is_network_error(ws):
     rc, out, err = run_cli("--retries", "0", "get", "127.0.0.1:%d/x/y:z" % port, ".", ws.out, timeout=60)
     assert_one_line_error(rc, err, 5)
     ws.assert_out_empty()
+
+
+# ---- registry: hostile manifests, indexes and tokens (pytest-httpserver) -----
+
+def _basic_layer_descriptor(**extra):
+    desc = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": BASIC_BLOB,
+            "size": BASIC_SIZE, "annotations": {TOC_DIGEST_ANNOTATION: BASIC_LAYER["toc_digest"]}}
+    desc.update(extra)
+    return desc
+
+
+def _entry_platform(**platform):
+    """An index edit: the (only) entry's `platform` becomes `platform` (or its value)."""
+    value = platform.pop("value", platform)
+    return lambda index: index["manifests"][0].update(platform=value)
+
+
+HOSTILE_MANIFESTS = [
+    # (id, manifest fields or raw bytes, index edit (None: no index, the manifest is
+    #  tagged), --platform, exit codes; 0: an oddity that is ignored, the image is read)
+    ("layers-int", {"layers": 5}, None, None, (6,)),
+    ("layers-string", {"layers": "sha256:" + "0" * 64}, None, None, (6,)),
+    ("layer-annotations-empty-list", {"layers": [_basic_layer_descriptor(annotations=[])]}, None, None, (0,)),
+    ("layer-annotations-list", {"layers": [_basic_layer_descriptor(annotations=["x", 1])]}, None, None, (0,)),
+    ("deep-json", b"[" * 100000 + b"]" * 100000, None, None, (6,)),
+    ("deep-json-unclosed", b"[" * 100000, None, None, (6,)),
+    ("deep-json-object", b'{"a":' * 100000 + b"1" + b"}" * 100000, None, None, (6,)),
+    ("index-platform-string", {}, _entry_platform(value="linux/amd64"), None, (3,)),
+    ("index-platform-list", {}, _entry_platform(value=["linux", "amd64"]), None, (3,)),
+    ("index-variant-int", {}, _entry_platform(os="linux", architecture="arm", variant=7), "linux/s390x", (3,)),
+    ("index-variant-int-matches", {}, _entry_platform(os="linux", architecture="arm", variant=7), "linux/arm/7",
+     (0,)),
+    ("index-annotations-list", {},
+     lambda index: index["manifests"][0].update(platform={"os": "linux", "architecture": "amd64"}, annotations=[1]),
+     "linux/amd64", (0,)),
+    ("index-manifests-int", {}, lambda index: index.update(manifests=5), None, (3,)),
+]
+
+
+@pytest.mark.parametrize("case,manifest,index_edit,platform,codes", HOSTILE_MANIFESTS,
+                         ids=[c[0] for c in HOSTILE_MANIFESTS])
+def test_hostile_manifest_is_one_line_error(httpserver, case, manifest, index_edit, platform, codes):
+    """Manifests and indexes of the wrong JSON types or nesting: a one-line error with
+    the right code (or, for an ignorable oddity, the image read), never an internal error."""
+    reg = OCIServer(httpserver)
+    repo = "fixtures/hostile"
+    reg.add_blob(repo, basic_blob())
+    if isinstance(manifest, bytes):
+        raw = manifest
+    else:
+        config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+        doc = {"schemaVersion": 2, "mediaType": starget.MEDIA_OCI_MANIFEST,
+               "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                          "digest": reg.add_blob(repo, config), "size": len(config)},
+               "layers": [_basic_layer_descriptor()]}
+        doc.update(manifest)
+        raw = json.dumps(doc).encode()
+    if index_edit is None:
+        reg.add_manifest(repo, raw, starget.MEDIA_OCI_MANIFEST, "latest")
+    else:
+        digest = reg.add_manifest(repo, raw, starget.MEDIA_OCI_MANIFEST)
+        index = {"schemaVersion": 2, "mediaType": starget.MEDIA_OCI_INDEX,
+                 "manifests": [{"mediaType": starget.MEDIA_OCI_MANIFEST, "digest": digest, "size": len(raw)}]}
+        index_edit(index)
+        reg.add_manifest(repo, json.dumps(index).encode(), starget.MEDIA_OCI_INDEX, "latest")
+    rc, out, err = run_cli("--retries", "0", "ls", reg.image(repo), *_plat_args(platform))
+    assert rc != 1 and "internal error" not in err, err
+    if codes == (0,):
+        assert rc == 0, err
+        assert sorted(out.splitlines()) == sorted(p for p in BASIC_FILES if p)
+    else:
+        assert_one_line_error(rc, err, codes)
+
+
+@pytest.mark.parametrize("token", ["tok-abc\r\nX-Injected: 1", "tok-abc\nX", "tok-\u2603", "tok-caf\u00e9"])
+def test_token_with_unsendable_characters_is_auth_error(httpserver, token):
+    """A token server answering a token with CR/LF or a non-ASCII character: exit 4 in
+    one line; no header is injected, nothing crashes."""
+    reg = OCIServer(httpserver, auth=("bearer", "alice", "pw"))
+    reg.add_image("fixtures/hostile", [basic_blob()],
+                  annotations=[{TOC_DIGEST_ANNOTATION: BASIC_LAYER["toc_digest"]}])
+    reg.token = token    # what /token hands out (and what the registry then expects)
+    rc, out, err = run_cli("--retries", "0", "ls", reg.image("fixtures/hostile"))
+    assert_one_line_error(rc, err, 4)
+    assert not any("X-Injected" in h for _, _, headers in reg.requests for h in headers)
 
 
 # ---- registry: WWW-Authenticate parsing (properties) ------------------------
@@ -3236,6 +3424,43 @@ def test_whiteouts_and_opaque_dirs_merge():
     assert idx.find_file("f").type == "reg"
     assert idx.find_file("a/x") is None
     assert not any(".wh." in p for p in got)
+
+
+def test_a_bare_whiteout_prefix_deletes_nothing():
+    """An upper layer's entry named exactly `.wh.` (at the root or in a directory) names
+    no file: the lower layer's files all stay in the merged view."""
+    lower = starget.parse_toc(_toc([
+        {"name": "a/", "type": "dir", "mode": 493},
+        {"name": "a/x", "type": "reg", "size": 1, "offset": 10, "mode": 420},
+        {"name": "b", "type": "reg", "size": 1, "offset": 20, "mode": 420},
+    ]), toc_offset=100)
+    upper = starget.parse_toc(_toc([
+        {"name": ".wh.", "type": "reg", "mode": 420},
+        {"name": "a/", "type": "dir", "mode": 493},
+        {"name": "a/.wh.", "type": "reg", "mode": 420},
+    ]), toc_offset=100)
+    for i, toc in enumerate((lower, upper)):
+        if hasattr(toc, "set_origin"):
+            toc.set_origin("sha256:" + "ab"[i] * 64, i)
+    idx = starget.ImageIndex([lower, upper])
+    assert _paths(idx.filter_files(".")) == ["a", "a/x", "b"]
+    assert idx.find_file("a/x") is not None and idx.find_file("b") is not None
+
+
+@pytest.mark.parametrize("pattern", ["...", "/...", "./..."])
+def test_a_file_named_three_dots_is_a_file_not_everything(pattern):
+    """`...` is a legal file name; as a pattern it selects that file, not the whole image
+    (only `.`, `/` and the like mean everything)."""
+    toc = starget.parse_toc(_toc([
+        {"name": "...", "type": "reg", "size": 1, "offset": 10, "mode": 420},
+        {"name": "other", "type": "reg", "size": 1, "offset": 20, "mode": 420},
+        {"name": "d/", "type": "dir", "mode": 493},
+        {"name": "d/...", "type": "reg", "size": 1, "offset": 30, "mode": 420},
+    ]), toc_offset=100)
+    idx = starget.ImageIndex([toc])
+    assert _paths(idx.filter_files(pattern)) == ["..."]
+    assert _paths(idx.filter_files("d/...")) == ["d/..."]
+    assert _paths(idx.filter_files(".")) == ["...", "d", "d/...", "other"]
 
 
 # ---- image index: footer, TOC and the cache (requests counted) --------------
@@ -3751,6 +3976,20 @@ def test_partial_that_is_a_symlink_is_not_written_through(anon_proxy, sandbox):
         assert TARGET_FILE in err or "passwd" in err
 
 
+def test_state_tmp_that_is_a_symlink_is_not_written_through(registry_anon, sandbox):
+    """`NAME.partial.state.tmp` planted as a symlink to a file outside OUTPUT_DIR: the
+    resume state of a multi-chunk file (saved after each chunk) never goes through it."""
+    d = os.path.join(sandbox.out, "data")
+    os.makedirs(d)
+    name = os.path.basename(TARGET_CHUNKED)
+    assert len(chunk_table(TARGET_CHUNKED)) > 1
+    os.symlink(os.path.join(sandbox.canary, "keep.txt"), os.path.join(d, name + starget.STATE_SUFFIX + ".tmp"))
+    rc, out, err = run_cli("--no-progress", "get", registry_anon.image("basic"), TARGET_CHUNKED, sandbox.out)
+    sandbox.assert_untouched()
+    assert rc == 0, err
+    assert_final_tree(sandbox.out, TARGET_CHUNKED, complete=True)
+
+
 # ---- download: hostile images (forged, served by pytest-httpserver) ---------
 
 def _hostile_image(reg, edit, annotate=True):
@@ -3997,6 +4236,98 @@ def test_hostile_hardlinks(httpserver, sandbox, case, link):
     assert_final_tree(sandbox.out, "etc", complete=True)
     hl = os.path.join(sandbox.out, "etc", "hl")
     assert not os.path.lexists(hl)
+
+
+def _host_dir(tmp_path_factory):
+    """A directory outside the workspace (the host's), with `sub/` (0755, an old mtime)
+    and `f` (a file): OUTPUT_DIR/v will point here."""
+    hostdir = os.path.join(str(tmp_path_factory.mktemp("host")), "hostdir")
+    os.makedirs(os.path.join(hostdir, "sub"))
+    with open(os.path.join(hostdir, "f"), "w") as f:
+        f.write("the host's file\n")
+    for path, mode in ((os.path.join(hostdir, "sub"), 0o755), (os.path.join(hostdir, "f"), 0o644), (hostdir, 0o755)):
+        os.chmod(path, mode)
+        os.utime(path, (1000000000, 1000000000))
+    return hostdir
+
+
+def _attributes(path):
+    st = os.lstat(path)
+    return stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_uid, st.st_gid, st.st_nlink
+
+
+def test_directory_attributes_never_set_through_a_symlink_in_output(httpserver, ws, tmp_path_factory):
+    """OUTPUT_DIR/v is already a symlink to a host directory; the image has directories
+    `v/` and `v/sub/` (mode 0777, the image's mtime): the host's directories keep their
+    modes and times, and the run reports the refusal (non-zero exit)."""
+    hostdir = _host_dir(tmp_path_factory)
+    sub = os.path.join(hostdir, "sub")
+    before = {p: _attributes(p) for p in (hostdir, sub)}
+    os.symlink(hostdir, os.path.join(ws.out, "v"))
+
+    def edit(toc):
+        d = _toc_entry(toc, "bin/", "dir")
+        toc["entries"] += [dict(d, name="v/", mode=0o777), dict(d, name="v/sub/", mode=0o777)]
+    blob, toc_json = forge_basic(edit)
+    reg, image = _serve(httpserver, blob, toc_json)
+    rc, out, err = run_cli("--no-progress", "get", image, ".", ws.out)
+    assert {p: _attributes(p) for p in (hostdir, sub)} == before, "attributes set through OUTPUT_DIR/v"
+    assert sorted(os.listdir(hostdir)) == ["f", "sub"] and os.listdir(sub) == []
+    assert rc not in (0, 1) and "Traceback" not in err, (rc, err)
+    assert error_lines(err) and re.search(r"\bv\b", err), err
+    assert os.readlink(os.path.join(ws.out, "v")) == hostdir
+    ws.assert_untouched()
+
+
+def test_hardlink_never_links_through_a_symlink_in_output(httpserver, ws, tmp_path_factory):
+    """OUTPUT_DIR/v is already a symlink to a host directory holding `f`; the image has
+    `v/f` (a regular file) and a hardlink `h` -> `v/f`: `h` never becomes the host's file
+    (absent or another inode) and the host's `f` is unchanged."""
+    hostdir = _host_dir(tmp_path_factory)
+    host_f = os.path.join(hostdir, "f")
+    before = _attributes(host_f)
+    os.symlink(hostdir, os.path.join(ws.out, "v"))
+
+    def edit(toc):
+        toc["entries"].append(dict(_toc_entry(toc, TARGET_FILE), name="v/f"))
+        toc["entries"].append({"name": "h", "type": "hardlink", "linkName": "v/f", "mode": 0o644})
+    blob, toc_json = forge_basic(edit)
+    reg, image = _serve(httpserver, blob, toc_json)
+    rc, out, err = run_cli("--no-progress", "get", image, ".", ws.out)
+    assert rc not in (0, 1) and "Traceback" not in err, (rc, err)
+    h = os.path.join(ws.out, "h")
+    if os.path.lexists(h):
+        assert not os.path.samestat(os.lstat(h), os.lstat(host_f)), "OUTPUT_DIR/h is the host's file"
+    assert _attributes(host_f) == before
+    with open(host_f) as f:
+        assert f.read() == "the host's file\n"
+    assert "v/f" in err
+    ws.assert_untouched()
+
+
+@pytest.mark.parametrize("suffix", [starget.PARTIAL_SUFFIX, starget.STATE_SUFFIX, starget.STATE_SUFFIX + ".tmp"])
+def test_entry_named_like_a_working_file_is_refused(httpserver, sandbox, suffix):
+    """The image has `etc/passwd` and `etc/passwd<suffix>` (a regular file with other
+    content), starget's working names for etc/passwd: the second is refused with one
+    error line naming it (exit 9 or 11), etc/passwd is byte-exact, nothing else is lost."""
+    name = TARGET_FILE + suffix
+
+    def edit(toc):
+        toc["entries"].append(dict(_toc_entry(toc, "etc/group"), name=name))
+    blob, toc_json = forge_basic(edit)
+    reg, image = _serve(httpserver, blob, toc_json)
+    rc, out, err = run_cli("--no-progress", "get", image, "etc", sandbox.out)
+    assert rc in (9, 11), (rc, err)
+    assert "Traceback" not in err
+    errors = error_lines(err)
+    assert len(errors) == 1, err
+    assert name in err
+    with open(os.path.join(sandbox.out, *TARGET_FILE.split("/")), "rb") as f:
+        assert f.read() == file_bytes(TARGET_FILE)
+    assert not os.path.lexists(os.path.join(sandbox.out, *name.split("/")))
+    missing = assert_final_tree(sandbox.out, "etc", err, files=dict(BASIC_FILES, **{name: BASIC_FILES["etc/group"]}))
+    assert missing == [name]
+    sandbox.assert_untouched()
 
 
 def _whiteout_layer(entries):
@@ -4412,6 +4743,19 @@ def test_e2e_usage_errors(args):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag", ["--timeout", "--connect-timeout"])
+@pytest.mark.parametrize("value", ["-1", "0", "nan"])
+def test_e2e_timeouts_must_be_positive(flag, value):
+    """A timeout of 0 (a non-blocking socket), a negative one or NaN is a usage error:
+    exit 2, one error line naming the flag, before any connection is tried."""
+    rc, out, err = run_cli(flag, value, "--retries", "0", "ls", "127.0.0.1:1/x/y", timeout=60)
+    assert rc == 2, (rc, err)
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and flag in errors[0], err
+    assert len([line for line in err.splitlines() if line.startswith("usage:")]) <= 1, err
+
+
 def test_e2e_unknown_path(registry_anon, ws):
     rc, out, err = run_cli("get", registry_anon.image("basic"), "no/such/path-" + uuid.uuid4().hex[:6], ws.out)
     assert_one_line_error(rc, err, 3)
@@ -4460,6 +4804,53 @@ def test_cat_with_blob(registry_anon):
                            binary=True)
     assert rc == 0, err
     assert hashlib.sha256(out).hexdigest() == BUSYBOX_SHA
+
+
+def _run_cli_unprivileged(*args):
+    """run_cli, but as an ordinary user: as root, under `nobody` through setpriv or
+    runuser (skips when neither can run Python there). Returns (rc, stdout bytes, stderr)."""
+    if not IS_ROOT:
+        return run_cli(*args, binary=True)
+    import pwd
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("running as root and there is no user `nobody` to run the CLI as")
+    if shutil.which("setpriv"):
+        prefix = [shutil.which("setpriv"), "--reuid=%d" % nobody.pw_uid, "--regid=%d" % nobody.pw_gid,
+                  "--clear-groups"]
+    elif shutil.which("runuser"):
+        prefix = [shutil.which("runuser"), "-u", "nobody", "--"]
+    else:
+        pytest.skip("running as root, and neither setpriv nor runuser is there to drop privileges")
+    base = tempfile.mkdtemp(prefix="starget-nobody-")
+    try:
+        os.chmod(base, 0o755)
+        home = os.path.join(base, "home")
+        os.makedirs(home)
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        env = hermetic_env({"HOME": home, "STARGET_CACHE_DIR": os.path.join(home, "cache"), "TMPDIR": home})
+        probe = subprocess.run(prefix + [sys.executable, "-c", "open(%r).close()" % STARGET], env=env, cwd=home,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        if probe.returncode != 0:
+            pytest.skip("running as root, and `nobody` cannot run %s on %s: %s"
+                        % (sys.executable, STARGET, probe.stderr.decode("utf-8", "replace").strip()))
+        proc = subprocess.run(prefix + [sys.executable, STARGET] + [str(a) for a in args], env=env, cwd=home,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+        return proc.returncode, proc.stdout, proc.stderr.decode("utf-8", "replace")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_cat_of_a_file_of_mode_0000(httpserver):
+    """`cat` of a file whose mode in the image is 0000 streams its bytes: starget's own
+    scratch copy must stay readable to it (meaningful as a non-root user only, so as
+    root the command runs as `nobody`)."""
+    blob, toc_json = forge_basic(lambda toc: _toc_entry(toc, TARGET_FILE).update(mode=0))
+    reg, image = _serve(httpserver, blob, toc_json)
+    rc, out, err = _run_cli_unprivileged("--no-progress", "cat", image, TARGET_FILE)
+    assert rc == 0, err
+    assert out == file_bytes(TARGET_FILE)
 
 
 def _expected_sizes(files):
