@@ -4080,8 +4080,8 @@ def _print_sizes(entries, as_json, out):
 def cmd_info(session, out):
     manifest = session.client.resolve(session.platform)
     platform = manifest.platform or session.client.config_platform(manifest)
-    layers = []
-    for layer in manifest.layers:
+
+    def describe(layer):
         row = {"index": layer.index, "digest": layer.digest, "media_type": layer.media_type,
                "size": layer.size, "format": layer.compression, "toc_digest": layer.toc_digest,
                "toc_entries": None}
@@ -4093,7 +4093,9 @@ def cmd_info(session, out):
             if e.code not in (ErrorCode.FORMAT, ErrorCode.UNSUPPORTED, ErrorCode.INTEGRITY):
                 raise
             row["error"] = e.message
-        layers.append(row)
+        return row
+
+    layers = _map_parallel(describe, manifest.layers, session.args.concurrency)   # as open_image does
     doc = {"reference": str(manifest.ref), "digest": manifest.digest, "media_type": manifest.media_type,
            "platform": str(platform) if platform else None, "layers": layers}
     if session.args.json:
