@@ -82,14 +82,22 @@ class ErrorCode(IntEnum):
 
 
 class StargzError(Exception):
-    """The one exception starget raises: a code, a one-line message, a cause."""
+    """The one exception family starget raises: a code, a one-line message, a cause.
 
-    def __init__(self, code, message, cause=None, details=None):
+    Two typed attributes say whether trying again can help; `RetryPolicy.decide` is
+    the one place that reads them:
+      transient  a fault of the moment (connection, timeout, 429/5xx, a broken body):
+                 another attempt after a pause may succeed;
+      damaged    bytes arrived but came out wrong (corrupt gzip, a digest mismatch):
+                 fetching them once more may succeed.
+    `retry_after` is the wait a server asked for (429/503), in seconds."""
+
+    def __init__(self, code, message, cause=None, transient=False, damaged=False, retry_after=None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.cause = cause
-        self.details = details or {}
+        self.transient, self.damaged, self.retry_after = transient, damaged, retry_after
 
     @property
     def exit_code(self):
@@ -99,8 +107,24 @@ class StargzError(Exception):
         return self.message
 
 
-def _fail(code, message, cause=None, **details):
-    raise StargzError(code, message, cause, details)
+class NotEStargzError(StargzError):
+    """A layer that is not eStargz (plain tar+gzip, no footer): `--fallback-stream`
+    may read it whole instead."""
+
+
+class TLSHandshakeError(StargzError):
+    """The server does not speak TLS at all (not a failed verification): an endpoint
+    that allows plain HTTP may be tried over http:// instead."""
+
+
+def _fail(code, message, cause=None, **attributes):
+    raise StargzError(code, message, cause, **attributes)
+
+
+def _reworded(error, message):
+    """A copy of `error` saying `message` (raise it `from` the original), so that no
+    message is changed while the exception is in flight."""
+    return error.__class__(error.code, message, error.cause, error.transient, error.damaged, error.retry_after)
 
 
 # =============================================================================
@@ -870,6 +894,10 @@ class _ConfigChecker(object):
 # transport
 # =============================================================================
 
+READ_SIZE = 256 << 10          # how much of a body one read takes
+_REDIRECTS = (301, 302, 303, 307, 308)
+_SENSITIVE_HEADERS = ("authorization", "proxy-authorization", "cookie")
+
 def parse_retry_after(value, now=None):
     """`Retry-After` in seconds or as an HTTP date -> seconds to wait, or None."""
     if not value:
@@ -888,7 +916,11 @@ def parse_retry_after(value, now=None):
 
 
 class RetryPolicy(object):
-    """Exponential backoff with full jitter; which failures deserve another try."""
+    """Which failures deserve another try and how long to wait: exponential backoff
+    with full jitter. `run` is the one retry loop of starget and `decide` the one
+    place that reads an error's `transient`/`damaged` attributes."""
+
+    REFETCHES = 1       # damaged bytes are fetched once more, whatever --retries says
 
     def __init__(self, retries=3, base=0.5, max_delay=10.0, retry_after_cap=60.0, sleep=time.sleep):
         self.retries, self.base, self.max_delay = retries, base, max_delay
@@ -904,11 +936,36 @@ class RetryPolicy(object):
         # 501 means "never implemented": asking again cannot help.
         return status in (408, 429) or (500 <= status <= 599 and status != 501)
 
-    def wait(self, attempt, retry_after=None):
-        delay = self.delay(attempt, retry_after)
-        if delay > 0:
-            self.sleep(delay)
-        return delay
+    def decide(self, error, retries_done, refetches_done):
+        """Seconds to wait before trying again after `error`, or None to give up."""
+        if not isinstance(error, StargzError):
+            return None
+        if error.damaged:
+            return 0.0 if refetches_done < self.REFETCHES else None
+        if not error.transient or retries_done >= self.retries:
+            return None
+        return self.delay(retries_done, error.retry_after)
+
+    def run(self, operation, what, stats=None):
+        """operation() until it succeeds or `decide` gives up; each retry is logged and
+        counted in `stats` (a TransportStats)."""
+        retries_done = refetches_done = 0
+        while True:
+            try:
+                return operation()
+            except StargzError as error:
+                wait = self.decide(error, retries_done, refetches_done)
+                if wait is None:
+                    raise
+                if error.damaged:
+                    refetches_done += 1
+                else:
+                    retries_done += 1
+                log.info("retrying %s after: %s", what, error.message)
+                if stats is not None:
+                    stats.add("retries")
+                if wait > 0:
+                    self.sleep(wait)
 
 
 class TransportStats(object):
@@ -956,12 +1013,81 @@ class _URL(object):
         return "%s:%d" % (host, self.port)
 
 
+class _ConnectionPool(object):
+    """Keep-alive connections by origin, shared by all threads. It also knows the
+    connections with a request in flight, so that `abort` can wake their readers."""
+
+    def __init__(self, max_idle_per_origin=8):
+        self.max_idle_per_origin = max_idle_per_origin
+        self._idle = {}         # origin -> [connection]
+        self._active = set()
+        self._lock = threading.Lock()
+
+    def take(self, origin):
+        """An idle connection to `origin`, now active, or None."""
+        with self._lock:
+            idle = self._idle.get(origin)
+            if not idle:
+                return None
+            conn = idle.pop()
+            self._active.add(conn)
+            return conn
+
+    def activate(self, conn):
+        with self._lock:
+            self._active.add(conn)
+
+    def release(self, origin, conn):
+        """The response was read to its end: keep the connection for the next request."""
+        with self._lock:
+            self._active.discard(conn)
+            idle = self._idle.setdefault(origin, [])
+            if len(idle) < self.max_idle_per_origin:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def discard(self, conn):
+        """A connection in an unknown state (an error, a body left unread): close it."""
+        with self._lock:
+            self._active.discard(conn)
+        conn.close()
+
+    def drop_idle(self, origin):
+        with self._lock:
+            idle = self._idle.pop(origin, [])
+        for conn in idle:
+            conn.close()
+
+    def idle_count(self):
+        with self._lock:
+            return sum(len(idle) for idle in self._idle.values())
+
+    def abort(self):
+        """Wake every thread blocked on a read (Ctrl-C): shut their sockets down."""
+        with self._lock:
+            active = list(self._active)
+        for conn in active:
+            try:
+                if conn.sock is not None:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+
 class Response(object):
     """An HTTP response whose body is read on demand; the connection goes back to
     the pool only when the body was read to its end."""
 
-    def __init__(self, transport, pool_key, conn, raw, url):
-        self._transport, self._pool_key, self._conn, self._raw = transport, pool_key, conn, raw
+    def __init__(self, pool, conn, raw, url, stats):
+        self._pool, self._conn, self._raw, self._stats = pool, conn, raw, stats
         self.status, self.url = raw.status, url
         self.reason = raw.reason
 
@@ -979,13 +1105,20 @@ class Response(object):
             data = self._raw.read(amount) if amount is not None else self._raw.read()
         except http.client.IncompleteRead as e:
             self.close()
-            _fail(ErrorCode.NETWORK, "connection closed after %d bytes of the body from %s (truncated)"
-                  % (len(e.partial), self.url.netloc), e, truncated=True)
+            raise StargzError(ErrorCode.NETWORK, "connection closed after %d bytes of the body from %s (truncated)"
+                              % (len(e.partial), self.url.netloc), e, transient=True) from e
         except (socket.timeout, OSError, http.client.HTTPException) as e:
             self.close()
-            _fail(ErrorCode.NETWORK, "reading from %s failed: %s" % (self.url.netloc, _describe_os_error(e)), e)
-        self._transport.stats.add("bytes", len(data))
+            raise StargzError(ErrorCode.NETWORK, "reading from %s failed: %s" % (self.url.netloc, _describe_os_error(e)),
+                              e, transient=True) from e
+        self._stats.add("bytes", len(data))
         return data
+
+    def truncated(self, missing):
+        """The error for a body that ended `missing` bytes early."""
+        self.close()
+        return StargzError(ErrorCode.NETWORK, "body from %s ended %d bytes early (truncated)"
+                           % (self.url.netloc, missing), transient=True)
 
     def read_all(self, limit=64 << 20):
         length = self.length
@@ -998,8 +1131,7 @@ class Response(object):
             _fail(ErrorCode.FORMAT, "response from %s is too large" % self.url.netloc)
         self.close()
         if length is not None and len(data) < length:
-            _fail(ErrorCode.NETWORK, "body from %s ended %d bytes early (truncated)"
-                  % (self.url.netloc, length - len(data)), truncated=True)
+            raise self.truncated(length - len(data))
         return data
 
     def read_exactly(self, amount):
@@ -1008,12 +1140,18 @@ class Response(object):
         while remaining > 0:
             data = self.read(min(remaining, 1 << 20))
             if not data:
-                self.close()
-                _fail(ErrorCode.NETWORK, "body from %s ended %d bytes early (truncated)"
-                      % (self.url.netloc, remaining), truncated=True)
+                raise self.truncated(remaining)
             parts.append(data)
             remaining -= len(data)
         return b"".join(parts)
+
+    def skip(self, amount):
+        """Read and drop `amount` body bytes (a hole in a coalesced range)."""
+        while amount > 0:
+            data = self.read(min(amount, READ_SIZE))
+            if not data:
+                raise self.truncated(amount)
+            amount -= len(data)
 
     def close(self):
         """Return the connection to the pool if the body is done, else drop it."""
@@ -1021,11 +1159,10 @@ class Response(object):
             return
         conn, self._conn = self._conn, None
         if self._raw.isclosed() and not self._raw.will_close:
-            self._transport._release(self._pool_key, conn)
+            self._pool.release(self.url.origin, conn)
         else:
-            self._transport._forget(conn)
             self._raw.close()
-            conn.close()
+            self._pool.discard(conn)
 
     def discard(self, limit=64 << 10):
         """Drop a small error body so the connection can be reused."""
@@ -1062,11 +1199,6 @@ def _describe_os_error(error):
     return text
 
 
-READ_SIZE = 256 << 10          # how much of a body one read takes
-_REDIRECTS = (301, 302, 303, 307, 308)
-_SENSITIVE_HEADERS = ("authorization", "proxy-authorization", "cookie")
-
-
 class Transport(object):
     """The one HTTP path: pooled keep-alive connections shared by all threads,
     TLS contexts built once, proxies from the environment, redirects that never
@@ -1083,10 +1215,8 @@ class Transport(object):
         self.retry = retry or RetryPolicy()
         self.environ = os.environ if environ is None else environ
         self.certs_dirs = self.CERTS_DIRS if certs_dirs is None else certs_dirs
-        self.max_idle_per_host = max_idle_per_host
         self.stats = TransportStats()
-        self._active = set()    # connections with a request in flight, for abort()
-        self._idle = {}
+        self.pool = _ConnectionPool(max_idle_per_host)
         self._lock = threading.Lock()
         self._tls_contexts = {}
 
@@ -1181,7 +1311,7 @@ class Transport(object):
             conn.connect()
         except Exception as e:
             conn.close()
-            raise self._connect_error(e, url, proxy_url)
+            raise self._connect_error(e, url, proxy_url) from e
         conn.sock.settimeout(self.read_timeout)
         self.stats.add("connections")
         log.debug("new connection to %s%s", url.netloc, " via proxy %s" % proxy_url.netloc if proxy_url else "")
@@ -1203,7 +1333,8 @@ class Transport(object):
         where = url.netloc
         if proxy_url and isinstance(error, OSError) and "Tunnel connection failed" in str(error):
             return StargzError(ErrorCode.NETWORK, "proxy %s refused the tunnel to %s: %s"
-                               % (proxy_url.netloc, where, str(error).split(":", 1)[-1].strip()), error)
+                               % (proxy_url.netloc, where, str(error).split(":", 1)[-1].strip()), error,
+                               transient=True)
         if isinstance(error, ssl.SSLError):
             reason = getattr(error, "reason", None) or str(error)
             if "CERTIFICATE_VERIFY_FAILED" in str(error) or "certificate verify failed" in str(error):
@@ -1212,79 +1343,44 @@ class Transport(object):
                     getattr(error, "verify_message", None) or reason
                 return StargzError(ErrorCode.NETWORK, "TLS verification failed for %s (%s): pass --cacert FILE, "
                                    "put the CA in /etc/containers/certs.d/%s/ca.crt, or use -k/--insecure"
-                                   % (where, why, where), error, {"permanent": True})
-            return StargzError(ErrorCode.NETWORK, "TLS handshake with %s failed: %s" % (where, reason),
-                               error, {"tls_failed": True})
+                                   % (where, why, where), error)
+            return TLSHandshakeError(ErrorCode.NETWORK, "TLS handshake with %s failed: %s" % (where, reason), error)
         if isinstance(error, socket.gaierror):
             # A name that does not exist stays so; a temporary DNS failure may pass.
             unknown = error.errno in (getattr(socket, "EAI_NONAME", -2), getattr(socket, "EAI_NODATA", -5))
             return StargzError(ErrorCode.NETWORK, "cannot resolve host %s (%s); check the name, DNS, or "
                                "HTTPS_PROXY/NO_PROXY" % ((proxy_url or url).host, error.strerror), error,
-                               {"permanent": unknown})
+                               transient=not unknown)
         if isinstance(error, ConnectionRefusedError):
             target = "proxy %s" % proxy_url.netloc if proxy_url else where
-            return StargzError(ErrorCode.NETWORK, "connection refused by %s" % target, error)
+            return StargzError(ErrorCode.NETWORK, "connection refused by %s" % target, error, transient=True)
         return StargzError(ErrorCode.NETWORK, "cannot connect to %s: %s" % (where, _describe_os_error(error)),
-                           error)
+                           error, transient=True)
 
     def _acquire(self, url, fresh=False):
-        key = (url.scheme, url.host, url.port)
-        with self._lock:
-            idle = self._idle.get(key)
-            if idle and not fresh:
-                conn = idle.pop()
-                self._active.add(conn)
-                return key, conn, True
+        """(connection, reused): an idle one to the URL's origin unless `fresh`."""
+        conn = None if fresh else self.pool.take(url.origin)
+        if conn is not None:
+            return conn, True
         conn = self._connect(url)
-        with self._lock:
-            self._active.add(conn)
-        return key, conn, False
-
-    def _drop_idle(self, key):
-        with self._lock:
-            idle = self._idle.pop(key, [])
-        for conn in idle:
-            conn.close()
-
-    def _forget(self, conn):
-        with self._lock:
-            self._active.discard(conn)
+        self.pool.activate(conn)
+        return conn, False
 
     def abort(self):
-        """Wake every thread blocked on a read (Ctrl-C): shut their sockets down."""
-        with self._lock:
-            active = list(self._active)
-        for conn in active:
-            try:
-                if conn.sock is not None:
-                    conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _release(self, key, conn):
-        with self._lock:
-            self._active.discard(conn)
-            idle = self._idle.setdefault(key, [])
-            if len(idle) < self.max_idle_per_host:
-                idle.append(conn)
-                return
-        conn.close()
+        """Wake every thread blocked on a read (Ctrl-C)."""
+        self.pool.abort()
 
     def close(self):
-        with self._lock:
-            conns = [c for idle in self._idle.values() for c in idle]
-            self._idle.clear()
-        for conn in conns:
-            conn.close()
+        self.pool.close()
 
     # -- requests ------------------------------------------------------------
     def _send_once(self, method, url, headers, body):
         """One request on a pooled connection; if a kept-alive connection turns out
-        stale, the host's idle ones are dropped and a new connection is tried once,
-        without counting as a retry."""
+        stale, the origin's idle ones are dropped and a new connection is tried once:
+        that is the pool's housekeeping, not a retry."""
         import http.client
         for fresh_try in (False, True):
-            key, conn, reused = self._acquire(url, fresh=fresh_try)
+            conn, reused = self._acquire(url, fresh=fresh_try)
             target = url.text if conn._starget_absolute_form else url.path
             all_headers = dict(conn._starget_proxy_headers)
             all_headers.update(headers)
@@ -1293,27 +1389,28 @@ class Transport(object):
                 raw = conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
                     http.client.CannotSendRequest, http.client.BadStatusLine) as e:
-                self._forget(conn)
-                conn.close()
+                self.pool.discard(conn)
                 if reused and not fresh_try:
-                    self._drop_idle(key)   # the server closed them all, most likely
+                    self.pool.drop_idle(url.origin)   # the server closed them all, most likely
                     continue
-                _fail(ErrorCode.NETWORK, "%s %s: %s" % (method, url.netloc, _describe_os_error(e)), e)
+                raise StargzError(ErrorCode.NETWORK, "%s %s: %s" % (method, url.netloc, _describe_os_error(e)),
+                                  e, transient=True) from e
             except (socket.timeout, OSError, http.client.HTTPException) as e:
-                self._forget(conn)
-                conn.close()
-                _fail(ErrorCode.NETWORK, "%s %s: %s" % (method, url.netloc, _describe_os_error(e)), e)
+                self.pool.discard(conn)
+                raise StargzError(ErrorCode.NETWORK, "%s %s: %s" % (method, url.netloc, _describe_os_error(e)),
+                                  e, transient=True) from e
             except (ValueError, UnicodeError) as e:   # a header or URL http.client will not send
-                self._forget(conn)
-                conn.close()
-                _fail(ErrorCode.NETWORK, "%s %s: invalid request: %s" % (method, url.netloc, e), e, permanent=True)
+                self.pool.discard(conn)
+                raise StargzError(ErrorCode.NETWORK, "%s %s: invalid request: %s" % (method, url.netloc, e), e) from e
             self.stats.add("requests")
             log.debug("> %s %s", method, redact(url.text))
             log.debug("< %d %s", raw.status, raw.reason)
-            return Response(self, key, conn, raw, url)
+            return Response(self.pool, conn, raw, url, self.stats)
 
-    def request(self, method, url, headers=None, body=None, follow_redirects=True, retry=True):
-        """Send a request, retrying transient failures, following redirects.
+    def request(self, method, url, headers=None, body=None, follow_redirects=True):
+        """Send a request once, following redirects; retries are the caller's, through
+        RetryPolicy.run, so that a request and the reading of its body are retried
+        together, and once.
 
         The caller's `Authorization` goes only to the origin it was meant for;
         an https -> http redirect is refused."""
@@ -1323,61 +1420,55 @@ class Transport(object):
         for _hop in range(10):
             sent = headers if target.origin == origin else {
                 k: v for k, v in headers.items() if k.lower() not in _SENSITIVE_HEADERS}
-            response = self._request_with_retries(method, target, sent, body, retry)
+            response = self._send_once(method, target, sent, body)
             location = response.header("Location")
             if not (follow_redirects and response.status in _REDIRECTS and location):
                 return response
             response.discard()
-            from urllib.parse import quote, urljoin
-            next_target = _URL(urljoin(target.text, quote(location, safe="/:?#[]@!$&'()*+,;=%~")))
-            if body is not None and response.status in (307, 308) and next_target.origin != origin:
-                _fail(ErrorCode.NETWORK, "refused to send a request body on to %s after a redirect"
-                      % next_target.netloc)
-            if target.scheme == "https" and next_target.scheme == "http":
-                _fail(ErrorCode.NETWORK, "refused redirect from https://%s to plain http://%s"
-                      % (target.netloc, next_target.netloc))
-            log.debug("redirect %d to %s", response.status, redact(next_target.text))
-            if response.status == 303:
-                method, body = "GET", None
-            target = next_target
+            target, method, body = self._redirect(target, origin, location, response.status, method, body)
         _fail(ErrorCode.NETWORK, "too many redirects from %s" % redact(url))
 
-    def _request_with_retries(self, method, url, headers, body, retry):
-        attempts = self.retry.retries + 1 if retry else 1
-        for attempt in range(attempts):
-            last = attempt == attempts - 1
-            try:
-                response = self._send_once(method, url, headers, body)
-            except StargzError as e:
-                if last:
-                    e.details["exhausted"] = True   # callers must not retry it again
-                    raise
-                if e.code != ErrorCode.NETWORK or e.details.get("tls_failed") or e.details.get("permanent"):
-                    raise
-                log.info("retrying %s %s after: %s", method, url.netloc, e.message)
-                self.stats.add("retries")
-                self.retry.wait(attempt)
-                continue
-            if last or not self.retry.retryable_status(response.status):
-                return response
-            retry_after = parse_retry_after(response.header("Retry-After"))
-            response.discard()
-            log.info("retrying %s %s after HTTP %d", method, url.netloc, response.status)
-            self.stats.add("retries")
-            self.retry.wait(attempt, retry_after if response.status in (429, 503) else None)
-        raise AssertionError("unreachable")
+    @staticmethod
+    def _redirect(target, origin, location, status, method, body):
+        """(next URL, method, body) of a redirect, or a refusal."""
+        from urllib.parse import quote, urljoin
+        next_target = _URL(urljoin(target.text, quote(location, safe="/:?#[]@!$&'()*+,;=%~")))
+        if body is not None and status in (307, 308) and next_target.origin != origin:
+            _fail(ErrorCode.NETWORK, "refused to send a request body on to %s after a redirect" % next_target.netloc)
+        if target.scheme == "https" and next_target.scheme == "http":
+            _fail(ErrorCode.NETWORK, "refused redirect from https://%s to plain http://%s"
+                  % (target.netloc, next_target.netloc))
+        log.debug("redirect %d to %s", status, redact(next_target.text))
+        if status == 303:
+            return next_target, "GET", None
+        return next_target, method, body
 
 # =============================================================================
 # registry
 # =============================================================================
 
+# Media types, one row each: (media type, what it is). Manifests and indexes are
+# asked for by the first table; a layer's compression is read from the second.
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_ACCEPT = ", ".join((MEDIA_OCI_MANIFEST, MEDIA_OCI_INDEX, MEDIA_DOCKER_MANIFEST, MEDIA_DOCKER_LIST))
-INDEX_MEDIA_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
-ANNOTATION_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+MANIFEST_MEDIA_TYPES = (
+    (MEDIA_OCI_MANIFEST, "manifest"),
+    (MEDIA_OCI_INDEX, "index"),
+    (MEDIA_DOCKER_MANIFEST, "manifest"),
+    (MEDIA_DOCKER_LIST, "index"),
+)
+LAYER_MEDIA_TYPES = (
+    ("application/vnd.oci.image.layer.v1.tar+gzip", "gzip"),
+    ("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", "gzip"),
+    ("application/vnd.docker.image.rootfs.diff.tar.gzip", "gzip"),
+    ("application/vnd.oci.image.layer.v1.tar+zstd", "zstd"),
+    ("application/vnd.oci.image.layer.v1.tar", "none"),
+    ("application/vnd.docker.image.rootfs.diff.tar", "none"),
+)
+MANIFEST_ACCEPT = ", ".join(media for media, _ in MANIFEST_MEDIA_TYPES)
+INDEX_MEDIA_TYPES = tuple(media for media, kind in MANIFEST_MEDIA_TYPES if kind == "index")
 MAX_MANIFEST_SIZE = 4 << 20
 
 
@@ -1394,52 +1485,79 @@ def parse_www_authenticate(value):
     return scheme.lower(), params
 
 
-class LayerDescriptor(object):
-    """One layer of a manifest: what the registry says about the blob."""
-
-    __slots__ = ("index", "digest", "size", "media_type", "annotations")
-
-    def __init__(self, index, digest, size, media_type, annotations):
-        self.index, self.digest, self.size = index, digest, size
-        self.media_type, self.annotations = media_type, annotations
-
-    @property
-    def toc_digest(self):
-        return self.annotations.get(ANNOTATION_TOC_DIGEST)
-
-    @property
-    def compression(self):
-        media = self.media_type or ""
-        if "zstd" in media:
-            return "zstd"
-        if "gzip" in media or media.endswith(".tar.gz") or media == "application/vnd.docker.image.rootfs.diff.tar.gzip":
-            return "gzip"
-        if media.endswith(".tar") or media.endswith("layer.v1.tar"):
-            return "none"
-        return "unknown"
-
-
-class ImageManifest(object):
-    """A resolved image manifest: its digest, platform and layers."""
-
-    def __init__(self, ref, digest, media_type, platform, layers, config_digest, raw):
-        self.ref, self.digest, self.media_type = ref, digest, media_type
-        self.platform, self.layers, self.config_digest, self.raw = platform, layers, config_digest, raw
-
-
 def _sha256_digest(data):
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+class _AuthState(object):
+    """The Authorization value an endpoint answers to, shared by the threads using it."""
+
+    def __init__(self, value=None):
+        self._value, self._lock = value, threading.Lock()
+
+    def get(self):
+        with self._lock:
+            return self._value
+
+    def set(self, value):
+        with self._lock:
+            self._value = value
+
+
+class Endpoint(object):
+    """One place the distribution API is spoken for an image: a host and a scheme.
+    A value: nothing changes it but its own auth state. `role` says why it is in
+    the list: "mirror", "registry" or "plain-http" (the fallback of an https
+    endpoint that allows plain HTTP, tried when the server does not speak TLS)."""
+
+    __slots__ = ("host", "scheme", "role", "auth")
+
+    def __init__(self, host, scheme, role, authorization=None):
+        self.host, self.scheme, self.role = host, scheme, role
+        self.auth = _AuthState(authorization)
+
+    @property
+    def base_url(self):
+        return "%s://%s" % (self.scheme, self.host)
+
+    def __repr__(self):
+        return "Endpoint(%r, %s)" % (self.base_url, self.role)
+
+
+def _endpoint_fallback(endpoints, position, error):
+    """After `error` at endpoints[position]: the position to try next, or None to give up.
+
+    A server that does not speak TLS moves on to the same host's plain-http endpoint;
+    a mirror that fails or lacks the image, to the image's own registry."""
+    here = endpoints[position]
+    following = endpoints[position + 1:]
+    if isinstance(error, TLSHandshakeError) and following and following[0].role == "plain-http" \
+            and following[0].host == here.host:
+        log.warning("%s does not speak TLS; using plain HTTP", here.host)
+        return position + 1
+    if here.role == "mirror" or (here.role == "plain-http" and endpoints[position - 1].role == "mirror"):
+        if error.code in (ErrorCode.NETWORK, ErrorCode.NOT_FOUND, ErrorCode.AUTH):
+            for offset, endpoint in enumerate(following, position + 1):
+                if endpoint.role == "registry":
+                    log.warning("mirror %s: %s; using %s", here.host, error.message, endpoint.host)
+                    return offset
+    return None
+
+
 class RegistryClient(object):
-    """Speaks the distribution API for one repository: auth, manifests, blob ranges."""
+    """Speaks the distribution API for one repository: auth, manifests, blob ranges.
+
+    `endpoints` are tried in order by resolution (mirrors, then the registry);
+    `select` records the one that answered, and every later request goes there.
+    Each method makes one attempt: retries are the callers', through RetryPolicy.run."""
 
     BLOB_LOCATION_TTL = 300.0
 
     def __init__(self, ref, credentials=None, insecure=False, transport=None, plain_http=None,
                  mirrors=(), auth_type=None):
         """`mirrors`: [(host, plain_http)] tried before the image's own registry, as
-        docker's registry mirrors are; `auth_type` "none" never sends credentials."""
+        docker's registry mirrors are; `auth_type` "none" never sends credentials,
+        "basic" sends them at once, without waiting for a challenge."""
         self.ref = ref if isinstance(ref, ImageRef) else ImageRef.parse(ref)
         self.insecure = insecure
         self.transport = transport or Transport(insecure=insecure)
@@ -1447,38 +1565,48 @@ class RegistryClient(object):
         self.auth_type = auth_type
         if plain_http is None:
             plain_http = self.ref.loopback
-        self.endpoints = [(host, bool(plain) or is_loopback(host)) for host, plain in mirrors]
-        self.endpoints.append((self.ref.registry, plain_http))
+        hosts = [(host, bool(plain) or is_loopback(host), "mirror") for host, plain in mirrors]
+        hosts.append((self.ref.registry, plain_http, "registry"))
+        self.endpoints = tuple(self._endpoints_of(hosts))
+        self.endpoint = self.endpoints[0]
         self._lock = threading.Lock()
         self._blob_locations = {}       # digest -> (url, expiry) after a cross-host redirect
         self._warned_no_ranges = False
-        self._use_endpoint(*self.endpoints[0])
 
-    def _use_endpoint(self, host, plain_http):
-        """Speak to `host` from now on (a mirror, or the image's own registry)."""
-        self.host = host
-        self.scheme = "http" if plain_http else "https"
-        self._authorization = None      # header value for this host only
-        if self.auth_type == "basic" and host == self.ref.registry:   # configured: no wait for a 401
-            cred = self._credential()
-            if cred is not None and not cred.identity_token:
-                self._authorization = cred.basic_header()
+    def _endpoints_of(self, hosts):
+        for host, plain_http, role in hosts:
+            authorization = None
+            if self.auth_type == "basic" and role == "registry":   # configured: no wait for a 401
+                cred = self.credentials.lookup(host, self.ref.repository)
+                if cred is not None and not cred.identity_token:
+                    authorization = cred.basic_header()
+            yield Endpoint(host, "http" if plain_http else "https", role, authorization)
+            if self.insecure and not plain_http:
+                yield Endpoint(host, "http", "plain-http", authorization)
+
+    def select(self, endpoint):
+        """Speak to `endpoint` from now on (resolution found the image there)."""
+        self.endpoint = endpoint
+
+    @property
+    def retry(self):
+        return self.transport.retry
+
+    def retrying(self, operation, what):
+        """operation() through the one retry loop, counted in the transport's stats."""
+        return self.transport.retry.run(operation, what, self.transport.stats)
 
     # -- auth ----------------------------------------------------------------
-    @property
-    def base_url(self):
-        return "%s://%s" % (self.scheme, self.host)
-
-    def _credential(self):
+    def _credential(self, endpoint):
         if self.auth_type == "none":
             return None
-        return self.credentials.lookup(self.host, self.ref.repository)
+        return self.credentials.lookup(endpoint.host, self.ref.repository)
 
-    def _answer_challenge(self, challenge, sent):
+    def _answer_challenge(self, endpoint, challenge, sent):
         """Turn a 401 challenge into an Authorization value, or fail with AUTH."""
         scheme, params = parse_www_authenticate(challenge)
-        cred = self._credential()
-        where = self.host
+        cred = self._credential(endpoint)
+        where = endpoint.host
         if scheme == "basic":
             if cred is None or cred.identity_token:
                 _fail(ErrorCode.AUTH, "%s requires authentication: pass --credential USER:PASSWORD or log in "
@@ -1491,96 +1619,86 @@ class RegistryClient(object):
         if scheme == "bearer" and params.get("realm"):
             if sent and params.get("error") == "insufficient_scope":
                 _fail(ErrorCode.AUTH, "access to %s on %s denied (insufficient_scope)" % (self.ref.repository, where))
-            return "Bearer " + self._fetch_token(params, cred)
+            return "Bearer " + self._fetch_token(endpoint, params, cred)
         _fail(ErrorCode.AUTH, "%s sent an authentication challenge starget cannot answer: %s"
               % (where, redact(challenge or "(none)")))
 
-    def _rejected(self, challenge, sent):
+    def _rejected(self, endpoint, challenge, sent):
         """A 401 for the credentials just sent: say which and why."""
         scheme, params = parse_www_authenticate(challenge)
-        cred = self._credential()
+        cred = self._credential(endpoint)
         if scheme == "basic" or (sent or "").startswith("Basic "):
             if cred is None:
                 _fail(ErrorCode.AUTH, "%s requires authentication: pass --credential USER:PASSWORD or log in "
-                      "with docker/podman" % self.host)
+                      "with docker/podman" % endpoint.host)
             _fail(ErrorCode.AUTH, "authentication failed for %s: wrong username or password (%s)"
-                  % (self.host, cred.source))
+                  % (endpoint.host, cred.source))
         reason = params.get("error") or "token rejected"
         _fail(ErrorCode.AUTH, "access to %s on %s denied (%s)%s" % (
-            self.ref.repository, self.host, reason,
+            self.ref.repository, endpoint.host, reason,
             "" if cred is not None else ": pass --credential or log in with docker/podman"))
 
-    def _fetch_token(self, params, cred):
+    def _token_request(self, endpoint, params, cred):
+        """(method, url, headers, body) of the token request a Bearer challenge asks for."""
         from urllib.parse import urlencode
-        scope = params.get("scope") or "repository:%s:pull" % self.ref.repository
-        query = {"scope": scope}
+        query = {"scope": params.get("scope") or "repository:%s:pull" % self.ref.repository}
         if params.get("service"):
             query["service"] = params["service"]
         realm = params["realm"]
-        if cred is not None and self.scheme == "https" and not realm.lower().startswith("https://") \
+        if cred is not None and endpoint.scheme == "https" and not realm.lower().startswith("https://") \
                 and not is_loopback(_URL(realm).netloc):
             _fail(ErrorCode.AUTH, "%s names a plain-http token server (%s): refusing to send credentials there"
-                  % (self.host, redact(realm)))
-        headers, method, body = {}, "GET", None
+                  % (endpoint.host, redact(realm)))
         if cred is not None and cred.identity_token:
             # docker's identity tokens are OAuth2 refresh tokens.
             query.update(grant_type="refresh_token", refresh_token=cred.identity_token, client_id="starget")
-            method, body = "POST", urlencode(query).encode("ascii")
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
-            url = realm
-        else:
-            url = realm + ("&" if "?" in realm else "?") + urlencode(query)
-            if cred is not None:
-                headers["Authorization"] = cred.basic_header()
+            headers = {"Content-Type": "application/x-www-form-urlencoded"}
+            return "POST", realm, headers, urlencode(query).encode("ascii")
+        headers = {"Authorization": cred.basic_header()} if cred is not None else {}
+        return "GET", realm + ("&" if "?" in realm else "?") + urlencode(query), headers, None
+
+    def _fetch_token(self, endpoint, params, cred):
+        method, url, headers, body = self._token_request(endpoint, params, cred)
         response = self.transport.request(method, url, headers=headers, body=body)
         if response.status in (401, 403):
             response.discard()
             if cred is None:
-                _fail(ErrorCode.AUTH, "token server for %s refused anonymous access: pass --credential" % self.host)
+                _fail(ErrorCode.AUTH, "token server for %s refused anonymous access: pass --credential"
+                      % endpoint.host)
             _fail(ErrorCode.AUTH, "authentication failed for %s: the token server rejected the credentials (%s)"
-                  % (self.host, cred.source))
+                  % (endpoint.host, cred.source))
         if response.status != 200:
-            text = self._error_text(response)
-            _fail(ErrorCode.AUTH, "token request to %s failed: HTTP %d %s" % (_URL(realm).netloc, response.status, text))
+            self._raise_for(response, "token request to %s" % response.url.netloc, ErrorCode.AUTH)
         try:
             doc = json.loads(response.read_all(1 << 20).decode("utf-8"))
             token = doc.get("token") or doc.get("access_token")
         except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
             token = None
         if not isinstance(token, str) or not re.match(r"^[\x21-\x7e]{1,16384}\Z", token):
-            _fail(ErrorCode.AUTH, "token server for %s answered without a usable token" % self.host)
+            _fail(ErrorCode.AUTH, "token server for %s answered without a usable token" % endpoint.host)
         register_secret(token)
         return token
 
     # -- requests ------------------------------------------------------------
-    def request(self, method, path, headers=None):
+    def request(self, method, path, headers=None, endpoint=None):
         """A request to the registry with auth; a 401 is answered once (a fresh token,
         also when one expires in the middle of a download)."""
-        answered = fell_back = False
+        endpoint = endpoint or self.endpoint
+        answered = False
         while True:
-            url = "%s/v2/%s%s" % (self.base_url, self.ref.repository, path) if path.startswith("/") else path
+            url = "%s/v2/%s%s" % (endpoint.base_url, self.ref.repository, path) if path.startswith("/") else path
             sent_headers = dict(headers or {})
-            with self._lock:
-                authorization = self._authorization
+            authorization = endpoint.auth.get()
             if authorization:
                 sent_headers["Authorization"] = authorization
-            try:
-                response = self.transport.request(method, url, headers=sent_headers)
-            except StargzError as e:
-                if self.insecure and self.scheme == "https" and e.details.get("tls_failed") and not fell_back:
-                    log.warning("%s does not speak TLS; using plain HTTP (--insecure)", self.host)
-                    self.scheme, fell_back = "http", True
-                    continue
-                raise
+            response = self.transport.request(method, url, headers=sent_headers)
             if response.status != 401:
                 return response
             challenge = response.header("WWW-Authenticate", "")
             response.discard()
             if answered:
-                self._rejected(challenge, authorization)
-            new_authorization = self._answer_challenge(challenge, authorization)
-            with self._lock:
-                self._authorization = new_authorization
+                self._rejected(endpoint, challenge, authorization)
+            endpoint.auth.set(self._answer_challenge(endpoint, challenge, authorization))
             answered = True
 
     @staticmethod
@@ -1599,128 +1717,86 @@ class RegistryClient(object):
             first = body.decode("utf-8", "replace").strip().splitlines()
             return redact(first[0][:200] if first else response.reason or "")
 
-    def _raise_for(self, response, what):
+    def _raise_for(self, response, what, other=ErrorCode.NETWORK):
+        """The error for an unexpected status: 429 and 5xx (but 501) are transient."""
         status = response.status
+        retry_after = parse_retry_after(response.header("Retry-After")) if status in (429, 503) else None
         text = self._error_text(response)
-        if status == 404:
+        if status == 404 and other == ErrorCode.NETWORK:
             _fail(ErrorCode.NOT_FOUND, "%s not found (%s)" % (what, text))
-        if status in (401, 403):
+        if status in (401, 403) and other == ErrorCode.NETWORK:
             _fail(ErrorCode.AUTH, "access to %s denied: HTTP %d (%s)" % (what, status, text))
-        if status == 429 or status >= 500:   # the transport has retried it already
-            _fail(ErrorCode.NETWORK, "%s: HTTP %d from %s (%s)" % (what, status, self.host, text), exhausted=True)
-        _fail(ErrorCode.NETWORK, "%s: unexpected HTTP %d (%s)" % (what, status, text))
+        if RetryPolicy.retryable_status(status):
+            _fail(ErrorCode.NETWORK, "%s: HTTP %d from %s (%s)" % (what, status, response.url.netloc, text),
+                  transient=True, retry_after=retry_after)
+        _fail(other, "%s failed: unexpected HTTP %d (%s)" % (what, status, text))
 
     # -- manifests -----------------------------------------------------------
-    def get_manifest(self, reference=None):
+    def get_manifest(self, reference=None, endpoint=None):
         """(raw bytes, media type, digest) of a manifest or index, digest-checked when pinned."""
         reference = reference or self.ref.reference
         what = "manifest %s" % ("%s@%s" % (self.ref.repository, reference) if reference.startswith("sha256:")
                                 else "%s:%s" % (self.ref.repository, reference))
+
         def fetch():
-            response = self.request("GET", "/manifests/" + reference, {"Accept": MANIFEST_ACCEPT})
+            response = self.request("GET", "/manifests/" + reference, {"Accept": MANIFEST_ACCEPT}, endpoint)
             if response.status != 200:
                 self._raise_for(response, "image %s (%s)" % (self.ref, what))
             return response, response.read_all(MAX_MANIFEST_SIZE)
 
-        response, raw = self.retrying_body(fetch)
+        response, raw = self.retrying(fetch, what)
         digest = _sha256_digest(raw)
         if reference.startswith("sha256:") and digest != reference:
             _fail(ErrorCode.INTEGRITY, "%s does not match its digest (got %s)" % (what, digest))
         media_type = (response.header("Content-Type") or "").split(";")[0].strip()
         return raw, media_type, digest
 
-    def resolve(self, platform=None):
-        """The image manifest for `platform` (default: the host's), through an index if
-        needed; a mirror that fails or lacks the image falls back to the next endpoint."""
-        for host, plain_http in self.endpoints[:-1]:
-            self._use_endpoint(host, plain_http)
-            try:
-                return self._resolve_here(platform)
-            except StargzError as e:
-                if e.code not in (ErrorCode.NETWORK, ErrorCode.NOT_FOUND, ErrorCode.AUTH):
-                    raise
-                log.warning("mirror %s: %s; using %s", host, e.message, self.endpoints[-1][0])
-        self._use_endpoint(*self.endpoints[-1])
-        return self._resolve_here(platform)
+    def get_config(self, digest):
+        """The raw config blob (small), checked against its digest; None if unavailable."""
+        if not digest or not _DIGEST_RE.match(str(digest)):
+            return None
 
-    def _resolve_here(self, platform):
-        raw, media_type, digest = self.get_manifest()
-        doc = self._parse_manifest_json(raw)
-        media_type = doc.get("mediaType") or media_type
-        if media_type in INDEX_MEDIA_TYPES or (isinstance(doc.get("manifests"), list) and "layers" not in doc):
-            child = self._choose_platform(doc, platform)
-            raw, media_type, digest = self.get_manifest(child["digest"])
-            doc = self._parse_manifest_json(raw)
-            media_type = doc.get("mediaType") or media_type
-            chosen = Platform.from_descriptor(child)
-        else:
-            chosen = None   # a single manifest names no platform: its config does
-        raw_layers = doc.get("layers") or []
-        if not isinstance(raw_layers, list):
-            _fail(ErrorCode.FORMAT, "manifest %s: 'layers' is not a list" % digest)
-        layers = []
-        for i, layer in enumerate(raw_layers):
-            if not isinstance(layer, dict) or not _DIGEST_RE.match(str(layer.get("digest", ""))) \
-                    or layer.get("size").__class__ is not int or layer["size"] < 0:
-                _fail(ErrorCode.FORMAT, "manifest %s has a malformed layer descriptor #%d" % (digest, i))
-            annotations = layer.get("annotations") if isinstance(layer.get("annotations"), dict) else {}
-            layers.append(LayerDescriptor(i, layer["digest"], layer["size"], str(layer.get("mediaType", "")),
-                                          annotations))
-        if not layers and "layers" not in doc:
-            _fail(ErrorCode.UNSUPPORTED, "%s is not an image manifest (media type %s)" % (self.ref, media_type))
-        config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
-        return ImageManifest(self.ref, digest, media_type, chosen, layers, config.get("digest"), raw)
+        def fetch():
+            response = self.request("GET", "/blobs/" + digest)
+            if response.status == 200:
+                return response.read_all(MAX_MANIFEST_SIZE)
+            if RetryPolicy.retryable_status(response.status):
+                self._raise_for(response, "config blob %s" % digest)
+            response.discard()
+            return None
 
-    def _parse_manifest_json(self, raw):
-        try:
-            doc = json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            _fail(ErrorCode.FORMAT, "manifest of %s is not valid JSON" % self.ref, e)
-        if not isinstance(doc, dict):
-            _fail(ErrorCode.FORMAT, "manifest of %s is not a JSON object" % self.ref)
-        return doc
-
-    def _choose_platform(self, index, platform):
-        wanted = platform or Platform.host()
-        candidates = []
-        entries = index.get("manifests")
-        for desc in entries if isinstance(entries, list) else []:
-            if not isinstance(desc, dict) or not _DIGEST_RE.match(str(desc.get("digest", ""))):
-                continue
-            plat = Platform.from_descriptor(desc)
-            annotations = desc.get("annotations") if isinstance(desc.get("annotations"), dict) else {}
-            if (plat.os, plat.architecture) == ("unknown", "unknown") or \
-                    annotations.get("vnd.docker.reference.type") == "attestation-manifest":
-                continue
-            candidates.append((plat, desc))
-        for plat, desc in candidates:
-            if wanted.matches(plat):
-                return desc
-        available = ", ".join(sorted(set(str(p) for p, _ in candidates))) or "none"
-        _fail(ErrorCode.NOT_FOUND, "%s has no image for platform %s (available: %s); use --platform"
-              % (self.ref, wanted, available))
+        raw = self.retrying(fetch, "config blob %s" % digest)
+        if raw is not None and _sha256_digest(raw) != digest:
+            _fail(ErrorCode.INTEGRITY, "config blob %s does not match its digest" % digest)
+        return raw
 
     # -- blobs ---------------------------------------------------------------
+    def _stored_location(self, digest, headers):
+        """A response from where a redirect sent this blob before, or None."""
+        with self._lock:
+            location = self._blob_locations.get(digest)
+        if not location or location[1] <= time.time():
+            return None
+        response = None
+        try:
+            response = self.transport.request("GET", location[0], headers=headers)
+        except StargzError as e:
+            log.info("stored location of %s failed (%s): asking the registry again", digest, e.message)
+        if response is not None and response.status not in (200, 206):   # expired signature, ...
+            response.discard()
+            response = None
+        if response is None:
+            with self._lock:
+                self._blob_locations.pop(digest, None)
+        return response
+
     def open_blob(self, digest, start, end):
         """A response positioned at byte `start` of the blob, for the inclusive range [start, end]."""
         headers = {"Range": "bytes=%d-%d" % (start, end)}
-        with self._lock:
-            location = self._blob_locations.get(digest)
-        response = None
-        if location and location[1] > time.time():
-            try:
-                response = self.transport.request("GET", location[0], headers=headers)
-            except StargzError as e:
-                log.info("stored location of %s failed (%s): asking the registry again", digest, e.message)
-            if response is not None and response.status not in (200, 206):   # expired signature, ...
-                response.discard()
-                response = None
-            if response is None:
-                with self._lock:
-                    self._blob_locations.pop(digest, None)
+        response = self._stored_location(digest, headers)
         if response is None:
             response = self.request("GET", "/blobs/" + digest, headers)
-            if response.url.origin != _URL(self.base_url).origin and response.status in (200, 206):
+            if response.url.origin != _URL(self.endpoint.base_url).origin and response.status in (200, 206):
                 with self._lock:
                     self._blob_locations[digest] = (response.url.text, time.time() + self.BLOB_LOCATION_TTL)
         what = "blob %s" % digest
@@ -1735,13 +1811,7 @@ class RegistryClient(object):
             if not self._warned_no_ranges:
                 self._warned_no_ranges = True
                 log.warning("%s ignores HTTP Range requests: reading whole blobs (slow)", response.url.netloc)
-            skipped = 0
-            while skipped < start:
-                data = response.read(min(1 << 20, start - skipped))
-                if not data:
-                    response.close()
-                    _fail(ErrorCode.NETWORK, "%s ended before offset %d (truncated)" % (what, start), truncated=True)
-                skipped += len(data)
+            response.skip(start)
             return response
         if response.status == 416:
             response.close()  # distribution's 416 announces a wrong Content-Length: never read it
@@ -1749,51 +1819,147 @@ class RegistryClient(object):
                   % (what, start, end))
         self._raise_for(response, what)
 
-    def config_platform(self, manifest):
-        """The platform an image's config blob declares (one small extra request)."""
-        if not manifest.config_digest or not _DIGEST_RE.match(str(manifest.config_digest)):
-            return None
-        response = self.request("GET", "/blobs/" + manifest.config_digest)
-        if response.status != 200:
-            response.discard()
-            return None
-        raw = response.read_all(MAX_MANIFEST_SIZE)
-        if _sha256_digest(raw) != manifest.config_digest:
-            _fail(ErrorCode.INTEGRITY, "config blob %s does not match its digest" % manifest.config_digest)
-        try:
-            config = json.loads(raw.decode("utf-8"))
-            return Platform(str(config["os"]), str(config["architecture"]), config.get("variant"))
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError):
-            return None
-
     def read_blob(self, digest, start, end):
-        """Bytes [start, end] (inclusive) of a blob; a broken body is fetched again."""
-        def fetch():
-            response = self.open_blob(digest, start, end)
-            try:
-                return response.read_exactly(end - start + 1)
-            finally:
-                response.close()
-        return self.retrying_body(fetch)
-
-    def retrying_body(self, fetch):
-        """Run `fetch` again, with backoff, when a body breaks after its headers came
-        (reset, truncation, stall): the transport only retries before a response."""
-        policy = self.transport.retry
-        for attempt in range(policy.retries + 1):
-            try:
-                return fetch()
-            except StargzError as e:
-                if e.code != ErrorCode.NETWORK or e.details.get("exhausted") or e.details.get("permanent") \
-                        or attempt == policy.retries:
-                    raise
-                log.info("retrying after: %s", e.message)
-                self.transport.stats.add("retries")
-                policy.wait(attempt)
+        """Bytes [start, end] (inclusive) of a blob, in one attempt."""
+        response = self.open_blob(digest, start, end)
+        try:
+            return response.read_exactly(end - start + 1)
+        finally:
+            response.close()
 
 # =============================================================================
-# estargz format (pure: bytes in, objects out; no I/O)
+# formats (pure: bytes or JSON in, objects out; no I/O)
 # =============================================================================
+
+# -- image manifests and indexes ------------------------------------------------
+
+ANNOTATION_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+
+
+class LayerDescriptor(object):
+    """One layer of a manifest: what the registry says about the blob; `position`
+    is its place in the manifest's list, 0 at the bottom."""
+
+    __slots__ = ("position", "digest", "size", "media_type", "annotations")
+
+    def __init__(self, position, digest, size, media_type, annotations):
+        self.position, self.digest, self.size = position, digest, size
+        self.media_type, self.annotations = media_type, annotations
+
+    @property
+    def toc_digest(self):
+        return self.annotations.get(ANNOTATION_TOC_DIGEST)
+
+    @property
+    def compression(self):
+        """gzip, zstd, none or unknown, from the media type table (then its suffix)."""
+        media = self.media_type or ""
+        for known, compression in LAYER_MEDIA_TYPES:
+            if media == known:
+                return compression
+        if "zstd" in media:
+            return "zstd"
+        if "gzip" in media or media.endswith(".tar.gz"):
+            return "gzip"
+        if media.endswith(".tar"):
+            return "none"
+        return "unknown"
+
+    @classmethod
+    def from_json(cls, position, doc, manifest_digest):
+        if not isinstance(doc, dict) or not _DIGEST_RE.match(str(doc.get("digest", ""))) \
+                or doc.get("size").__class__ is not int or doc["size"] < 0:
+            _fail(ErrorCode.FORMAT, "manifest %s has a malformed layer descriptor #%d" % (manifest_digest, position))
+        annotations = doc.get("annotations") if isinstance(doc.get("annotations"), dict) else {}
+        return cls(position, doc["digest"], doc["size"], str(doc.get("mediaType", "")), annotations)
+
+
+class ImageManifest(object):
+    """A resolved image manifest: its digest, platform and layers; `index` is the
+    ImageIndexManifest it was chosen from, or None for a single-platform image."""
+
+    def __init__(self, ref, digest, media_type, platform, layers, config_digest, raw, index=None):
+        self.ref, self.digest, self.media_type = ref, digest, media_type
+        self.platform, self.layers, self.config_digest, self.raw = platform, layers, config_digest, raw
+        self.index = index
+
+    @classmethod
+    def from_json(cls, doc, ref, digest, media_type, raw, platform=None, index=None):
+        media_type = doc.get("mediaType") or media_type
+        raw_layers = doc.get("layers") or []
+        if not isinstance(raw_layers, list):
+            _fail(ErrorCode.FORMAT, "manifest %s: 'layers' is not a list" % digest)
+        layers = [LayerDescriptor.from_json(i, layer, digest) for i, layer in enumerate(raw_layers)]
+        if not layers and "layers" not in doc:
+            _fail(ErrorCode.UNSUPPORTED, "%s is not an image manifest (media type %s)" % (ref, media_type))
+        config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+        return cls(ref, digest, media_type, platform, layers, config.get("digest"), raw, index)
+
+
+class ImageIndexManifest(object):
+    """An OCI image index (or docker manifest list): the platforms it offers."""
+
+    def __init__(self, digest, media_type, entries):
+        self.digest, self.media_type = digest, media_type
+        self.entries = entries      # [(Platform, descriptor dict)], attestations left out
+
+    @classmethod
+    def from_json(cls, doc, digest, media_type):
+        entries = []
+        listed = doc.get("manifests")
+        for desc in listed if isinstance(listed, list) else []:
+            if not isinstance(desc, dict) or not _DIGEST_RE.match(str(desc.get("digest", ""))):
+                continue
+            plat = Platform.from_descriptor(desc)
+            annotations = desc.get("annotations") if isinstance(desc.get("annotations"), dict) else {}
+            if (plat.os, plat.architecture) == ("unknown", "unknown") or \
+                    annotations.get("vnd.docker.reference.type") == "attestation-manifest":
+                continue
+            entries.append((plat, desc))
+        return cls(digest, doc.get("mediaType") or media_type, entries)
+
+    @property
+    def platforms(self):
+        return [plat for plat, _ in self.entries]
+
+
+def parse_manifest_json(raw, what):
+    """A manifest's or index's bytes -> its JSON object."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise StargzError(ErrorCode.FORMAT, "manifest of %s is not valid JSON" % what, e) from e
+    if not isinstance(doc, dict):
+        _fail(ErrorCode.FORMAT, "manifest of %s is not a JSON object" % what)
+    return doc
+
+
+def is_image_index(doc, media_type):
+    media_type = doc.get("mediaType") or media_type
+    return media_type in INDEX_MEDIA_TYPES or (isinstance(doc.get("manifests"), list) and "layers" not in doc)
+
+
+def choose_platform(index, wanted, what):
+    """The index entry (descriptor dict) for platform `wanted`, or NOT_FOUND naming
+    the platforms there are."""
+    for plat, desc in index.entries:
+        if wanted.matches(plat):
+            return desc
+    available = ", ".join(sorted(set(str(p) for p in index.platforms))) or "none"
+    _fail(ErrorCode.NOT_FOUND, "%s has no image for platform %s (available: %s); use --platform"
+          % (what, wanted, available))
+
+
+def platform_of_config(raw):
+    """The platform an image's config blob declares, or None."""
+    try:
+        config = json.loads(raw.decode("utf-8"))
+        return Platform(str(config["os"]), str(config["architecture"]), config.get("variant"))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+# -- eStargz: footer and TOC ----------------------------------------------------
 
 TOC_TAR_NAME = "stargz.index.json"
 FOOTER_SIZE = 51
@@ -1832,7 +1998,7 @@ def parse_footer(tail):
                 return int(match.group(1), 16), LEGACY_FOOTER_SIZE
     if tail.endswith(_ZSTD_CHUNKED_MAGIC):
         _fail(ErrorCode.UNSUPPORTED, "zstd:chunked layer: not supported (starget reads gzip eStargz only)")
-    _fail(ErrorCode.FORMAT, "not eStargz: the layer has no eStargz or stargz footer", not_estargz=True)
+    raise NotEStargzError(ErrorCode.FORMAT, "not eStargz: the layer has no eStargz or stargz footer")
 
 
 def extract_toc_json(member):
@@ -1841,7 +2007,7 @@ def extract_toc_json(member):
     try:
         data = inflater.decompress(bytes(member), MAX_TOC_JSON_SIZE + 1024)
     except zlib.error as e:
-        _fail(ErrorCode.FORMAT, "TOC is not valid gzip: %s" % e, e, corrupt=True)
+        raise StargzError(ErrorCode.FORMAT, "TOC is not valid gzip: %s" % e, e, damaged=True) from e
     if len(data) < 512:
         _fail(ErrorCode.FORMAT, "TOC member is truncated (%d bytes inflated)" % len(data))
     header = data[:512]
@@ -1854,6 +2020,27 @@ def extract_toc_json(member):
     if len(data) < 512 + size:
         _fail(ErrorCode.FORMAT, "TOC member is truncated (want %d bytes of JSON, have %d)" % (size, len(data) - 512))
     return data[512:512 + size]
+
+
+def inflate_members(pieces, max_out=1 << 20):
+    """Inflate concatenated gzip members (a layer, or the members of one range) that
+    arrive as `pieces`, an iterable of compressed bytes; yields inflated bytes, at
+    most `max_out` at a time, so that memory stays bounded whatever the ratio.
+    Corrupt data raises FORMAT, `damaged` (a fetch again may mend it)."""
+    inflater = zlib.decompressobj(31)
+    for data in pieces:
+        while data:
+            try:
+                out = inflater.decompress(data, max_out)
+            except zlib.error as e:
+                raise StargzError(ErrorCode.FORMAT, "corrupt gzip data: %s" % e, e, damaged=True) from e
+            data = inflater.unconsumed_tail
+            if out:
+                yield out
+            if inflater.eof:    # the next member continues the stream
+                data, inflater = inflater.unused_data, zlib.decompressobj(31)
+            elif not out:
+                break
 
 
 def _tar_number(field):
@@ -2208,20 +2395,23 @@ class TOCCache(object):
             log.debug("cannot write TOC cache %s: %s", path, e)
 
 
-def layer_format(layer):
-    """What the media type says, before any byte is read."""
+def check_lazy_readable(layer):
+    """Refuse, before any byte is read, a layer whose media type cannot be read lazily."""
     compression = layer.compression
     if compression == "zstd":
         _fail(ErrorCode.UNSUPPORTED, "layer %s is zstd-compressed (%s): not supported; starget reads gzip eStargz"
               % (layer.digest, layer.media_type))
+    if compression == "none":
+        raise NotEStargzError(ErrorCode.UNSUPPORTED, "layer %s has media type %s: not a gzip layer, cannot be read "
+                              "lazily" % (layer.digest, layer.media_type))
     if compression != "gzip":
         _fail(ErrorCode.UNSUPPORTED, "layer %s has media type %s: not a gzip layer, cannot be read lazily"
-              % (layer.digest, layer.media_type or "(none)"), not_estargz=compression == "none")
+              % (layer.digest, layer.media_type or "(none)"))
 
 
 def fetch_layer_toc(client, layer, cache=None):
     """The LayerTOC of one layer: from the cache, else one tail read (two for a big TOC)."""
-    layer_format(layer)
+    check_lazy_readable(layer)
     expected = layer.toc_digest
     if expected is not None and not _DIGEST_RE.match(str(expected)):
         _fail(ErrorCode.FORMAT, "layer %s has a malformed TOC digest annotation" % layer.digest)
@@ -2230,30 +2420,21 @@ def fetch_layer_toc(client, layer, cache=None):
         toc_offset, data, footer_size = cached
         log.debug("TOC of %s from the cache", layer.digest)
     else:
-        for attempt in (1, 2):   # bytes damaged on the way get one more fetch
-            try:
-                toc_offset, data, footer_size = _read_toc_from_blob(client, layer)
-                if expected and _sha256_digest(data) != expected:
-                    _fail(ErrorCode.INTEGRITY, "layer %s: TOC digest %s does not match the manifest annotation %s; "
-                          "refusing the layer" % (layer.digest, _sha256_digest(data), expected))
-                break
-            except StargzError as e:
-                if attempt == 2 or not (e.code == ErrorCode.INTEGRITY or e.details.get("corrupt")):
-                    raise
-                log.info("fetching the TOC of %s again: %s", layer.digest, e.message)
-                client.transport.stats.add("retries")
+        toc_offset, data, footer_size = client.retrying(lambda: _read_toc_from_blob(client, layer),
+                                                        "the TOC of %s" % layer.digest)
         if cache:
             cache.put(layer.digest, toc_offset, data, footer_size)
     try:
-        toc = parse_toc(data, toc_offset, blob=layer.digest, layer=layer.index)
-        toc.footer_size = footer_size
-        return toc
+        toc = parse_toc(data, toc_offset, blob=layer.digest, layer=layer.position)
     except StargzError as e:
-        e.message = "layer %s: %s" % (layer.digest, e.message)
-        raise
+        raise _reworded(e, "layer %s: %s" % (layer.digest, e.message)) from e
+    toc.footer_size = footer_size
+    return toc
 
 
 def _read_toc_from_blob(client, layer):
+    """(toc offset, TOC JSON bytes, footer size), checked against the manifest's TOC
+    digest: one attempt (damaged bytes are `damaged`, so the caller fetches again)."""
     size = layer.size
     if size < LEGACY_FOOTER_SIZE:
         _fail(ErrorCode.FORMAT, "not eStargz: layer %s is only %d bytes" % (layer.digest, size))
@@ -2262,11 +2443,11 @@ def _read_toc_from_blob(client, layer):
     try:
         toc_offset, footer_size = parse_footer(tail)
     except StargzError as e:
-        e.message = "layer %s (%s): %s" % (layer.digest, layer.media_type, e.message)
+        message = "layer %s (%s): %s" % (layer.digest, layer.media_type, e.message)
         if e.code == ErrorCode.FORMAT:
-            e.message += "; it is a plain tar+gzip layer: rebuild the image as eStargz (e.g. nerdctl image " \
-                         "convert --estargz) or pass --fallback-stream to read it whole (slow)"
-        raise
+            message += "; it is a plain tar+gzip layer: rebuild the image as eStargz (e.g. nerdctl image " \
+                       "convert --estargz) or pass --fallback-stream to read it whole (slow)"
+        raise _reworded(e, message) from e
     member_end = size - footer_size
     if toc_offset >= member_end or member_end - toc_offset > MAX_TOC_MEMBER_SIZE:
         _fail(ErrorCode.FORMAT, "layer %s: footer points to a TOC at %d, outside the blob of %d bytes"
@@ -2275,7 +2456,12 @@ def _read_toc_from_blob(client, layer):
         member = tail[toc_offset - tail_start:member_end - tail_start]
     else:
         member = client.read_blob(layer.digest, toc_offset, tail_start - 1) + tail[:member_end - tail_start]
-    return toc_offset, extract_toc_json(member), footer_size
+    data = extract_toc_json(member)
+    expected = layer.toc_digest
+    if expected and _sha256_digest(data) != expected:
+        _fail(ErrorCode.INTEGRITY, "layer %s: TOC digest %s does not match the manifest annotation %s; "
+              "refusing the layer" % (layer.digest, _sha256_digest(data), expected), damaged=True)
+    return toc_offset, data, footer_size
 
 
 _TAR_TYPES = {b"0": "reg", b"\x00": "reg", b"7": "reg", b"1": "hardlink", b"2": "symlink",
@@ -2286,77 +2472,94 @@ def spool_plain_layer(client, layer, directory):
     """--fallback-stream: a layer that is not eStargz is read whole (its digest
     checked), inflated to an uncompressed tar under `directory`, and indexed from
     its tar headers. Slow, and it needs the layer's uncompressed size on disk."""
-    import tarfile
     path = os.path.join(directory, layer.digest.replace(":", "-") + ".tar")
+    client.retrying(lambda: _spool_blob(client, layer, path), "layer %s" % layer.digest)
+    toc = _toc_of_tar(path, layer)
+    toc.set_origin(layer.digest, layer.position)
+    return toc
+
+
+def _read_extent(response, length):
+    """The body of `response`, `length` bytes, as pieces; a short body is truncated."""
+    while length > 0:
+        data = response.read(min(READ_SIZE, length))
+        if not data:
+            raise response.truncated(length)
+        length -= len(data)
+        yield data
+
+
+def _spool_blob(client, layer, path):
+    """One attempt: the whole blob, hashed and (if gzip) inflated into `path`."""
     hasher = hashlib.sha256()
-    inflater = zlib.decompressobj(31) if layer.compression == "gzip" else None
+
+    def hashed(pieces):
+        for data in pieces:
+            hasher.update(data)
+            yield data
+
     response = client.open_blob(layer.digest, 0, max(0, layer.size - 1))
     try:
-        out = open(path, "wb")
+        with open(path, "wb") as out:
+            pieces = hashed(_read_extent(response, layer.size))
+            for data in inflate_members(pieces) if layer.compression == "gzip" else pieces:
+                out.write(data)
     except OSError as e:
-        response.close()
-        _fail(ErrorCode.IO, "cannot spool layer %s: %s" % (layer.digest, _describe_os_error(e)), e)
-    try:
-        with out:
-            remaining = layer.size
-            while remaining > 0:
-                data = response.read(min(READ_SIZE, remaining))
-                if not data:
-                    _fail(ErrorCode.NETWORK, "layer %s ended early (truncated)" % layer.digest, truncated=True)
-                remaining -= len(data)
-                hasher.update(data)
-                while data and inflater is not None:
-                    try:
-                        out.write(inflater.decompress(data, READ_SIZE * 4))
-                    except zlib.error as e:
-                        _fail(ErrorCode.FORMAT, "layer %s is not valid gzip: %s" % (layer.digest, e), e)
-                    data = inflater.unconsumed_tail
-                    if inflater.eof:
-                        data, inflater = inflater.unused_data, zlib.decompressobj(31)
-                if inflater is None:
-                    out.write(data)
-    except OSError as e:
-        _fail(ErrorCode.IO, "cannot spool layer %s: %s" % (layer.digest, _describe_os_error(e)), e)
+        raise StargzError(ErrorCode.IO, "cannot spool layer %s: %s" % (layer.digest, _describe_os_error(e)), e) from e
+    except StargzError as e:
+        if e.code != ErrorCode.FORMAT:
+            raise
+        raise StargzError(ErrorCode.FORMAT, "layer %s is not valid gzip: %s" % (layer.digest, e.message), e) from e
     finally:
         response.close()
     if "sha256:" + hasher.hexdigest() != layer.digest:
         _fail(ErrorCode.INTEGRITY, "layer %s does not match its digest" % layer.digest)
+
+
+def _toc_of_tar(path, layer):
+    """A LayerTOC from the headers of a spooled, uncompressed layer tar."""
+    import tarfile
     entries, names, warnings = [], {}, []
     try:
         with tarfile.open(path, "r:") as tar:
             for info in tar:
-                kind = _TAR_TYPES.get(info.type)
-                try:
-                    name = normalize_path(info.name)
-                except StargzError as e:
-                    warnings.append("skipped tar entry: %s" % e.message)
-                    continue
-                if kind is None or (kind in ("symlink", "hardlink") and not info.linkname):
-                    continue
-                entry = TOCEntry(name, kind, size=info.size if kind == "reg" else 0, mode=info.mode & 0o7777,
-                                 uid=info.uid, gid=info.gid, uname=info.uname or None, gname=info.gname or None,
-                                 mtime=int(info.mtime), link=info.linkname or None, dev_major=info.devmajor,
-                                 dev_minor=info.devminor, offset=0, inner_offset=0)
-                if kind == "reg" and info.size:
-                    entry.chunks = [Chunk(0, info.size, 0, info.offset_data, None, end=0)]
-                    entry.spool = path
-                if kind == "hardlink":
-                    try:
-                        entry.link = normalize_path(info.linkname)
-                    except StargzError:
-                        entry.link = None
-                    target = names.get(entry.link)
-                    if target is None or target.content.type != "reg":
-                        warnings.append("skipped hardlink %r: target %r is not an earlier file" % (name, info.linkname))
-                        continue
-                    entry.link_target = target.content
-                entries.append(entry)
-                names[name] = entry
+                entry = _entry_of_tarinfo(info, path, names, warnings)
+                if entry is not None:
+                    entries.append(entry)
+                    names[entry.path] = entry
     except (tarfile.TarError, EOFError, ValueError, OSError) as e:
-        _fail(ErrorCode.FORMAT, "layer %s is not a readable tar: %s" % (layer.digest, e), e)
-    toc = LayerTOC(entries, None, None, warnings=warnings, footer_size=0)
-    toc.set_origin(layer.digest, layer.index)
-    return toc
+        raise StargzError(ErrorCode.FORMAT, "layer %s is not a readable tar: %s" % (layer.digest, e), e) from e
+    return LayerTOC(entries, None, None, warnings=warnings, footer_size=0)
+
+
+def _entry_of_tarinfo(info, spool, names, warnings):
+    """The TOCEntry of one tar header of a spooled layer, or None to skip it."""
+    kind = _TAR_TYPES.get(info.type)
+    try:
+        name = normalize_path(info.name)
+    except StargzError as e:
+        warnings.append("skipped tar entry: %s" % e.message)
+        return None
+    if kind is None or (kind in ("symlink", "hardlink") and not info.linkname):
+        return None
+    entry = TOCEntry(name, kind, size=info.size if kind == "reg" else 0, mode=info.mode & 0o7777,
+                     uid=info.uid, gid=info.gid, uname=info.uname or None, gname=info.gname or None,
+                     mtime=int(info.mtime), link=info.linkname or None, dev_major=info.devmajor,
+                     dev_minor=info.devminor, offset=0, inner_offset=0)
+    if kind == "reg" and info.size:
+        entry.chunks = [Chunk(0, info.size, 0, info.offset_data, None, end=0)]
+        entry.spool = spool
+    if kind == "hardlink":
+        try:
+            entry.link = normalize_path(info.linkname)
+        except StargzError:
+            entry.link = None
+        target = names.get(entry.link)
+        if target is None or target.content.type != "reg":
+            warnings.append("skipped hardlink %r: target %r is not an earlier file" % (name, info.linkname))
+            return None
+        entry.link_target = target.content
+    return entry
 
 
 def _resolve_in(view, path, follow_last, collected=None):
@@ -2490,6 +2693,44 @@ class ImageIndex(object):
         return [selected[p] for p in sorted(selected)]
 
 
+def resolve_manifest(client, platform=None):
+    """The image manifest for `platform` (default: the host's), through an index if
+    there is one. The client's endpoints are walked in order (see _endpoint_fallback);
+    the one that answers is selected for every later request."""
+    endpoints = client.endpoints
+    position = 0
+    while True:
+        endpoint = endpoints[position]
+        try:
+            manifest = _manifest_at(client, endpoint, platform)
+        except StargzError as error:
+            position = _endpoint_fallback(endpoints, position, error)
+            if position is None:
+                raise
+            continue
+        client.select(endpoint)
+        return manifest
+
+
+def _manifest_at(client, endpoint, platform):
+    ref = client.ref
+    raw, media_type, digest = client.get_manifest(ref.reference, endpoint)
+    doc = parse_manifest_json(raw, ref)
+    if not is_image_index(doc, media_type):
+        return ImageManifest.from_json(doc, ref, digest, media_type, raw)   # its config names the platform
+    index = ImageIndexManifest.from_json(doc, digest, media_type)
+    child = choose_platform(index, platform or Platform.host(), ref)
+    raw, media_type, digest = client.get_manifest(child["digest"], endpoint)
+    return ImageManifest.from_json(parse_manifest_json(raw, ref), ref, digest, media_type, raw,
+                                   Platform.from_descriptor(child), index)
+
+
+def config_platform(client, manifest):
+    """The platform the image's config blob declares (one small extra request), or None."""
+    raw = client.get_config(manifest.config_digest)
+    return platform_of_config(raw) if raw is not None else None
+
+
 def open_image(reference, platform=None, client=None, cache=None, blob=None, concurrency=4,
                fallback_dir=None, **client_options):
     """Resolve an image and load its TOCs: the merged ImageIndex (or, with `blob`,
@@ -2499,42 +2740,42 @@ def open_image(reference, platform=None, client=None, cache=None, blob=None, con
         client = RegistryClient(reference, **client_options)
     if isinstance(platform, str):
         platform = Platform.parse(platform)
-    manifest = client.resolve(platform)
+    manifest = resolve_manifest(client, platform)
     wanted = manifest.layers
     if blob is not None:
-        probe = ImageIndex([LayerTOC([], blob=layer.digest, layer=layer.index) for layer in manifest.layers])
+        probe = ImageIndex([LayerTOC([], blob=layer.digest, layer=layer.position) for layer in manifest.layers])
         chosen = probe.layer(blob).blob
         wanted = [layer for layer in manifest.layers if layer.digest == chosen]
+
     def load(layer):
         try:
             return fetch_layer_toc(client, layer, cache)
-        except StargzError as e:
-            if fallback_dir is None or not e.details.get("not_estargz"):
+        except NotEStargzError:
+            if fallback_dir is None:
                 raise
             log.warning("layer %s is not eStargz: reading it whole (--fallback-stream)", layer.digest)
             return spool_plain_layer(client, layer, fallback_dir)
 
     tocs = _map_parallel(load, wanted, concurrency)
-    by_index = dict(zip([layer.index for layer in wanted], tocs))
+    by_position = dict(zip([layer.position for layer in wanted], tocs))
     for toc in tocs:
         for warning in toc.warnings:
             log.warning("layer %s: %s", toc.blob, warning)
-    layers = [by_index.get(layer.index) for layer in manifest.layers]
+    layers = [by_position.get(layer.position) for layer in manifest.layers]
     if blob is not None:
-        layers = [toc if toc is not None else LayerTOC([], blob=layer.digest, layer=layer.index)
+        layers = [toc if toc is not None else LayerTOC([], blob=layer.digest, layer=layer.position)
                   for toc, layer in zip(layers, manifest.layers)]
     return ImageIndex(layers, client, manifest)
 
 
 def _map_parallel(function, items, concurrency):
-    """function(item) for each item on up to `concurrency` threads; the first error is raised."""
+    """[function(item) for item in items] on up to `concurrency` threads; the first error is raised."""
     items = list(items)
     if len(items) <= 1 or concurrency <= 1:
         return [function(item) for item in items]
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=min(concurrency, len(items))) as pool:
-        futures = [pool.submit(function, item) for item in items]
-        return [f.result() for f in futures]
+        return list(pool.map(function, items))
 
 # =============================================================================
 # download (plan what to fetch, fetch in parallel, inflate, verify, write safely)
@@ -3088,37 +3329,23 @@ class Downloader(object):
         self._chunk_done(sink, stats, progress)
 
     def _run_range(self, blob, members, stats, progress):
-        """Fetch one coalesced range; on a transient failure fetch what is still
-        missing again, with backoff; a digest mismatch is refetched once."""
-        attempt = 0
-        while True:
-            members = [m for m in members if any(self._wanted(t, i) for t, i in m.targets)]
-            if not members or self._stop.is_set():
-                return
-            try:
-                self._fetch_members(blob, members, stats, progress)
-                return
-            except StargzError as e:
-                error = e
+        """Fetch one coalesced range through the retry loop: each attempt fetches what
+        is still missing; what finally fails, fails only the files it feeds."""
+        def attempt():
+            wanted = [m for m in members if any(self._wanted(t, i) for t, i in m.targets)]
+            if wanted and not self._stop.is_set():
+                self._fetch_members(blob, wanted, stats, progress)
+
+        what = "bytes %d-%d of %s" % (members[0].offset, members[-1].end - 1, blob)
+        try:
+            self.retry.run(attempt, what, stats)
+        except StargzError as error:
             if error.code == ErrorCode.INTERRUPTED:
                 return
-            if error.details.get("refetch"):   # each chunk gets one more fetch: this ends
-                stats.add("retries")
-                continue
-            # Body faults (reset, truncation, stall) are retried here; what the transport
-            # already retried (refused connections, 5xx) is not retried twice.
-            retryable = error.code == ErrorCode.NETWORK and not error.details.get("exhausted") \
-                and not error.details.get("permanent")
-            if not retryable or attempt >= self.retry.retries:
-                for member in members:
-                    for task, i in member.targets:
-                        if self._wanted(task, i):
-                            self._fail_task(task, error, stats)
-                return
-            log.info("retrying bytes %d-%d of %s: %s", members[0].offset, members[-1].end - 1, blob, error.message)
-            stats.add("retries")
-            self.retry.wait(attempt)
-            attempt += 1
+            for member in members:
+                for task, i in member.targets:
+                    if self._wanted(task, i):
+                        self._fail_task(task, error, stats)
 
     @staticmethod
     def _wanted(task, index):
@@ -3131,20 +3358,13 @@ class Downloader(object):
         try:
             position = start
             for member in members:
-                self._read_through(response, member.offset - position)
+                response.skip(member.offset - position)
                 refetch = self._inflate_member(response, member, stats, progress) or refetch
                 position = member.end
         finally:
             response.close()
         if refetch:
-            _fail(ErrorCode.INTEGRITY, "a chunk did not match its digest: fetching it again", refetch=True)
-
-    def _read_through(self, response, amount):
-        while amount > 0:
-            data = response.read(min(amount, READ_SIZE))
-            if not data:
-                _fail(ErrorCode.NETWORK, "blob body ended early (truncated)", truncated=True)
-            amount -= len(data)
+            _fail(ErrorCode.INTEGRITY, "a chunk did not match its digest: fetching it again", damaged=True)
 
     def _inflate_member(self, response, member, stats, progress):
         """Stream one member's compressed bytes through zlib, handing each wanted
@@ -3160,7 +3380,7 @@ class Downloader(object):
                 _fail(ErrorCode.INTERRUPTED, "interrupted")
             data = response.read(min(remaining, READ_SIZE))
             if not data:
-                _fail(ErrorCode.NETWORK, "blob body ended early (truncated)", truncated=True)
+                raise response.truncated(remaining)
             remaining -= len(data)
             while data and produced < need and broken is None:
                 try:
@@ -4078,11 +4298,11 @@ def _print_sizes(entries, as_json, out):
 
 
 def cmd_info(session, out):
-    manifest = session.client.resolve(session.platform)
-    platform = manifest.platform or session.client.config_platform(manifest)
+    manifest = resolve_manifest(session.client, session.platform)
+    platform = manifest.platform or config_platform(session.client, manifest)
 
     def describe(layer):
-        row = {"index": layer.index, "digest": layer.digest, "media_type": layer.media_type,
+        row = {"index": layer.position, "digest": layer.digest, "media_type": layer.media_type,
                "size": layer.size, "format": layer.compression, "toc_digest": layer.toc_digest,
                "toc_entries": None}
         try:

@@ -753,8 +753,9 @@ def test_error_codes_match_contract(name, code):
 def test_stargz_error_carries_code_message_cause(name):
     cause = ValueError("root cause")
     e = starget.StargzError(getattr(starget.ErrorCode, name), "something broke", cause=cause,
-                            details={"k": 1})
+                            transient=True)
     assert isinstance(e, Exception)
+    assert e.transient is True and e.damaged is False and e.retry_after is None
     assert e.code == getattr(starget.ErrorCode, name)
     assert e.exit_code == CONTRACT_EXIT_CODES[name]
     assert "something broke" in str(e)
@@ -2055,7 +2056,7 @@ def test_a_stale_keep_alive_pool_costs_no_retry():
         for t in threads:
             t.join(15)
         assert server.connections == n
-        assert sum(len(idle) for idle in transport._idle.values()) == n, "the pool was not filled"
+        assert transport.pool.idle_count() == n, "the pool was not filled"
         deadline = time.time() + 10
         while server.closed < n and time.time() < deadline:
             time.sleep(0.05)
@@ -2507,7 +2508,7 @@ def _api_get(client, pattern, out):
 
 def test_tls_api_cafile_byte_exact(tls_registry, api_env):
     client = _tls_client(tls_registry, cafile=tls_registry.cacert)
-    assert client.base_url.startswith("https://")
+    assert client.endpoint.base_url.startswith("https://")
     out = str(api_env / "out")
     _api_get(client, ".", out)
     assert compare_tree(expected_files("basic", "latest"), walk_tree(out)) == []
@@ -2516,7 +2517,7 @@ def test_tls_api_cafile_byte_exact(tls_registry, api_env):
 def test_tls_api_without_ca_is_network_error(tls_registry, api_env):
     client = _tls_client(tls_registry)
     with pytest.raises(starget.StargzError) as ei:
-        client.resolve()
+        starget.resolve_manifest(client)
     e = ei.value
     assert e.code == starget.ErrorCode.NETWORK
     assert tls_registry.addr in e.message
@@ -2549,7 +2550,7 @@ def test_tls_api_certs_dir_of_other_registry_not_used(tls_registry, api_env):
     shutil.copy(tls_registry.cacert, str(certs / "127.0.0.1:1" / "ca.crt"))
     client = _tls_client(tls_registry, certs_dirs=[str(certs)])
     with pytest.raises(starget.StargzError) as ei:
-        client.resolve()
+        starget.resolve_manifest(client)
     assert ei.value.code == starget.ErrorCode.NETWORK
 
 
@@ -2673,7 +2674,7 @@ def test_proxy_http_absolute_form(registry_anon, proxy, api_env, var):
 def test_proxy_credentials_in_proxy_url(registry_anon, proxy, api_env):
     url = proxy.url.replace("http://", "http://pu:p%40ss@")
     client = _proxied_client(registry_anon.addr, {"HTTP_PROXY": url})
-    client.resolve()
+    starget.resolve_manifest(client)
     seen = proxy.seen()
     assert seen and all(h.get("proxy-authorization") == "Basic " + _b64("pu", "p@ss") for m, t, h in seen)
 
@@ -2683,7 +2684,7 @@ def test_proxy_credentials_in_proxy_url(registry_anon, proxy, api_env):
 def test_proxy_no_proxy_bypasses(registry_anon, proxy, api_env, no_proxy):
     client = _proxied_client(registry_anon.addr, {"HTTP_PROXY": proxy.url, "NO_PROXY": no_proxy})
     with pytest.raises(starget.StargzError) as ei:
-        client.resolve()
+        starget.resolve_manifest(client)
     assert ei.value.code == starget.ErrorCode.NETWORK
     assert "cannot resolve host registry.test" in ei.value.message
     assert proxy.seen() == []
@@ -2693,10 +2694,10 @@ def test_proxy_no_proxy_with_port(registry_anon, proxy, api_env):
     port = registry_anon.addr.rsplit(":", 1)[1]
     client = _proxied_client(registry_anon.addr, {"HTTP_PROXY": proxy.url, "NO_PROXY": "registry.test:%s" % port})
     with pytest.raises(starget.StargzError):
-        client.resolve()
+        starget.resolve_manifest(client)
     assert proxy.seen() == []
     other = _proxied_client(registry_anon.addr, {"HTTP_PROXY": proxy.url, "NO_PROXY": "registry.test:1"})
-    other.resolve()
+    starget.resolve_manifest(other)
     assert proxy.seen()
 
 
@@ -2705,7 +2706,7 @@ def test_proxy_loopback_never_proxied(registry_anon, api_env):
                                   retry=starget.RetryPolicy(retries=0))
     client = starget.RegistryClient(registry_anon.image("basic"), transport=transport,
                                     credentials=starget.Credentials(environ={}, home="/nonexistent"))
-    assert client.resolve().layers
+    assert starget.resolve_manifest(client).layers
 
 
 @pytest.mark.parametrize("verify", ["insecure", "cafile"])
@@ -2724,7 +2725,7 @@ def test_proxy_https_connect(tls_registry, proxy, api_env, verify):
 def test_proxy_connect_credentials(tls_registry, proxy, api_env):
     url = proxy.url.replace("http://", "http://pu:secret@")
     client = _proxied_client(tls_registry.addr, {"HTTPS_PROXY": url}, plain_http=False, insecure=True)
-    client.resolve()
+    starget.resolve_manifest(client)
     seen = proxy.seen("CONNECT")
     assert seen and all(h.get("proxy-authorization") == "Basic " + _b64("pu", "secret") for m, t, h in seen)
 
@@ -2734,7 +2735,7 @@ def test_proxy_refused_api(api_env):
     client = starget.RegistryClient("registry.test:5000/x/y:1", transport=transport,
                                     credentials=starget.Credentials(environ={}, home="/nonexistent"))
     with pytest.raises(starget.StargzError) as ei:
-        client.resolve()
+        starget.resolve_manifest(client)
     assert ei.value.code == starget.ErrorCode.NETWORK
     assert "proxy" in ei.value.message and "127.0.0.1:1" in ei.value.message
 
