@@ -2591,12 +2591,27 @@ def _resolve_in(view, path, follow_last, collected=None):
     return "/".join(resolved)
 
 
-def _remove_subtree(view, path):
-    """Delete `path` and everything below it from a path -> entry map."""
-    view.pop(path, None)
-    prefix = path + "/" if path else ""
-    for key in [k for k in view if k.startswith(prefix) and k != path]:
-        del view[key]
+def _remove_subtree(view, children, path, keep_top=False):
+    """Delete everything below `path` (and, unless `keep_top`, `path` itself) from a
+    path -> entry map. `children` (see ImageIndex._link_path) is kept in step, and
+    only the removed subtree is visited, not the whole map."""
+    if path == "":   # the prefix is "", which every path has: the whole map goes
+        root = view.get("")
+        view.clear()
+        children.clear()
+        if keep_top and root is not None:
+            view[""] = root
+        return
+    if not keep_top:
+        view.pop(path, None)
+        siblings = children.get(path[:path.rfind("/")]) if "/" in path else None
+        if siblings is not None:
+            siblings.discard(path)
+    todo = list(children.pop(path, ()))
+    while todo:
+        below = todo.pop()
+        view.pop(below, None)
+        todo.extend(children.pop(below, ()))
 
 
 class ImageIndex(object):
@@ -2633,7 +2648,7 @@ class ImageIndex(object):
         return self._merged
 
     def _merge(self):
-        merged = {}
+        merged, children = {}, {}   # children: so removals walk only what they remove
         for toc in self.layers:
             if toc is None:
                 _fail(ErrorCode.INTERNAL, "merged view needs every layer's TOC")
@@ -2641,20 +2656,34 @@ class ImageIndex(object):
             for entry in toc.entries:
                 name, parent = entry.name, posixpath.dirname(entry.path)
                 if name == OPAQUE_WHITEOUT:
-                    for key in [k for k in merged if parent == "" or k.startswith(parent + "/")]:
-                        if key != parent:
-                            del merged[key]
+                    _remove_subtree(merged, children, parent, keep_top=True)
                 elif name.startswith(WHITEOUT_PREFIX):
                     if name != WHITEOUT_PREFIX:   # `.wh.` alone names nothing (not the parent)
-                        _remove_subtree(merged, posixpath.join(parent, name[len(WHITEOUT_PREFIX):]))
+                        _remove_subtree(merged, children, posixpath.join(parent, name[len(WHITEOUT_PREFIX):]))
                 else:
                     own.append(entry)
             for entry in own:
                 old = merged.get(entry.path)
                 if old is not None and old.type == "dir" and entry.type != "dir":
-                    _remove_subtree(merged, entry.path)
+                    _remove_subtree(merged, children, entry.path)
                 merged[entry.path] = entry
+                self._link_path(children, entry.path)
         return dict(sorted(merged.items()))
+
+    @staticmethod
+    def _link_path(children, path):
+        """Record `path` in `children`: text before its last "/" -> the set of paths one
+        level below. By string, not by entry: "a/b/c" links through "a/b" even when no
+        entry "a/b" exists (TOCs may omit parent dirs), and "a/b-c" is not below "a/b".
+        A path whose parent already has a set stops there: that parent is linked already."""
+        while "/" in path:
+            parent = path[:path.rfind("/")]
+            siblings = children.get(parent)
+            if siblings is not None:
+                siblings.add(path)
+                return
+            children[parent] = {path}
+            path = parent
 
     def entries(self, blob=None):
         """Every entry but the root, sorted by path."""

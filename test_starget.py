@@ -3464,6 +3464,128 @@ def test_a_file_named_three_dots_is_a_file_not_everything(pattern):
     assert _paths(idx.filter_files(".")) == ["...", "d", "d/...", "other"]
 
 
+def _reference_merge(layers):
+    """The obvious merge, every removal a scan of the whole view: what ImageIndex._merge
+    must equal, entry for entry and in the same order."""
+    import posixpath
+    merged = {}
+    for toc in layers:
+        own = []
+        for entry in toc.entries:
+            name, parent = entry.name, posixpath.dirname(entry.path)
+            if name == starget.OPAQUE_WHITEOUT:
+                for key in [k for k in merged if parent == "" or k.startswith(parent + "/")]:
+                    if key != parent:
+                        del merged[key]
+            elif name.startswith(starget.WHITEOUT_PREFIX) and name != starget.WHITEOUT_PREFIX:
+                gone = posixpath.join(parent, name[len(starget.WHITEOUT_PREFIX):])
+                for key in [k for k in merged if k == gone or k.startswith(gone + "/")]:
+                    del merged[key]
+            elif not name.startswith(starget.WHITEOUT_PREFIX):
+                own.append(entry)
+        for entry in own:
+            old = merged.get(entry.path)
+            if old is not None and old.type == "dir" and entry.type != "dir":
+                prefix = entry.path + "/" if entry.path else ""
+                for key in [k for k in merged if k == entry.path or k.startswith(prefix)]:
+                    del merged[key]
+            merged[entry.path] = entry
+    return dict(sorted(merged.items()))
+
+
+def _layer(*specs):
+    """A LayerTOC from (path, type) pairs, built directly (no TOC JSON)."""
+    return starget.LayerTOC([starget.TOCEntry(path, kind) for path, kind in specs])
+
+
+def _merged(layers):
+    return list(starget.ImageIndex(layers).view().items())
+
+
+def test_merge_edge_cases_match_overlayfs():
+    lower = _layer(("", "dir"), ("a/b", "dir"), ("a/b/c", "reg"), ("a/b-c", "reg"), ("a/bc", "reg"),
+                   ("o/in", "reg"), ("o/sub/deep", "reg"), ("f", "dir"), ("f/x", "reg"),
+                   ("r", "reg"), ("keep/x", "reg"))
+    upper = _layer(("a/.wh.b", "reg"),              # a/b and a/b/c go; a/b-c, a/bc stay
+                   ("o/.wh..wh..opq", "reg"), ("o/mine", "reg"),   # the layer's own o/mine stays
+                   ("f", "reg"),                     # a file over a dir: f/x goes
+                   ("r", "dir"), ("r/y", "reg"),     # a dir over a file
+                   ("keep/.wh.", "reg"))             # names nothing
+    got = starget.ImageIndex([lower, upper]).view()
+    assert list(got) == ["", "a/b-c", "a/bc", "f", "keep/x", "o/mine", "r", "r/y"]
+    assert got["f"].type == "reg" and got["r"].type == "dir"
+    root_opaque = _layer((".wh..wh..opq", "reg"), ("n", "reg"))
+    assert [p for p, _ in _merged([lower, upper, root_opaque])] == ["", "n"]   # the root itself stays
+
+
+def test_a_whiteout_then_the_same_path_again_in_a_later_layer():
+    layers = [_layer(("d/x/y", "reg"), ("d/z", "reg")), _layer(("d/.wh.x", "reg")),
+              _layer(("d/x/new", "reg")), _layer(("d/.wh..wh..opq", "reg")), _layer(("d/x/last", "reg"))]
+    assert _merged(layers) == list(_reference_merge(layers).items())
+    assert [p for p, _ in _merged(layers)] == ["d/x/last"]
+
+
+class _CountedPath(str):
+    """A path that counts every operation done on it: the work of a merge, whatever
+    the algorithm (plain strings derived from it, like slices, are not counted)."""
+    calls = [0]
+
+
+def _counting(method):
+    original = getattr(str, method)
+
+    def counted(self, *args):
+        _CountedPath.calls[0] += 1
+        return original(self, *args)
+    return counted
+
+
+for _method in ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__contains__",
+                "__getitem__", "__add__", "__len__", "__iter__", "startswith", "endswith", "find",
+                "rfind", "index", "rindex", "split", "rsplit", "partition", "rpartition"):
+    setattr(_CountedPath, _method, _counting(_method))
+
+
+def test_merge_work_is_proportional_to_what_the_whiteouts_remove():
+    """N entries below, W whiteouts and opaque dirs above, each removing a few entries:
+    the merge does O(N log N + W * removed) path operations, not O(N * W)."""
+    dirs, files = 400, 5
+    base = [("d%d" % d, "dir") for d in range(dirs)]
+    base += [("d%d/f%d" % (d, f), "reg") for d in range(dirs) for f in range(files)]
+    upper = [("d%d/.wh.f0" % d, "reg") for d in range(0, dirs, 2)]            # one file each
+    upper += [(".wh.d%d" % d, "reg") for d in range(1, dirs, 4)]               # a whole dir each
+    upper += [("d%d/.wh..wh..opq" % d, "reg") for d in range(3, dirs, 4)]      # a dir's contents
+    layers = [starget.LayerTOC([starget.TOCEntry(_CountedPath(p), kind) for p, kind in specs])
+              for specs in (base, upper)]
+    _CountedPath.calls[0] = 0
+    merged = starget.ImageIndex(layers).view()
+    work = _CountedPath.calls[0]
+    n, w = len(base), len(upper)
+    removed = n - len(merged)
+    assert removed == dirs // 2 + (dirs // 4) * (1 + files) + (dirs // 4) * files   # odd dirs lose no f0
+    budget = 20 * (n + w + removed) + 2 * n * n.bit_length()   # the final sort included
+    assert work <= budget, (work, budget, n * w)
+    assert list(merged) == list(_reference_merge(layers))
+
+
+if given is not None:
+    _merge_part = st.sampled_from(["a", "b", "a-b", "b.c", ""])    # "" makes "a//b", "/a" and the root
+    _merge_dir = st.lists(_merge_part, max_size=3).map("/".join)
+    _merge_name = st.one_of(_merge_part.map(lambda p: starget.WHITEOUT_PREFIX + p),
+                            st.just(starget.OPAQUE_WHITEOUT), _merge_part)
+    _merge_entry = st.tuples(_merge_dir, _merge_name, st.sampled_from(["dir", "reg", "symlink"])).map(
+        lambda t: (t[0] + "/" + t[1] if t[0] else t[1], t[2]))
+    _merge_layers = st.lists(st.lists(_merge_entry, max_size=10), min_size=1, max_size=4)
+
+    @PROP
+    @given(_merge_layers)
+    @example([[("a/", "dir"), ("a//b", "reg"), ("a/b", "reg")], [("a/", "reg")]])   # "a//b" is below "a/"
+    @example([[("/a", "dir"), ("/a/b", "reg"), ("a", "reg")], [("/.wh.a", "reg")]])
+    def test_prop_merge_equals_the_obvious_merge(stack):
+        layers = [_layer(*specs) for specs in stack]
+        assert _merged(layers) == list(_reference_merge(layers).items())
+
+
 # ---- image index: footer, TOC and the cache (requests counted) --------------
 
 def _blob_requests(stderr):
