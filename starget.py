@@ -1544,65 +1544,52 @@ def _endpoint_fallback(endpoints, position, error):
     return None
 
 
-class RegistryClient(object):
-    """Speaks the distribution API for one repository: auth, manifests, blob ranges.
+def _error_text(response):
+    """`CODE: message` from a distribution error body, else the status line."""
+    try:
+        body = response.read_all(64 << 10) if (response.length or 0) <= (64 << 10) else b""
+    except StargzError:
+        body = b""
+    finally:
+        response.close()
+    try:
+        err = json.loads(body.decode("utf-8"))["errors"][0]
+        return redact("%s: %s" % (err.get("code", "?"), err.get("message", "")))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError):
+        first = body.decode("utf-8", "replace").strip().splitlines()
+        return redact(first[0][:200] if first else response.reason or "")
 
-    `endpoints` are tried in order by resolution (mirrors, then the registry);
-    `select` records the one that answered, and every later request goes there.
-    Each method makes one attempt: retries are the callers', through RetryPolicy.run."""
 
-    BLOB_LOCATION_TTL = 300.0
+def _raise_for_status(response, what, other=ErrorCode.NETWORK):
+    """The error for an unexpected status: 429 and 5xx (but 501) are transient."""
+    status = response.status
+    retry_after = parse_retry_after(response.header("Retry-After")) if status in (429, 503) else None
+    text = _error_text(response)
+    if status == 404 and other == ErrorCode.NETWORK:
+        _fail(ErrorCode.NOT_FOUND, "%s not found (%s)" % (what, text))
+    if status in (401, 403) and other == ErrorCode.NETWORK:
+        _fail(ErrorCode.AUTH, "access to %s denied: HTTP %d (%s)" % (what, status, text))
+    if RetryPolicy.retryable_status(status):
+        _fail(ErrorCode.NETWORK, "%s: HTTP %d from %s (%s)" % (what, status, response.url.netloc, text),
+              transient=True, retry_after=retry_after)
+    if other == ErrorCode.NETWORK:
+        _fail(other, "%s: unexpected HTTP %d (%s)" % (what, status, text))
+    _fail(other, "%s failed: HTTP %d %s" % (what, status, text))
 
-    def __init__(self, ref, credentials=None, insecure=False, transport=None, plain_http=None,
-                 mirrors=(), auth_type=None):
-        """`mirrors`: [(host, plain_http)] tried before the image's own registry, as
-        docker's registry mirrors are; `auth_type` "none" never sends credentials,
-        "basic" sends them at once, without waiting for a challenge."""
-        self.ref = ref if isinstance(ref, ImageRef) else ImageRef.parse(ref)
-        self.insecure = insecure
-        self.transport = transport or Transport(insecure=insecure)
-        self.credentials = credentials if credentials is not None else Credentials()
-        self.auth_type = auth_type
-        if plain_http is None:
-            plain_http = self.ref.loopback
-        hosts = [(host, bool(plain) or is_loopback(host), "mirror") for host, plain in mirrors]
-        hosts.append((self.ref.registry, plain_http, "registry"))
-        self.endpoints = tuple(self._endpoints_of(hosts))
-        self.endpoint = self.endpoints[0]
-        self._lock = threading.Lock()
-        self._blob_locations = {}       # digest -> (url, expiry) after a cross-host redirect
-        self._warned_no_ranges = False
 
-    def _endpoints_of(self, hosts):
-        for host, plain_http, role in hosts:
-            authorization = None
-            if self.auth_type == "basic" and role == "registry":   # configured: no wait for a 401
-                cred = self.credentials.lookup(host, self.ref.repository)
-                if cred is not None and not cred.identity_token:
-                    authorization = cred.basic_header()
-            yield Endpoint(host, "http" if plain_http else "https", role, authorization)
-            if self.insecure and not plain_http:
-                yield Endpoint(host, "http", "plain-http", authorization)
+class _RegistryAuth(object):
+    """Answers a registry's 401 challenges for one repository: Basic with the
+    credentials found, or a Bearer token from the challenge's realm."""
 
-    def select(self, endpoint):
-        """Speak to `endpoint` from now on (resolution found the image there)."""
-        self.endpoint = endpoint
+    def __init__(self, ref, credentials, auth_type, transport):
+        self.ref, self.credentials, self.auth_type, self.transport = ref, credentials, auth_type, transport
 
-    @property
-    def retry(self):
-        return self.transport.retry
-
-    def retrying(self, operation, what):
-        """operation() through the one retry loop, counted in the transport's stats."""
-        return self.transport.retry.run(operation, what, self.transport.stats)
-
-    # -- auth ----------------------------------------------------------------
     def _credential(self, endpoint):
         if self.auth_type == "none":
             return None
         return self.credentials.lookup(endpoint.host, self.ref.repository)
 
-    def _answer_challenge(self, endpoint, challenge, sent):
+    def answer(self, endpoint, challenge, sent):
         """Turn a 401 challenge into an Authorization value, or fail with AUTH."""
         scheme, params = parse_www_authenticate(challenge)
         cred = self._credential(endpoint)
@@ -1623,7 +1610,7 @@ class RegistryClient(object):
         _fail(ErrorCode.AUTH, "%s sent an authentication challenge starget cannot answer: %s"
               % (where, redact(challenge or "(none)")))
 
-    def _rejected(self, endpoint, challenge, sent):
+    def rejected(self, endpoint, challenge, sent):
         """A 401 for the credentials just sent: say which and why."""
         scheme, params = parse_www_authenticate(challenge)
         cred = self._credential(endpoint)
@@ -1668,7 +1655,7 @@ class RegistryClient(object):
             _fail(ErrorCode.AUTH, "authentication failed for %s: the token server rejected the credentials (%s)"
                   % (endpoint.host, cred.source))
         if response.status != 200:
-            self._raise_for(response, "token request to %s" % response.url.netloc, ErrorCode.AUTH)
+            _raise_for_status(response, "token request to %s" % response.url.netloc, ErrorCode.AUTH)
         try:
             doc = json.loads(response.read_all(1 << 20).decode("utf-8"))
             token = doc.get("token") or doc.get("access_token")
@@ -1678,6 +1665,60 @@ class RegistryClient(object):
             _fail(ErrorCode.AUTH, "token server for %s answered without a usable token" % endpoint.host)
         register_secret(token)
         return token
+
+
+class RegistryClient(object):
+    """Speaks the distribution API for one repository: auth, manifests, blob ranges.
+
+    `endpoints` are tried in order by resolution (mirrors, then the registry);
+    `select` records the one that answered, and every later request goes there.
+    Each method makes one attempt: retries are the callers', through RetryPolicy.run."""
+
+    BLOB_LOCATION_TTL = 300.0
+
+    def __init__(self, ref, credentials=None, insecure=False, transport=None, plain_http=None,
+                 mirrors=(), auth_type=None):
+        """`mirrors`: [(host, plain_http)] tried before the image's own registry, as
+        docker's registry mirrors are; `auth_type` "none" never sends credentials,
+        "basic" sends them at once, without waiting for a challenge."""
+        self.ref = ref if isinstance(ref, ImageRef) else ImageRef.parse(ref)
+        self.insecure = insecure
+        self.transport = transport or Transport(insecure=insecure)
+        self.credentials = credentials if credentials is not None else Credentials()
+        self.auth_type = auth_type
+        self.auth = _RegistryAuth(self.ref, self.credentials, auth_type, self.transport)
+        if plain_http is None:
+            plain_http = self.ref.loopback
+        hosts = [(host, bool(plain) or is_loopback(host), "mirror") for host, plain in mirrors]
+        hosts.append((self.ref.registry, plain_http, "registry"))
+        self.endpoints = tuple(self._endpoints_of(hosts))
+        self.endpoint = self.endpoints[0]
+        self._lock = threading.Lock()
+        self._blob_locations = {}       # digest -> (url, expiry) after a cross-host redirect
+        self._warned_no_ranges = False
+
+    def _endpoints_of(self, hosts):
+        for host, plain_http, role in hosts:
+            authorization = None
+            if self.auth_type == "basic" and role == "registry":   # configured: no wait for a 401
+                cred = self.credentials.lookup(host, self.ref.repository)
+                if cred is not None and not cred.identity_token:
+                    authorization = cred.basic_header()
+            yield Endpoint(host, "http" if plain_http else "https", role, authorization)
+            if self.insecure and not plain_http:
+                yield Endpoint(host, "http", "plain-http", authorization)
+
+    def select(self, endpoint):
+        """Speak to `endpoint` from now on (resolution found the image there)."""
+        self.endpoint = endpoint
+
+    @property
+    def retry(self):
+        return self.transport.retry
+
+    def retrying(self, operation, what):
+        """operation() through the one retry loop, counted in the transport's stats."""
+        return self.transport.retry.run(operation, what, self.transport.stats)
 
     # -- requests ------------------------------------------------------------
     def request(self, method, path, headers=None, endpoint=None):
@@ -1697,39 +1738,9 @@ class RegistryClient(object):
             challenge = response.header("WWW-Authenticate", "")
             response.discard()
             if answered:
-                self._rejected(endpoint, challenge, authorization)
-            endpoint.auth.set(self._answer_challenge(endpoint, challenge, authorization))
+                self.auth.rejected(endpoint, challenge, authorization)
+            endpoint.auth.set(self.auth.answer(endpoint, challenge, authorization))
             answered = True
-
-    @staticmethod
-    def _error_text(response):
-        """`CODE: message` from a distribution error body, else the status line."""
-        try:
-            body = response.read_all(64 << 10) if (response.length or 0) <= (64 << 10) else b""
-        except StargzError:
-            body = b""
-        finally:
-            response.close()
-        try:
-            err = json.loads(body.decode("utf-8"))["errors"][0]
-            return redact("%s: %s" % (err.get("code", "?"), err.get("message", "")))
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError):
-            first = body.decode("utf-8", "replace").strip().splitlines()
-            return redact(first[0][:200] if first else response.reason or "")
-
-    def _raise_for(self, response, what, other=ErrorCode.NETWORK):
-        """The error for an unexpected status: 429 and 5xx (but 501) are transient."""
-        status = response.status
-        retry_after = parse_retry_after(response.header("Retry-After")) if status in (429, 503) else None
-        text = self._error_text(response)
-        if status == 404 and other == ErrorCode.NETWORK:
-            _fail(ErrorCode.NOT_FOUND, "%s not found (%s)" % (what, text))
-        if status in (401, 403) and other == ErrorCode.NETWORK:
-            _fail(ErrorCode.AUTH, "access to %s denied: HTTP %d (%s)" % (what, status, text))
-        if RetryPolicy.retryable_status(status):
-            _fail(ErrorCode.NETWORK, "%s: HTTP %d from %s (%s)" % (what, status, response.url.netloc, text),
-                  transient=True, retry_after=retry_after)
-        _fail(other, "%s failed: unexpected HTTP %d (%s)" % (what, status, text))
 
     # -- manifests -----------------------------------------------------------
     def get_manifest(self, reference=None, endpoint=None):
@@ -1741,7 +1752,7 @@ class RegistryClient(object):
         def fetch():
             response = self.request("GET", "/manifests/" + reference, {"Accept": MANIFEST_ACCEPT}, endpoint)
             if response.status != 200:
-                self._raise_for(response, "image %s (%s)" % (self.ref, what))
+                _raise_for_status(response, "image %s (%s)" % (self.ref, what))
             return response, response.read_all(MAX_MANIFEST_SIZE)
 
         response, raw = self.retrying(fetch, what)
@@ -1761,7 +1772,7 @@ class RegistryClient(object):
             if response.status == 200:
                 return response.read_all(MAX_MANIFEST_SIZE)
             if RetryPolicy.retryable_status(response.status):
-                self._raise_for(response, "config blob %s" % digest)
+                _raise_for_status(response, "config blob %s" % digest)
             response.discard()
             return None
 
@@ -1817,7 +1828,7 @@ class RegistryClient(object):
             response.close()  # distribution's 416 announces a wrong Content-Length: never read it
             _fail(ErrorCode.FORMAT, "%s: range %d-%d not satisfiable; the blob is shorter than its descriptor says"
                   % (what, start, end))
-        self._raise_for(response, what)
+        _raise_for_status(response, what)
 
     def read_blob(self, digest, start, end):
         """Bytes [start, end] (inclusive) of a blob, in one attempt."""
