@@ -2021,12 +2021,15 @@ def extract_toc_json(member):
         raise StargzError(ErrorCode.FORMAT, "TOC is not valid gzip: %s" % e, e, damaged=True) from e
     if len(data) < 512:
         _fail(ErrorCode.FORMAT, "TOC member is truncated (%d bytes inflated)" % len(data))
-    header = data[:512]
-    name = header[:100].split(b"\x00", 1)[0].decode("utf-8", "replace")
-    if name.lstrip("./") != TOC_TAR_NAME or header[156:157] not in (b"0", b"\x00"):
-        _fail(ErrorCode.FORMAT, "TOC member does not start with %s (found %r)" % (TOC_TAR_NAME, name[:60]))
-    size = _tar_number(header[124:136])
-    if size is None or size > MAX_TOC_JSON_SIZE:
+    import tarfile   # its header parser (checksum, octal and base-256 numbers) is the reference
+    try:
+        header = tarfile.TarInfo.frombuf(data[:512], "utf-8", "surrogateescape")
+    except tarfile.HeaderError as e:
+        raise StargzError(ErrorCode.FORMAT, "TOC member does not start with a valid tar header: %s" % e, e) from e
+    if header.name.lstrip("./") != TOC_TAR_NAME or header.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        _fail(ErrorCode.FORMAT, "TOC member does not start with %s (found %r)" % (TOC_TAR_NAME, header.name[:60]))
+    size = header.size
+    if size > MAX_TOC_JSON_SIZE:
         _fail(ErrorCode.FORMAT, "TOC size field is invalid or too large")
     if len(data) < 512 + size:
         _fail(ErrorCode.FORMAT, "TOC member is truncated (want %d bytes of JSON, have %d)" % (size, len(data) - 512))
@@ -2052,18 +2055,6 @@ def inflate_members(pieces, max_out=1 << 20):
                 data, inflater = inflater.unused_data, zlib.decompressobj(31)
             elif not out:
                 break
-
-
-def _tar_number(field):
-    if field[:1] == b"\x80":  # base-256 (GNU)
-        return int.from_bytes(field[1:], "big")
-    text = field.replace(b"\x00", b" ").strip()
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        return None
 
 
 _RFC3339_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.\d+)?(Z|z|[+-]\d\d:\d\d)?\Z")
@@ -2204,6 +2195,17 @@ def parse_toc(data, toc_offset=None, blob=None, layer=None):
     The TOC is untrusted: an unsafe name (`..`, absolute, NUL, empty) or structural
     nonsense (bad types, offsets past the TOC, chunks that do not tile their file)
     refuses the whole layer; a hardlink to a missing target is skipped with a warning."""
+    raw_entries = _toc_entries(data)
+    reader = _TOCReader(toc_offset)
+    reader.read(raw_entries)
+    toc = reader.finish(_sha256_digest(bytes(data)), len(raw_entries))
+    if blob is not None or layer is not None:
+        toc.set_origin(blob, layer)
+    return toc
+
+
+def _toc_entries(data):
+    """The `entries` list of a TOC document, after the checks of its envelope."""
     if not isinstance(data, (bytes, bytearray)):
         _fail(ErrorCode.FORMAT, "TOC must be bytes")
     if len(data) > MAX_TOC_JSON_SIZE:
@@ -2211,7 +2213,7 @@ def parse_toc(data, toc_offset=None, blob=None, layer=None):
     try:
         doc = json.loads(bytes(data).decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        _fail(ErrorCode.FORMAT, "TOC is not valid JSON: %s" % str(e)[:120], e)
+        raise StargzError(ErrorCode.FORMAT, "TOC is not valid JSON: %s" % str(e)[:120], e) from e
     if not isinstance(doc, dict):
         _fail(ErrorCode.FORMAT, "TOC is not a JSON object")
     if doc.get("version") != 1:
@@ -2219,98 +2221,130 @@ def parse_toc(data, toc_offset=None, blob=None, layer=None):
     raw_entries = doc.get("entries")
     if not isinstance(raw_entries, list):
         _fail(ErrorCode.FORMAT, "TOC has no entries list")
-    limit = toc_offset if toc_offset is not None else MAX_OFFSET
-    entries, warnings, prioritized = [], [], []
-    names = {}
-    member_offsets = set()
-    mtimes = {}   # writers stamp most entries with one time: parse each string once
+    return raw_entries
 
-    def mtime_of(text):
-        if not isinstance(text, str):
-            return 0
-        if text not in mtimes:
-            mtimes[text] = parse_rfc3339(text)
-        return mtimes[text]
 
-    last_reg = None
-    for raw in raw_entries:
-        if not isinstance(raw, dict):
-            _fail(ErrorCode.FORMAT, "TOC entry is not an object")
-        kind = raw.get("type")
-        raw_name = raw.get("name")
+class _TOCReader(object):
+    """Turns a TOC's raw entries, in order, into TOCEntry objects: chunk entries are
+    folded into the file before them, landmarks noted, links checked."""
+
+    def __init__(self, toc_offset):
+        self.toc_offset = toc_offset
+        self.limit = toc_offset if toc_offset is not None else MAX_OFFSET
+        self.entries, self.warnings, self.prioritized = [], [], []
+        self.names = {}
+        self.member_offsets = set()
+        self.mtimes = {}      # writers stamp most entries with one time: parse each string once
+
+    def read(self, raw_entries):
+        """Every raw entry, in order. The loop is the hot path of a big TOC: locals,
+        and field checks that cost nothing for the fields an entry does not have."""
+        entries, names, member_offsets, mtimes = self.entries, self.names, self.member_offsets, self.mtimes
+        limit, int_field, digest_field = self.limit, _int_field, _digest_field
+        last_reg = None       # the regular file a following chunk entry continues
+        for raw in raw_entries:
+            if raw.__class__ is not dict:
+                _fail(ErrorCode.FORMAT, "TOC entry is not an object")
+            get = raw.get
+            kind, raw_name = get("type"), get("name")
+            path = self._path_of(raw_name, kind)
+            offset = get("offset")
+            if offset is not None:
+                offset = int_field(raw, "offset", path)
+                if offset:
+                    if offset >= limit:
+                        _fail(ErrorCode.FORMAT, "TOC entry %r: offset %d is past the TOC at %d"
+                              % (path, offset, limit))
+                    member_offsets.add(offset)
+            else:
+                offset = 0
+            inner = int_field(raw, "innerOffset", path, MAX_TOC_JSON_SIZE * 64) if "innerOffset" in raw else 0
+            if kind == "chunk":
+                if last_reg is None or last_reg.path != path:
+                    _fail(ErrorCode.FORMAT, "TOC chunk entry %r does not follow its file" % path)
+                last_reg.chunks.append(Chunk(int_field(raw, "chunkOffset", path, MAX_FILE_SIZE),
+                                             int_field(raw, "chunkSize", path, MAX_FILE_SIZE), offset, inner,
+                                             digest_field(raw, "chunkDigest", path)))
+                continue
+            last_reg = None
+            if path in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
+                if path == PREFETCH_LANDMARK:
+                    self.prioritized = [e.path for e in entries if e.type == "reg"]
+                continue
+            modtime = get("modtime")
+            mtime = mtimes.get(modtime) if modtime.__class__ is str else 0
+            if mtime is None:
+                mtime = mtimes[modtime] = parse_rfc3339(modtime)
+            entry = TOCEntry(path, kind, int_field(raw, "size", path, MAX_FILE_SIZE),
+                             int_field(raw, "mode", path, 0o7777777) & 0o7777,
+                             int_field(raw, "uid", path, ID_LIMIT), int_field(raw, "gid", path, ID_LIMIT),
+                             get("userName"), get("groupName"), mtime, None, digest_field(raw, "digest", path),
+                             offset, inner)
+            if "devMajor" in raw or "devMinor" in raw or "xattrs" in raw:
+                self._rare_fields(entry, raw)
+            if entry.uname.__class__ is not str or entry.gname.__class__ is not str:
+                entry.uname = entry.uname if entry.uname.__class__ is str else None
+                entry.gname = entry.gname if entry.gname.__class__ is str else None
+            if kind == "symlink" or kind == "hardlink":
+                if not self._link(entry, raw):
+                    continue
+            elif kind == "reg":
+                if entry.size:
+                    entry.chunks.append(Chunk(0, int_field(raw, "chunkSize", path, MAX_FILE_SIZE), offset, inner,
+                                              digest_field(raw, "chunkDigest", path)))
+                last_reg = entry
+            entries.append(entry)
+            names[path] = entry
+
+    @staticmethod
+    def _path_of(raw_name, kind):
+        """The normalised path of an entry; hostile names refuse the layer."""
         if kind not in ENTRY_TYPES:
             _fail(ErrorCode.FORMAT, "TOC entry %r has unknown type %r" % (raw_name, kind))
         try:
             path = normalize_path(raw_name)
         except StargzError as e:
-            _fail(ErrorCode.FORMAT, "refusing a hostile TOC: entry %s" % e.message)
+            raise StargzError(ErrorCode.FORMAT, "refusing a hostile TOC: entry %s" % e.message) from e
         if not raw_name or (path == "" and kind != "dir"):
             _fail(ErrorCode.FORMAT, "refusing a hostile TOC: a %s entry named %r" % (kind, raw_name))
-        offset = _int_field(raw, "offset", path)
-        if offset and offset >= limit:
-            _fail(ErrorCode.FORMAT, "TOC entry %r: offset %d is past the TOC at %d" % (path, offset, limit))
-        if offset:
-            member_offsets.add(offset)
-        inner = _int_field(raw, "innerOffset", path, MAX_TOC_JSON_SIZE * 64)
-        chunk_size = _int_field(raw, "chunkSize", path, MAX_FILE_SIZE)
-        chunk_digest = _digest_field(raw, "chunkDigest", path)
-        if kind == "chunk":
-            if last_reg is None or last_reg.path != path:
-                _fail(ErrorCode.FORMAT, "TOC chunk entry %r does not follow its file" % path)
-            chunk_offset = _int_field(raw, "chunkOffset", path, MAX_FILE_SIZE)
-            last_reg.chunks.append(Chunk(chunk_offset, chunk_size, offset, inner, chunk_digest))
-            continue
-        if path in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
-            if path == PREFETCH_LANDMARK:
-                prioritized = [e.path for e in entries if e.type == "reg"]
-            last_reg = None
-            continue
-        mode = _int_field(raw, "mode", path, 0o7777777)
-        entry = TOCEntry(
-            path, kind, size=_int_field(raw, "size", path, MAX_FILE_SIZE), mode=mode & 0o7777,
-            uid=_int_field(raw, "uid", path, ID_LIMIT), gid=_int_field(raw, "gid", path, ID_LIMIT),
-            uname=raw.get("userName") if isinstance(raw.get("userName"), str) else None,
-            gname=raw.get("groupName") if isinstance(raw.get("groupName"), str) else None,
-            mtime=mtime_of(raw.get("modtime")), link=None,
-            digest=_digest_field(raw, "digest", path), offset=offset, inner_offset=inner,
-            dev_major=_int_field(raw, "devMajor", path, ID_LIMIT), dev_minor=_int_field(raw, "devMinor", path, ID_LIMIT),
-            xattrs=raw.get("xattrs") if isinstance(raw.get("xattrs"), dict) else None)
-        if kind in ("symlink", "hardlink"):
-            link = raw.get("linkName")
-            if not isinstance(link, str) or not link or "\x00" in link:
-                warnings.append("skipped TOC entry %r: bad link name" % path)
-                last_reg = None
-                continue
-            if kind == "hardlink":
-                try:
-                    entry.link = normalize_path(link)
-                except StargzError as e:
-                    warnings.append("skipped hardlink %r: %s" % (path, e.message))
-                    last_reg = None
-                    continue
-                target = names.get(entry.link)
-                if target is None or target.content.type != "reg":
-                    warnings.append("skipped hardlink %r: target %r is not an earlier regular file"
-                                    % (path, entry.link))
-                    last_reg = None
-                    continue
-                entry.link_target = target.content
-            else:
-                entry.link = link
-        if kind == "reg" and entry.size:
-            entry.chunks.append(Chunk(0, chunk_size, offset, inner, chunk_digest or None))
-        entries.append(entry)
-        names[path] = entry
-        last_reg = entry if kind == "reg" else None
-    for entry in entries:
-        if entry.type == "reg":
-            _settle_chunks(entry)
-    _assign_extents(entries, member_offsets, toc_offset)
-    toc = LayerTOC(entries, toc_offset, _sha256_digest(bytes(data)), prioritized=prioritized, warnings=warnings,
-                   raw_count=len(raw_entries))
-    if blob is not None or layer is not None:
-        toc.set_origin(blob, layer)
-    return toc
+        return path
+
+    @staticmethod
+    def _rare_fields(entry, raw):
+        entry.dev_major = _int_field(raw, "devMajor", entry.path, ID_LIMIT)
+        entry.dev_minor = _int_field(raw, "devMinor", entry.path, ID_LIMIT)
+        xattrs = raw.get("xattrs")
+        entry.xattrs = xattrs if isinstance(xattrs, dict) else None
+
+    def _link(self, entry, raw):
+        """Fill in a link's target; False (with a warning) to skip a bad link."""
+        link = raw.get("linkName")
+        if not isinstance(link, str) or not link or "\x00" in link:
+            self.warnings.append("skipped TOC entry %r: bad link name" % entry.path)
+            return False
+        if entry.type == "symlink":
+            entry.link = link
+            return True
+        try:
+            entry.link = normalize_path(link)
+        except StargzError as e:
+            self.warnings.append("skipped hardlink %r: %s" % (entry.path, e.message))
+            return False
+        target = self.names.get(entry.link)
+        if target is None or target.content.type != "reg":
+            self.warnings.append("skipped hardlink %r: target %r is not an earlier regular file"
+                                 % (entry.path, entry.link))
+            return False
+        entry.link_target = target.content
+        return True
+
+    def finish(self, toc_digest, raw_count):
+        for entry in self.entries:
+            if entry.type == "reg":
+                _settle_chunks(entry)
+        _assign_extents(self.entries, self.member_offsets, self.toc_offset)
+        return LayerTOC(self.entries, self.toc_offset, toc_digest, prioritized=self.prioritized,
+                        warnings=self.warnings, raw_count=raw_count)
 
 
 def _settle_chunks(entry):
