@@ -2083,6 +2083,59 @@ def test_no_proxy_and_loopback_are_never_proxied():
     assert transport._proxy_for(url("http://other.example/v2/")) is None   # no HTTP_PROXY set
 
 
+# ---- transport: the retry policy (one decision, one loop) --------------------
+
+def _error(**attributes):
+    return starget.StargzError(ErrorCode.NETWORK, "boom", **attributes)
+
+
+def test_retry_decide_reads_only_typed_attributes():
+    policy = starget.RetryPolicy(retries=2, base=0.0, max_delay=0.0)
+    assert policy.decide(_error(), 0, 0) is None                       # neither transient nor damaged
+    assert policy.decide(_error(transient=True), 0, 0) == 0.0
+    assert policy.decide(_error(transient=True), 2, 0) is None          # --retries 2: a third retry is refused
+    assert policy.decide(_error(transient=True, retry_after=7.0), 0, 0) == 7.0
+    assert policy.decide(_error(transient=True, retry_after=9999.0), 0, 0) == 60.0   # the documented cap
+    damaged = starget.StargzError(ErrorCode.INTEGRITY, "bad chunk", damaged=True)
+    assert policy.decide(damaged, 0, 0) == 0.0                          # fetched once more at once
+    assert policy.decide(damaged, 0, 1) is None
+    assert starget.RetryPolicy(retries=0).decide(damaged, 0, 0) == 0.0  # whatever --retries says
+    assert policy.decide(ValueError("not ours"), 0, 0) is None
+
+
+def test_retry_run_attempts_are_bounded_and_counted():
+    slept = []
+    policy = starget.RetryPolicy(retries=3, base=0.01, max_delay=0.01, sleep=slept.append)
+    stats = starget.TransportStats()
+    calls = []
+
+    def always_failing():
+        calls.append(1)
+        raise _error(transient=True)
+    with pytest.raises(StargzError):
+        policy.run(always_failing, "a test", stats)
+    assert len(calls) == 4 and stats.retries == 3 and len(slept) == 3   # --retries N: N+1 attempts
+
+    outcomes = [_error(transient=True), starget.StargzError(ErrorCode.INTEGRITY, "x", damaged=True), "ok"]
+
+    def flaky():
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+    assert policy.run(flaky, "a test", stats) == "ok"
+    assert stats.retries == 5
+
+    permanent = []
+
+    def refused():
+        permanent.append(1)
+        raise _error()
+    with pytest.raises(StargzError):
+        policy.run(refused, "a test")
+    assert permanent == [1]
+
+
 # ---- transport: faults on the wire (a FaultProxy before the real registry) ---
 
 def _http_date(seconds_ahead):
@@ -2870,6 +2923,39 @@ def test_unreachable_registry_is_network_error(ws):
     ws.assert_out_empty()
 
 
+# ---- registry: endpoints, walked in order ------------------------------------
+
+def test_endpoints_are_values_in_resolution_order():
+    client = starget.RegistryClient("registry.test:5000/x/y:1", insecure=True,
+                                    mirrors=[("mirror.test", False), ("127.0.0.1:5001", False)],
+                                    credentials=starget.Credentials(environ={}, home="/nonexistent"))
+    got = [(e.host, e.scheme, e.role) for e in client.endpoints]
+    assert got == [("mirror.test", "https", "mirror"), ("mirror.test", "http", "plain-http"),
+                   ("127.0.0.1:5001", "http", "mirror"),
+                   ("registry.test:5000", "https", "registry"), ("registry.test:5000", "http", "plain-http")]
+    assert client.endpoint is client.endpoints[0]
+    assert client.endpoints[0].auth is not client.endpoints[3].auth   # each host answers to its own token
+
+
+def test_endpoint_fallback_decisions():
+    fallback = starget._endpoint_fallback
+    E = starget.Endpoint
+    plain = [E("m", "https", "mirror"), E("m", "http", "plain-http"), E("r", "https", "registry"),
+             E("r", "http", "plain-http")]
+    tls = starget.TLSHandshakeError(ErrorCode.NETWORK, "no TLS")
+    verify = starget.StargzError(ErrorCode.NETWORK, "certificate verify failed")
+    missing = starget.StargzError(ErrorCode.NOT_FOUND, "no such image")
+    bad = starget.StargzError(ErrorCode.FORMAT, "hostile manifest")
+    assert fallback(plain, 0, tls) == 1            # the mirror does not speak TLS: its http endpoint
+    assert fallback(plain, 0, verify) == 2         # a mirror that fails: the registry
+    assert fallback(plain, 1, missing) == 2
+    assert fallback(plain, 0, bad) is None          # a hostile answer is not a reason to look elsewhere
+    assert fallback(plain, 2, tls) == 3
+    assert fallback(plain, 2, verify) is None       # never plain HTTP after a failed verification
+    assert fallback(plain, 2, missing) is None
+    assert fallback(plain, 3, tls) is None
+
+
 # ---- registry: hostile manifests, indexes and tokens (pytest-httpserver) -----
 
 def _basic_layer_descriptor(**extra):
@@ -3031,6 +3117,75 @@ def test_an_unreachable_mirror_falls_back_to_the_registry(registry_anon, tmp_pat
 # =============================================================================
 # estargz format
 # =============================================================================
+# ---- formats: manifests and indexes (pure) ------------------------------------
+
+def _descriptor(digest_char, os_name, arch, variant=None, **extra):
+    plat = {"os": os_name, "architecture": arch}
+    if variant:
+        plat["variant"] = variant
+    desc = {"mediaType": starget.MEDIA_OCI_MANIFEST, "digest": "sha256:" + digest_char * 64, "size": 1,
+            "platform": plat}
+    desc.update(extra)
+    return desc
+
+
+def test_choose_platform_and_index_entries():
+    doc = {"mediaType": starget.MEDIA_OCI_INDEX, "manifests": [
+        _descriptor("a", "linux", "amd64"), _descriptor("b", "linux", "arm64", "v8"),
+        _descriptor("c", "unknown", "unknown"),
+        _descriptor("d", "linux", "amd64", annotations={"vnd.docker.reference.type": "attestation-manifest"}),
+        {"digest": "not-a-digest"}]}
+    assert starget.is_image_index(doc, "")
+    index = starget.ImageIndexManifest.from_json(doc, "sha256:" + "f" * 64, "")
+    assert [str(p) for p in index.platforms] == ["linux/amd64", "linux/arm64/v8"]
+    assert index.media_type == starget.MEDIA_OCI_INDEX
+    pick = starget.choose_platform
+    assert pick(index, starget.Platform.parse("linux/arm64"), "img")["digest"] == "sha256:" + "b" * 64
+    assert pick(index, starget.Platform("linux", "amd64"), "img")["digest"] == "sha256:" + "a" * 64
+    with pytest.raises(StargzError) as ei:
+        pick(index, starget.Platform.parse("linux/s390x"), "img")
+    assert ei.value.code == ErrorCode.NOT_FOUND
+    assert "available: linux/amd64, linux/arm64/v8" in ei.value.message
+
+
+def test_image_manifest_from_json():
+    ref = starget.ImageRef.parse("127.0.0.1:5000/x/y:1")
+    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": "sha256:" + "1" * 64,
+             "size": 10, "annotations": {starget.ANNOTATION_TOC_DIGEST: "sha256:" + "2" * 64}}
+    doc = {"mediaType": starget.MEDIA_OCI_MANIFEST, "config": {"digest": "sha256:" + "3" * 64},
+           "layers": [layer, dict(layer, mediaType="application/vnd.oci.image.layer.v1.tar+zstd")]}
+    assert not starget.is_image_index(doc, "")
+    m = starget.ImageManifest.from_json(doc, ref, "sha256:" + "9" * 64, "", b"raw")
+    assert [(d.position, d.compression) for d in m.layers] == [(0, "gzip"), (1, "zstd")]
+    assert m.layers[0].toc_digest == "sha256:" + "2" * 64 and m.config_digest == "sha256:" + "3" * 64
+    for broken in ({"layers": "nope"}, {"layers": [{"digest": "sha256:" + "1" * 64, "size": -1}]},
+                   {"layers": [{"digest": "sha256:1", "size": 1}]}):
+        with pytest.raises(StargzError) as ei:
+            starget.ImageManifest.from_json(broken, ref, "sha256:" + "9" * 64, "", b"")
+        assert ei.value.code == ErrorCode.FORMAT
+    with pytest.raises(StargzError) as ei:
+        starget.ImageManifest.from_json({"schemaVersion": 2}, ref, "sha256:" + "9" * 64, "x", b"")
+    assert ei.value.code == ErrorCode.UNSUPPORTED
+    for raw in (b"\xff", b"[1]", b"{"):
+        with pytest.raises(StargzError) as ei:
+            starget.parse_manifest_json(raw, ref)
+        assert ei.value.code == ErrorCode.FORMAT
+    assert str(starget.platform_of_config(b'{"os": "linux", "architecture": "arm", "variant": "v7"}')) \
+        == "linux/arm/v7"
+    assert starget.platform_of_config(b"{}") is None
+
+
+def test_inflate_members_joins_members_and_bounds_output():
+    payloads = [os.urandom(3000), b"z" * 300000, b""]
+    blob = b"".join(gzip.compress(p) for p in payloads)
+    pieces = [blob[i:i + 7] for i in range(0, len(blob), 7)]     # members split anywhere
+    out = list(starget.inflate_members(pieces, max_out=4096))
+    assert b"".join(out) == b"".join(payloads)
+    assert max(len(o) for o in out) <= 4096
+    with pytest.raises(StargzError) as ei:
+        list(starget.inflate_members([gzip.compress(b"abc")[:10] + b"\x00garbage" * 4]))
+    assert ei.value.code == ErrorCode.FORMAT and ei.value.damaged
+
 
 def _all_layers():
     """[(layout, layer_expected)] unique by digest."""
