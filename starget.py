@@ -1276,6 +1276,17 @@ class Transport(object):
             self._tls_contexts[key] = ctx
         return ctx
 
+    def has_ca_for(self, host):
+        """Is a CA configured for registry `host[:port]` (--cacert, ca_file, certs.d)?"""
+        settings = self.host_tls.get(host.lower()) or {}
+        if self.cafile or settings.get("ca_file"):
+            return True
+        for root in self.certs_dirs:
+            folder = os.path.join(root, host)
+            if os.path.isdir(folder) and any(name.endswith(".crt") for name in os.listdir(folder)):
+                return True
+        return False
+
     def _load_host_certs(self, ctx, url):
         """Per-registry CAs and client certificates, as docker and podman read them."""
         names = [url.netloc, url.host] if url.port != 443 else [url.host, url.netloc]
@@ -1533,7 +1544,7 @@ def _endpoint_fallback(endpoints, position, error):
     following = endpoints[position + 1:]
     if isinstance(error, TLSHandshakeError) and following and following[0].role == "plain-http" \
             and following[0].host == here.host:
-        log.warning("%s does not speak TLS; using plain HTTP", here.host)
+        (log.debug if is_loopback(here.host) else log.warning)("%s does not speak TLS; using plain HTTP", here.host)
         return position + 1
     if here.role == "mirror" or (here.role == "plain-http" and endpoints[position - 1].role == "mirror"):
         if error.code in (ErrorCode.NETWORK, ErrorCode.NOT_FOUND, ErrorCode.AUTH):
@@ -1687,9 +1698,7 @@ class RegistryClient(object):
         self.credentials = credentials if credentials is not None else Credentials()
         self.auth_type = auth_type
         self.auth = _RegistryAuth(self.ref, self.credentials, auth_type, self.transport)
-        if plain_http is None:
-            plain_http = self.ref.loopback
-        hosts = [(host, bool(plain) or is_loopback(host), "mirror") for host, plain in mirrors]
+        hosts = [(host, plain, "mirror") for host, plain in mirrors]
         hosts.append((self.ref.registry, plain_http, "registry"))
         self.endpoints = tuple(self._endpoints_of(hosts))
         self.endpoint = self.endpoints[0]
@@ -1698,14 +1707,22 @@ class RegistryClient(object):
         self._warned_no_ranges = False
 
     def _endpoints_of(self, hosts):
+        """Endpoints for [(host, plain_http, role)]. plain_http True: http only; False:
+        https (plus http with --insecure); None: the same, but a loopback host may also
+        fall back to http, as docker does for registries it treats as insecure, unless
+        a CA is configured for it (then it means TLS)."""
         for host, plain_http, role in hosts:
             authorization = None
             if self.auth_type == "basic" and role == "registry":   # configured: no wait for a 401
                 cred = self.credentials.lookup(host, self.ref.repository)
                 if cred is not None and not cred.identity_token:
                     authorization = cred.basic_header()
-            yield Endpoint(host, "http" if plain_http else "https", role, authorization)
-            if self.insecure and not plain_http:
+            if plain_http:
+                yield Endpoint(host, "http", role, authorization)
+                continue
+            yield Endpoint(host, "https", role, authorization)
+            loopback_default = plain_http is None and is_loopback(host) and not self.transport.has_ca_for(host)
+            if self.insecure or loopback_default:
                 yield Endpoint(host, "http", "plain-http", authorization)
 
     def select(self, endpoint):

@@ -2925,16 +2925,34 @@ def test_unreachable_registry_is_network_error(ws):
 
 # ---- registry: endpoints, walked in order ------------------------------------
 
-def test_endpoints_are_values_in_resolution_order():
-    client = starget.RegistryClient("registry.test:5000/x/y:1", insecure=True,
-                                    mirrors=[("mirror.test", False), ("127.0.0.1:5001", False)],
-                                    credentials=starget.Credentials(environ={}, home="/nonexistent"))
+def test_endpoints_are_values_in_resolution_order(tmp_path):
+    creds = starget.Credentials(environ={}, home="/nonexistent")
+    client = starget.RegistryClient("registry.test:5000/x/y:1", insecure=True, credentials=creds,
+                                    mirrors=[("mirror.test", None), ("127.0.0.1:5001", True)])
     got = [(e.host, e.scheme, e.role) for e in client.endpoints]
     assert got == [("mirror.test", "https", "mirror"), ("mirror.test", "http", "plain-http"),
                    ("127.0.0.1:5001", "http", "mirror"),
                    ("registry.test:5000", "https", "registry"), ("registry.test:5000", "http", "plain-http")]
     assert client.endpoint is client.endpoints[0]
     assert client.endpoints[0].auth is not client.endpoints[3].auth   # each host answers to its own token
+
+    def schemes(ref="127.0.0.1:5000/x/y:1", **options):
+        transport = starget.Transport(environ={}, certs_dirs=options.pop("certs_dirs", ()),
+                                      cafile=options.pop("cafile", None))
+        client = starget.RegistryClient(ref, credentials=creds, transport=transport, **options)
+        return [(e.scheme, e.role) for e in client.endpoints]
+    # loopback: TLS first, plain HTTP only if the server does not speak TLS ...
+    assert schemes() == [("https", "registry"), ("http", "plain-http")]
+    assert schemes("localhost:5000/x/y:1") == [("https", "registry"), ("http", "plain-http")]
+    assert schemes(plain_http=True) == [("http", "registry")]       # config plain_http: true forces HTTP
+    assert schemes(plain_http=False) == [("https", "registry")]
+    # ... and never when a CA is named for that host: then it means TLS
+    assert schemes(cafile="/some/ca.pem") == [("https", "registry")]
+    certs = tmp_path / "certs.d" / "127.0.0.1:5000"
+    certs.mkdir(parents=True)
+    (certs / "ca.crt").write_text("x")
+    assert schemes(certs_dirs=(str(tmp_path / "certs.d"),)) == [("https", "registry")]
+    assert schemes("registry.test:5000/x/y:1") == [("https", "registry")]
 
 
 def test_endpoint_fallback_decisions():
