@@ -460,23 +460,18 @@ class Credentials(object):
             path = shutil.which(program, path=self.environ.get("PATH") or os.environ.get("PATH", os.defpath))
             if path is None:
                 raise FileNotFoundError(2, "not found on PATH")
-            proc = subprocess.Popen([path, "get"], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            try:
-                out, err = proc.communicate(server.encode("utf-8"), timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-                raise
+            # On timeout, run() kills the helper and reaps it before raising.
+            proc = subprocess.run([path, "get"], input=server.encode("utf-8"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as e:
             if required:
                 _fail(ErrorCode.AUTH, "credential helper %s for %s cannot run: %s" % (program, registry, e), e)
             log.warning("credential helper %s (credsStore) cannot run (%s); continuing without credentials",
                         program, getattr(e, "strerror", None) or e)
             return None
-        text = out.decode("utf-8", "replace").strip()
+        text = proc.stdout.decode("utf-8", "replace").strip()
         if proc.returncode != 0:
-            message = (text or err.decode("utf-8", "replace")).strip().splitlines()
+            message = (text or proc.stderr.decode("utf-8", "replace")).strip().splitlines()
             message = message[0] if message else "exit status %d" % proc.returncode
             if "credentials not found" in message.lower():
                 return None
