@@ -4006,18 +4006,15 @@ def _split_blob(values, most):
     return blob, rest
 
 
+# The S_IF* bits stat.filemode needs; a TOC gives the type as a word.
+_ENTRY_TYPE_BITS = {"dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "char": stat.S_IFCHR,
+                    "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
+
+
 def _mode_string(entry):
-    kinds = {"dir": "d", "symlink": "l", "char": "c", "block": "b", "fifo": "p", "hardlink": "h"}
-    mode = entry.mode or 0
-    text = ""
-    for shift in (6, 3, 0):
-        bits = (mode >> shift) & 7
-        text += ("r" if bits & 4 else "-") + ("w" if bits & 2 else "-") + ("x" if bits & 1 else "-")
-    text = list(text)
-    for bit, pos, char in ((0o4000, 2, "s"), (0o2000, 5, "s"), (0o1000, 8, "t")):
-        if mode & bit:
-            text[pos] = char if text[pos] == "x" else char.upper()
-    return kinds.get(entry.type, "-") + "".join(text)
+    """`ls -l`'s mode column; a hardlink shows as `h`, since it has no file type of its own."""
+    text = stat.filemode(_ENTRY_TYPE_BITS.get(entry.type, stat.S_IFREG) | ((entry.mode or 0) & 0o7777))
+    return "h" + text[1:] if entry.type == "hardlink" else text
 
 
 def cmd_ls(session, out):

@@ -4776,6 +4776,16 @@ def test_e2e_cache_is_used_and_harmless(registry_anon, tmp_path):
 
 # ---- cli: output and commands -----------------------------------------------
 
+@pytest.mark.parametrize("kind, mode, shown", [
+    ("reg", 0o644, "-rw-r--r--"), ("dir", 0o755, "drwxr-xr-x"), ("symlink", 0o777, "lrwxrwxrwx"),
+    ("hardlink", 0o600, "hrw-------"), ("char", 0o666, "crw-rw-rw-"), ("block", 0o660, "brw-rw----"),
+    ("fifo", 0o644, "prw-r--r--"), ("reg", 0o4755, "-rwsr-xr-x"), ("reg", 0o2644, "-rw-r-Sr--"),
+    ("dir", 0o1777, "drwxrwxrwt"), ("dir", 0o1776, "drwxrwxrwT"), ("reg", 0, "----------"),
+])
+def test_ls_long_mode_column(kind, mode, shown):
+    assert starget._mode_string(starget.TOCEntry("x", kind, link="y", size=0, mode=mode)) == shown
+
+
 @pytest.mark.parametrize("path,target", [
     ("bin/busybox", "bin/busybox"),
     ("bin/ash", "bin/busybox"),              # hardlink
