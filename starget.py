@@ -3472,7 +3472,7 @@ def cmd_complete(session, out):
     """Hidden `starget __complete IMAGE [BLOB] PREFIX`, run by the completion scripts:
     one candidate a line (see complete_paths)."""
     blob, rest = _split_blob(session.args.args, 1)
-    for candidate in complete_paths(session.index(blob), rest[0], blob):
+    for candidate in complete_paths(session.load_image(blob), rest[0], blob):
         out.write(candidate + "\n")
     return 0
 
@@ -3983,7 +3983,8 @@ class _Session(object):
         self.platform = Platform.parse(args.platform) if args.platform else None
         self.scratch = None
 
-    def index(self, blob=None):
+    def load_image(self, blob=None):
+        """Resolve the manifest and fetch (or read from the cache) the TOCs: network I/O."""
         if self.args.fallback_stream and self.scratch is None:
             import tempfile
             self.scratch = tempfile.mkdtemp(prefix="starget-")
@@ -4019,7 +4020,7 @@ def _mode_string(entry):
 
 def cmd_ls(session, out):
     args = session.args
-    index = session.index(args.blob)
+    index = session.load_image(args.blob)
     entries = index.entries(args.blob)
     if args.sizes:
         return _print_sizes(entries, args.json, out)
@@ -4134,7 +4135,7 @@ def _report(stats, verbose):
 def cmd_get(session, out):
     blob, rest = _split_blob(session.args.args, 2)
     pattern, output_dir = rest[0], rest[1] if len(rest) > 1 else "."
-    index = session.index(blob)
+    index = session.load_image(blob)
     stats = _downloader(session).download(index, pattern, output_dir, blob)
     _report(stats, session.args.verbose)
     return 0
@@ -4144,7 +4145,7 @@ def cmd_cat(session, out):
     import shutil
     import tempfile
     blob, rest = _split_blob(session.args.args, 1)
-    index = session.index(blob)
+    index = session.load_image(blob)
     view = index.view(blob)
     path = _resolve_in(view, rest[0], follow_last=True)
     entry = view.get(path)

@@ -5153,7 +5153,7 @@ def test_cmd_complete():
     class Session(object):
         args = argparse.Namespace(args=["sha256:ab", "etc/h"])
 
-        def index(self, blob=None):
+        def load_image(self, blob=None):
             asked.append(blob)
             return FakeIndex([], layer=list(index._view.values()))
 
@@ -5162,7 +5162,7 @@ def test_cmd_complete():
     assert out.getvalue() == "etc/hostname\netc/hosts\n" and asked == ["sha256:ab"]
     Session.args = argparse.Namespace(args=[""])
     out = io.StringIO()
-    Session.index = lambda self, blob=None: INDEX
+    Session.load_image = lambda self, blob=None: INDEX
     P.cmd_complete(Session(), out)
     assert out.getvalue().split("\n")[:2] == [".hidden", "abslib/"]
 
