@@ -149,14 +149,24 @@ class _RedactingFormatter(logging.Formatter):
 
 
 def configure_logging(verbose=False, debug=False, stream=None):
-    """CLI logging: warnings by default, info with --verbose, everything with --debug."""
+    """CLI logging: warnings by default, info with --verbose, everything with --debug.
+
+    Returns a function that undoes exactly this: it removes the one handler added
+    here and restores the logger's level and propagation. A program that vendors
+    starget and calls main() keeps the handlers it attached to the `starget` logger.
+    """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_RedactingFormatter())
-    for old in [h for h in log.handlers if not isinstance(h, logging.NullHandler)]:
-        log.removeHandler(old)
+    level, propagate = log.level, log.propagate
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
-    log.propagate = False
+    log.propagate = False     # stderr gets each line once, not again from the root logger
+
+    def restore():
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+    return restore
 
 
 
@@ -4183,7 +4193,7 @@ def main(argv=None, out=None):
     for key, value in _GLOBAL_DEFAULTS.items():
         if key not in given:
             setattr(args, key, value)
-    configure_logging(args.verbose, args.debug)
+    restore_logging = configure_logging(args.verbose, args.debug)
     session = None
     try:
         if args.command == "completion":       # needs no image and no config
@@ -4204,11 +4214,8 @@ def main(argv=None, out=None):
     except KeyboardInterrupt:
         sys.stderr.write("\nstarget: interrupted; run the same command again to resume\n")
         return int(ErrorCode.INTERRUPTED)
-    except BrokenPipeError:
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
+    except BrokenPipeError:     # the reader went away (`starget ls IMAGE | head`): not an error
+        _discard_stdout(out)
         return 0
     except Exception as e:  # a bug: say so in one line, the traceback with --debug
         log.debug("traceback", exc_info=True)
@@ -4218,6 +4225,23 @@ def main(argv=None, out=None):
     finally:
         if session is not None:
             session.close()
+        restore_logging()
+
+
+def _discard_stdout(out):
+    """After a broken pipe on the process's own stdout, point file descriptor 1 at
+    /dev/null, so that the interpreter's last flush at exit does not fail again.
+    sys.stdout stays the same object; a stream the caller passed is left alone."""
+    if out is not sys.__stdout__ or out is None:
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, out.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):    # no real file descriptor behind it
+        pass
 
 
 def console_main():

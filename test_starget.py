@@ -804,6 +804,39 @@ def test_errors_do_not_leak_password(registry_basic, ws):
     assert pw not in err and pw not in out
 
 
+# ---- logging: main() leaves the caller's logging as it found it ------------
+
+def test_main_keeps_the_callers_log_handler(api_env, capsys):
+    """A program that vendors starget attached its own handler and level: main()
+    adds its stderr handler for the call only, and removes nothing else."""
+    import logging
+    logger = logging.getLogger("starget")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    mine = Keep()
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    logger.addHandler(mine)
+    logger.setLevel(logging.INFO)
+    try:
+        assert starget.main(["-d", "--retries", "1", "ls", "127.0.0.1:1/x/y"]) == 5
+        assert any(m.startswith("retrying") for m in seen), seen      # it heard the run too
+        assert "retrying" in capsys.readouterr().err                  # and so did stderr
+        assert logger.handlers == before[0] + [mine]
+        assert (logger.level, logger.propagate) == (logging.INFO, before[2])
+        del seen[:]
+        starget.log.info("after main")
+        assert seen == ["after main"]
+        assert capsys.readouterr().err == ""                          # main's handler is gone
+    finally:
+        logger.removeHandler(mine)
+        logger.setLevel(before[1])
+    assert logger.handlers == before[0]
+
+
 # ---- logging: secrets are never printed, --debug included -------------------
 
 def _assert_no_secret(secrets, *texts):
@@ -4732,6 +4765,31 @@ def test_e2e_version():
     rc, out, err = run_cli("--version")
     assert rc == 0
     assert starget.__version__ in out + err
+
+
+def test_broken_pipe_keeps_sys_stdout(capsys):
+    """The reader of the output went away: exit 0 quietly; sys.stdout is not rebound."""
+    class Gone(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    stdout = sys.stdout
+    assert starget.main(["completion", "bash"], out=Gone()) == 0
+    assert sys.stdout is stdout
+    assert starget.main(["completion", "bash"]) == 0 and sys.stdout is stdout
+    assert "complete -F _starget starget" in capsys.readouterr().out
+
+
+def test_broken_pipe_on_the_process_stdout_exits_0():
+    """`starget ... | head`: no traceback, no 'Exception ignored' at exit, exit 0."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, STARGET, "completion", "bash"], stdout=write_end,
+                              stderr=subprocess.PIPE, env=hermetic_env(None), timeout=60)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (0, b"")
 
 
 @pytest.mark.parametrize("args", [[], ["frobnicate", "x"], ["get"], ["ls", "--concurrency", "abc", "x/y"],
