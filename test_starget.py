@@ -724,11 +724,13 @@ def _only_stargz_error(fn, *args):
         return None
 
 
-if given is None:  # pragma: no cover
-    @pytest.mark.skip(reason="hypothesis not installed")
-    def test_properties_need_hypothesis():
-        pass
-else:
+def test_properties_need_hypothesis():
+    """The `test` extra installs hypothesis; without it every property test would
+    skip and the suite would still pass, so its absence is a failure here."""
+    assert given is not None, "hypothesis is not installed: pip install '.[test]'"
+
+
+if given is not None:
     PROP = settings(max_examples=300, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                            HealthCheck.data_too_large])
