@@ -173,14 +173,24 @@ class _RedactingFormatter(logging.Formatter):
 
 
 def configure_logging(verbose=False, debug=False, stream=None):
-    """CLI logging: warnings by default, info with --verbose, everything with --debug."""
+    """CLI logging: warnings by default, info with --verbose, everything with --debug.
+
+    Returns a function that undoes exactly this: it removes the one handler added
+    here and restores the logger's level and propagation. A program that vendors
+    starget and calls main() keeps the handlers it attached to the `starget` logger.
+    """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_RedactingFormatter())
-    for old in [h for h in log.handlers if not isinstance(h, logging.NullHandler)]:
-        log.removeHandler(old)
+    level, propagate = log.level, log.propagate
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
-    log.propagate = False
+    log.propagate = False     # stderr gets each line once, not again from the root logger
+
+    def restore():
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+    return restore
 
 
 
@@ -484,23 +494,18 @@ class Credentials(object):
             path = shutil.which(program, path=self.environ.get("PATH") or os.environ.get("PATH", os.defpath))
             if path is None:
                 raise FileNotFoundError(2, "not found on PATH")
-            proc = subprocess.Popen([path, "get"], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            try:
-                out, err = proc.communicate(server.encode("utf-8"), timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-                raise
+            # On timeout, run() kills the helper and reaps it before raising.
+            proc = subprocess.run([path, "get"], input=server.encode("utf-8"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as e:
             if required:
                 _fail(ErrorCode.AUTH, "credential helper %s for %s cannot run: %s" % (program, registry, e), e)
             log.warning("credential helper %s (credsStore) cannot run (%s); continuing without credentials",
                         program, getattr(e, "strerror", None) or e)
             return None
-        text = out.decode("utf-8", "replace").strip()
+        text = proc.stdout.decode("utf-8", "replace").strip()
         if proc.returncode != 0:
-            message = (text or err.decode("utf-8", "replace")).strip().splitlines()
+            message = (text or proc.stderr.decode("utf-8", "replace")).strip().splitlines()
             message = message[0] if message else "exit status %d" % proc.returncode
             if "credentials not found" in message.lower():
                 return None
@@ -707,11 +712,134 @@ def _yaml_scalar(text, fail):
 
 # -- the validated configuration --------------------------------------------
 
-# key -> (kind, arguments): what each setting accepts.
-_CONFIG_DEFAULTS = {
-    "concurrency": ("int", 1, 256), "retries": ("int", 0, 20), "no_progress": ("bool",),
-    "platform": ("platform",), "cache": ("bool",),
-}
+# The global options, in one table: the command line's flags (cli), the
+# `defaults:` of the config file, their defaults, what they accept, and how
+# --help and the completion scripts show them are all made from it, so that a
+# flag and its config key cannot drift apart. It lives here, above cli, because
+# the config file is checked against it.
+
+def _check_count(value, option):
+    """A whole number in the option's range, from the command line ("8") or YAML (8)."""
+    if isinstance(value, str) and re.match(r"^[-+]?[0-9]+\Z", value):
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        number = None
+    if number is None or not option.low <= number <= option.high:
+        raise ValueError("must be a whole number from %d to %d, got %r" % (option.low, option.high, value))
+    return number
+
+
+def _check_seconds(value, option):
+    """A number of seconds above 0 (0 would make the socket non-blocking), at most the high end."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None or not 0 < number <= option.high:     # NaN fails this too
+        raise ValueError("must be a number of seconds above 0 and at most %g, got %r" % (option.high, value))
+    return number
+
+
+def _check_switch(value, option=None):
+    """true or false; on the command line a switch takes no value, so this is the file's."""
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false, got %r" % (value,))
+    return value
+
+
+def _check_text(value, option=None):
+    """Any string (--credential's form is the credentials' to check)."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string, got %r" % (value,))
+    return value
+
+
+def _check_platform(value, option=None):
+    """os/arch[/variant], kept as the text given (the session parses it)."""
+    try:
+        Platform.parse(_check_text(value))
+    except StargzError:
+        raise ValueError("must be os/arch[/variant] (e.g. linux/arm64), got %r" % (value,))
+    return value
+
+
+# kind -> the one function that checks a value of that kind, wherever it comes from
+_OPTION_CHECKS = {"count": _check_count, "seconds": _check_seconds, "switch": _check_switch,
+                  "text": _check_text, "file": _check_text, "platform": _check_platform}
+
+
+class _Option(object):
+    """One global option. `flags` as typed; `dest` its argparse name; `kind` what it
+    accepts (a key of _OPTION_CHECKS; a "switch" takes no value on the command line);
+    `default` when neither the flag nor the file sets it; `low`..`high` its range;
+    `config` its key in `defaults:` (None: not settable there) and `config_negates`
+    when that key means the opposite (`cache: false` is --no-cache); `metavar` and
+    `help` for --help; `summary` for the completion scripts (default: `help`), which pass the flag on
+    to `__complete` when `forwarded` (it changes how the image is reached);
+    `suggestions` are the values they offer for it."""
+
+    __slots__ = ("flags", "dest", "kind", "default", "low", "high", "config", "config_negates",
+                 "metavar", "help", "summary", "forwarded", "suggestions")
+
+    def __init__(self, flags, dest, kind, default, help, summary=None, low=None, high=None, config=None,
+                 config_negates=False, metavar=None, forwarded=True, suggestions=()):
+        self.flags, self.dest, self.kind, self.default = flags, dest, kind, default
+        self.low, self.high, self.config, self.config_negates = low, high, config, config_negates
+        self.metavar, self.help, self.summary = metavar, help, summary or help
+        self.forwarded, self.suggestions = forwarded, suggestions
+
+    @property
+    def takes_value(self):
+        return self.kind != "switch"
+
+    def check(self, value):
+        """The value, checked (and typed); ValueError says what is wrong, after the option's name."""
+        return _OPTION_CHECKS[self.kind](value, self)
+
+    def __repr__(self):
+        return "_Option(%r)" % (self.flags,)
+
+
+_GLOBAL_OPTIONS = (
+    _Option(("--credential",), "credential", "text", None, "registry credentials",
+            "registry credentials USER:PASSWORD", metavar="USER:PASSWORD"),
+    _Option(("-v", "--verbose"), "verbose", "switch", False, "say what is happening", forwarded=False),
+    _Option(("-d", "--debug"), "debug", "switch", False, "log every request (secrets masked)",
+            "log every request", forwarded=False),
+    _Option(("-k", "--insecure"), "insecure", "switch", False,
+            "skip TLS verification; allow plain HTTP to any registry", "skip TLS verification"),
+    _Option(("--no-progress",), "no_progress", "switch", False, "no progress bar", config="no_progress",
+            forwarded=False),
+    _Option(("--concurrency",), "concurrency", "count", 4, "parallel requests", low=1, high=256,
+            config="concurrency", metavar="N"),
+    _Option(("--platform",), "platform", "platform", None, "image platform (the host's)",
+            "image platform os/arch[/variant]", config="platform", metavar="OS/ARCH[/VARIANT]",
+            suggestions=("linux/amd64", "linux/arm64", "linux/arm64/v8", "linux/arm/v7",
+                         "linux/ppc64le", "linux/s390x", "linux/riscv64")),
+    _Option(("--retries",), "retries", "count", 3, "retries per request", low=0, high=20, config="retries",
+            metavar="N"),
+    _Option(("--skip-verify",), "skip_verify", "switch", False, "do not check digests"),
+    _Option(("--no-cache",), "no_cache", "switch", False, "do not use the TOC cache", config="cache",
+            config_negates=True),
+    _Option(("--cacert",), "cacert", "file", None, "extra CA certificates (PEM)",
+            "extra CA certificates (PEM file)", metavar="FILE"),
+    _Option(("--timeout",), "timeout", "seconds", 30.0, "read stall timeout", "read stall timeout in seconds",
+            high=86400, config="timeout", metavar="SECONDS"),
+    _Option(("--connect-timeout",), "connect_timeout", "seconds", 15.0, "connect timeout",
+            "connect timeout in seconds", high=86400, config="connect_timeout", metavar="SECONDS"),
+    _Option(("--fallback-stream",), "fallback_stream", "switch", False,
+            "read layers that are not eStargz whole instead of refusing them (slow)",
+            "read layers that are not eStargz whole (slow)"),
+)
+# config key -> its option: the schema of `defaults:`
+_CONFIG_DEFAULTS = dict((o.config, o) for o in _GLOBAL_OPTIONS if o.config)
+# key -> (kind, arguments): what each setting of a registry accepts.
 _CONFIG_REGISTRY = {
     "plain_http": ("bool",), "insecure": ("bool",), "ca_file": ("path",), "mirror": ("host",),
     "auth_type": ("choice", "basic", "bearer", "none"),
@@ -735,6 +863,8 @@ class Config(object):
           no_progress: true
           platform: linux/arm64     # like --platform
           cache: false              # like --no-cache
+          timeout: 60               # seconds, above 0 and at most 86400, like --timeout
+          connect_timeout: 5.5      # likewise, like --connect-timeout
         registries:
           mirror.internal:5000:     # host[:port], exactly as in image names
             plain_http: true
@@ -810,11 +940,10 @@ class Config(object):
     def flag_defaults(self):
         """The `defaults:` as argparse destinations, for the flags the user did not give."""
         values = {}
-        for name in ("concurrency", "retries", "no_progress", "platform"):
-            if self._defaults.get(name) is not None:
-                values[name] = self._defaults[name]
-        if self._defaults.get("cache") is not None:
-            values["no_cache"] = not self._defaults["cache"]
+        for key, option in _CONFIG_DEFAULTS.items():
+            if self._defaults.get(key) is not None:
+                value = self._defaults[key]
+                values[option.dest] = not value if option.config_negates else value
         return values
 
     def __repr__(self):
@@ -863,27 +992,26 @@ class _ConfigChecker(object):
         return result
 
     def value(self, value, spec, line, where):
+        """The checked value of one key: `spec` is an _Option (`defaults:`) or a
+        registry setting's (kind, arguments)."""
+        try:
+            if isinstance(spec, _Option):
+                return spec.check(value)
+            return self._registry_value(value, spec)
+        except ValueError as e:
+            self.fail(line, "%s %s" % (where, e))
+
+    def _registry_value(self, value, spec):
         kind = spec[0]
-        if kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int) or not spec[1] <= value <= spec[2]:
-                self.fail(line, "%s must be a whole number from %d to %d, got %r" % (where, spec[1], spec[2], value))
-            return value
         if kind == "bool":
-            if not isinstance(value, bool):
-                self.fail(line, "%s must be true or false, got %r" % (where, value))
-            return value
+            return _check_switch(value)
         if not isinstance(value, str) or not value:
-            self.fail(line, "%s must be a string, got %r" % (where, value))
-        if kind == "platform":
-            try:
-                Platform.parse(value)
-            except StargzError as e:
-                self.fail(line, "%s: %s" % (where, e.message))
-        elif kind == "choice" and value not in spec[1:]:
-            self.fail(line, "%s must be one of %s, got %r" % (where, ", ".join(spec[1:]), value))
-        elif kind == "host":
+            raise ValueError("must be a string, got %r" % (value,))
+        if kind == "choice" and value not in spec[1:]:
+            raise ValueError("must be one of %s, got %r" % (", ".join(spec[1:]), value))
+        if kind == "host":
             if not _REGISTRY_RE.match(value):
-                self.fail(line, "%s must be a registry host[:port] (no scheme, no path), got %r" % (where, value))
+                raise ValueError("must be a registry host[:port] (no scheme, no path), got %r" % value)
             value = _config_host_key(value)
         elif kind == "path":
             value = os.path.join(self.base_dir, os.path.expanduser(value))
@@ -3693,13 +3821,6 @@ class _ChunkSink(object):
 # cli
 # =============================================================================
 
-_GLOBAL_DEFAULTS = {
-    "credential": None, "verbose": False, "debug": False, "insecure": False, "no_progress": False,
-    "concurrency": 4, "platform": None, "retries": 3, "skip_verify": False, "no_cache": False,
-    "cacert": None, "timeout": 30.0, "connect_timeout": 15.0, "fallback_stream": False,
-}
-
-
 # -- shell completion -----------------------------------------------------------
 #
 # `starget completion bash|zsh|fish` prints a script; for the PATH argument of
@@ -3713,34 +3834,14 @@ _COMPLETION_COMMANDS = (
     ("cat", "write one file to standard output"),
     ("completion", "print a shell completion script"),
 )
-# flag -> (takes a value, description); accepted before or after the command.
-_COMPLETION_GLOBAL_FLAGS = (
-    ("--credential", True, "registry credentials USER:PASSWORD"),
-    ("-v", False, "say what is happening"), ("--verbose", False, "say what is happening"),
-    ("-d", False, "log every request"), ("--debug", False, "log every request"),
-    ("-k", False, "skip TLS verification"), ("--insecure", False, "skip TLS verification"),
-    ("--no-progress", False, "no progress bar"),
-    ("--concurrency", True, "parallel requests"),
-    ("--platform", True, "image platform os/arch[/variant]"),
-    ("--retries", True, "retries per request"),
-    ("--skip-verify", False, "do not check digests"),
-    ("--no-cache", False, "do not use the TOC cache"),
-    ("--cacert", True, "extra CA certificates (PEM file)"),
-    ("--timeout", True, "read stall timeout in seconds"),
-    ("--connect-timeout", True, "connect timeout in seconds"),
-    ("--fallback-stream", False, "read layers that are not eStargz whole (slow)"),
-    ("-h", False, "show help"), ("--help", False, "show help"),
-)
+# argparse's own flags, completed along with the global options (_GLOBAL_OPTIONS)
+_COMPLETION_HELP_FLAGS = (("-h", "show help"), ("--help", "show help"))
 _COMPLETION_COMMAND_FLAGS = {
     "info": (("--json", "one JSON object"),),
     "ls": (("--json", "one JSON array"), ("-l", "long listing"), ("--long", "long listing"),
            ("--sizes", "show sizes")),
 }
-_COMPLETION_PLATFORMS = ("linux/amd64", "linux/arm64", "linux/arm64/v8", "linux/arm/v7",
-                         "linux/ppc64le", "linux/s390x", "linux/riscv64")
 _COMPLETION_SHELLS = ("bash", "zsh", "fish")
-# Flags that change how the image is reached; the scripts pass them on to __complete.
-_COMPLETION_NOT_FORWARDED = ("-v", "--verbose", "-d", "--debug", "--no-progress", "-h", "--help")
 
 
 def complete_paths(index, prefix, blob=None):
@@ -3788,7 +3889,7 @@ def cmd_complete(session, out):
     """Hidden `starget __complete IMAGE [BLOB] PREFIX`, run by the completion scripts:
     one candidate a line (see complete_paths)."""
     blob, rest = _split_blob(session.args.args, 1)
-    for candidate in complete_paths(session.index(blob), rest[0], blob):
+    for candidate in complete_paths(session.load_image(blob), rest[0], blob):
         out.write(candidate + "\n")
     return 0
 
@@ -3808,19 +3909,27 @@ def _completion_fill(template, words):
     return template
 
 
+def _option_named(flag):
+    return next(o for o in _GLOBAL_OPTIONS if flag in o.flags)
+
+
 def _completion_words():
-    globals_ = [f for f, _, _ in _COMPLETION_GLOBAL_FLAGS]
-    value_flags = [f for f, takes, _ in _COMPLETION_GLOBAL_FLAGS if takes]
+    """The words the script templates need, from _GLOBAL_OPTIONS. The scripts pass
+    every value flag on to __complete (they must skip its value anyway), so a
+    value flag cannot be left out of `forwarded`."""
+    value_flags = [f for o in _GLOBAL_OPTIONS if o.takes_value for f in o.flags]
+    switches = [f for o in _GLOBAL_OPTIONS if not o.takes_value and o.forwarded for f in o.flags]
     return {
         "COMMANDS": " ".join(c for c, _ in _COMPLETION_COMMANDS),
-        "GLOBAL_FLAGS": " ".join(globals_),
+        "GLOBAL_FLAGS": " ".join([f for o in _GLOBAL_OPTIONS for f in o.flags]
+                                 + [f for f, _ in _COMPLETION_HELP_FLAGS]),
         "INFO_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["info"]),
         "LS_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["ls"]),
-        "PLATFORMS": " ".join(_COMPLETION_PLATFORMS),
+        "PLATFORMS": " ".join(_option_named("--platform").suggestions),
         "SHELLS": " ".join(_COMPLETION_SHELLS),
         "VALUE_FLAGS": "|".join(value_flags),
         "VALUE_FLAGS_EQ": "|".join(f + "=*" for f in value_flags),
-        "FORWARDED_FLAGS": "|".join(f for f in globals_ if f not in _COMPLETION_NOT_FORWARDED and f not in value_flags),
+        "FORWARDED_FLAGS": "|".join(switches),
     }
 
 
@@ -3839,26 +3948,32 @@ def _fish_completion():
     for command, description in _COMPLETION_COMMANDS:
         lines.append("complete -c starget -n __starget_needs_command -a %s -d '%s'"
                      % (command, description.replace("'", "")))
-    for flag, takes, description in _COMPLETION_GLOBAL_FLAGS:
-        option = "-s %s" % flag[1:] if not flag.startswith("--") else "-l %s" % flag[2:]
+    for option in _GLOBAL_OPTIONS:
         extra = ""
-        if flag == "--platform":
-            extra = " -x -a '%s'" % " ".join(_COMPLETION_PLATFORMS)
-        elif flag == "--cacert":
+        if option.suggestions:
+            extra = " -x -a '%s'" % " ".join(option.suggestions)
+        elif option.kind == "file":
             extra = " -r -F"
-        elif takes:
+        elif option.takes_value:
             extra = " -x"
-        lines.append("complete -c starget %s%s -d '%s'" % (option, extra, description))
+        for flag in option.flags:
+            lines.append("complete -c starget %s%s -d '%s'" % (_fish_flag(flag), extra, option.summary))
+    for flag, description in _COMPLETION_HELP_FLAGS:
+        lines.append("complete -c starget %s -d '%s'" % (_fish_flag(flag), description))
     lines.append("complete -c starget -n __starget_needs_command -l version -d 'show the version'")
     for command in sorted(_COMPLETION_COMMAND_FLAGS):
         for flag, description in _COMPLETION_COMMAND_FLAGS[command]:
-            option = "-s %s" % flag[1:] if not flag.startswith("--") else "-l %s" % flag[2:]
-            lines.append("complete -c starget -n '__starget_command_is %s' %s -d '%s'" % (command, option, description))
+            lines.append("complete -c starget -n '__starget_command_is %s' %s -d '%s'"
+                         % (command, _fish_flag(flag), description))
     words = _completion_words()
     words["COMPLETE_LINES"] = "\n".join(lines)
-    words["VALUE_FLAGS"] = " ".join("'%s'" % f for f, takes, _ in _COMPLETION_GLOBAL_FLAGS if takes)
-    words["FORWARDED_FLAGS"] = " ".join("'%s'" % f for f in words["FORWARDED_FLAGS"].split("|"))
+    for name in ("VALUE_FLAGS", "FORWARDED_FLAGS"):    # fish lists words, where bash and zsh have patterns
+        words[name] = " ".join("'%s'" % f for f in words[name].split("|"))
     return _completion_fill(_FISH_COMPLETION, words)
+
+
+def _fish_flag(flag):
+    return "-l %s" % flag[2:] if flag.startswith("--") else "-s %s" % flag[1:]
 
 
 _BASH_COMPLETION = r'''# bash completion for starget
@@ -4181,50 +4296,34 @@ complete -c starget -n __starget_wants_output_dir -a '(__fish_complete_directori
 '''
 
 
-def _positive_seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value <= 86400:
-        import argparse
-        raise argparse.ArgumentTypeError("want a number of seconds above 0, got %r" % text)
-    return value
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1 or value > 256:
-        import argparse
-        raise argparse.ArgumentTypeError("want a whole number from 1 to 256, got %r" % text)
-    return value
+def _argparse_type(option):
+    """The option's check as an argparse `type=`: a bad value is a usage error naming the flag."""
+    def parse(text):
+        try:
+            return option.check(text)
+        except ValueError as e:
+            import argparse
+            raise argparse.ArgumentTypeError(str(e))
+    parse.__name__ = option.kind
+    return parse
 
 
 def _add_global_options(parser):
-    """Flags valid before or after the command name (as with Cobra's persistent flags)."""
+    """Flags valid before or after the command name (as with Cobra's persistent flags).
+    Their defaults are SUPPRESSed, so that a subcommand's parser does not overwrite a
+    flag given before the command name; main() fills in what is missing."""
     import argparse
-    g = parser.add_argument_group("global options")
-    s = argparse.SUPPRESS
-    g.add_argument("--credential", metavar="USER:PASSWORD", default=s, help="registry credentials")
-    g.add_argument("-v", "--verbose", action="store_true", default=s, help="say what is happening")
-    g.add_argument("-d", "--debug", action="store_true", default=s, help="log every request (secrets masked)")
-    g.add_argument("-k", "--insecure", action="store_true", default=s,
-                   help="skip TLS verification; allow plain HTTP to any registry")
-    g.add_argument("--no-progress", action="store_true", default=s, help="no progress bar")
-    g.add_argument("--concurrency", type=_positive_int, metavar="N", default=s, help="parallel requests (4)")
-    g.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", default=s, help="image platform (the host's)")
-    g.add_argument("--retries", type=int, metavar="N", default=s, help="retries per request (3)")
-    g.add_argument("--skip-verify", action="store_true", default=s, help="do not check digests")
-    g.add_argument("--no-cache", action="store_true", default=s, help="do not use the TOC cache")
-    g.add_argument("--cacert", metavar="FILE", default=s, help="extra CA certificates (PEM)")
-    g.add_argument("--timeout", type=_positive_seconds, metavar="SECONDS", default=s, help="read stall timeout (30)")
-    g.add_argument("--connect-timeout", type=_positive_seconds, metavar="SECONDS", default=s,
-                   help="connect timeout (15)")
-    g.add_argument("--fallback-stream", action="store_true", default=s,
-                   help="read layers that are not eStargz whole instead of refusing them (slow)")
+    group = parser.add_argument_group("global options")
+    for option in _GLOBAL_OPTIONS:
+        shown = option.help
+        if option.default not in (None, False):
+            shown += " (%g)" % option.default
+        if option.takes_value:
+            group.add_argument(*option.flags, dest=option.dest, type=_argparse_type(option),
+                               metavar=option.metavar, default=argparse.SUPPRESS, help=shown)
+        else:
+            group.add_argument(*option.flags, dest=option.dest, action="store_true",
+                               default=argparse.SUPPRESS, help=shown)
 
 
 def build_parser():
@@ -4290,7 +4389,7 @@ class _Session(object):
                 _fail(ErrorCode.USAGE, "CA certificate file %s does not exist" % cafile)
         insecure = args.insecure or bool(settings.get("insecure"))
         transport = Transport(insecure=args.insecure, cafile=args.cacert, read_timeout=args.timeout,
-                              connect_timeout=args.connect_timeout, retry=RetryPolicy(retries=max(0, args.retries)),
+                              connect_timeout=args.connect_timeout, retry=RetryPolicy(retries=args.retries),
                               host_tls=host_tls)
         self.client = RegistryClient(ref, credentials=Credentials(args.credential), insecure=insecure,
                                      transport=transport, plain_http=settings.get("plain_http"),
@@ -4299,7 +4398,8 @@ class _Session(object):
         self.platform = Platform.parse(args.platform) if args.platform else None
         self.scratch = None
 
-    def index(self, blob=None):
+    def load_image(self, blob=None):
+        """Resolve the manifest and fetch (or read from the cache) the TOCs: network I/O."""
         if self.args.fallback_stream and self.scratch is None:
             import tempfile
             self.scratch = tempfile.mkdtemp(prefix="starget-")
@@ -4322,23 +4422,20 @@ def _split_blob(values, most):
     return blob, rest
 
 
+# The S_IF* bits stat.filemode needs; a TOC gives the type as a word.
+_ENTRY_TYPE_BITS = {"dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "char": stat.S_IFCHR,
+                    "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
+
+
 def _mode_string(entry):
-    kinds = {"dir": "d", "symlink": "l", "char": "c", "block": "b", "fifo": "p", "hardlink": "h"}
-    mode = entry.mode or 0
-    text = ""
-    for shift in (6, 3, 0):
-        bits = (mode >> shift) & 7
-        text += ("r" if bits & 4 else "-") + ("w" if bits & 2 else "-") + ("x" if bits & 1 else "-")
-    text = list(text)
-    for bit, pos, char in ((0o4000, 2, "s"), (0o2000, 5, "s"), (0o1000, 8, "t")):
-        if mode & bit:
-            text[pos] = char if text[pos] == "x" else char.upper()
-    return kinds.get(entry.type, "-") + "".join(text)
+    """`ls -l`'s mode column; a hardlink shows as `h`, since it has no file type of its own."""
+    text = stat.filemode(_ENTRY_TYPE_BITS.get(entry.type, stat.S_IFREG) | ((entry.mode or 0) & 0o7777))
+    return "h" + text[1:] if entry.type == "hardlink" else text
 
 
 def cmd_ls(session, out):
     args = session.args
-    index = session.index(args.blob)
+    index = session.load_image(args.blob)
     entries = index.entries(args.blob)
     if args.sizes:
         return _print_sizes(entries, args.json, out)
@@ -4453,7 +4550,7 @@ def _report(stats, verbose):
 def cmd_get(session, out):
     blob, rest = _split_blob(session.args.args, 2)
     pattern, output_dir = rest[0], rest[1] if len(rest) > 1 else "."
-    index = session.index(blob)
+    index = session.load_image(blob)
     stats = _downloader(session).download(index, pattern, output_dir, blob)
     _report(stats, session.args.verbose)
     return 0
@@ -4463,7 +4560,7 @@ def cmd_cat(session, out):
     import shutil
     import tempfile
     blob, rest = _split_blob(session.args.args, 1)
-    index = session.index(blob)
+    index = session.load_image(blob)
     view = index.view(blob)
     path = _resolve_in(view, rest[0], follow_last=True)
     entry = view.get(path)
@@ -4498,19 +4595,15 @@ def main(argv=None, out=None):
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else ErrorCode.USAGE
     given = set(vars(args))     # the flags on the command line (absent ones are SUPPRESSed)
-    for key, value in _GLOBAL_DEFAULTS.items():
-        if key not in given:
-            setattr(args, key, value)
-    configure_logging(args.verbose, args.debug)
+    _fill_options(args, given, dict((o.dest, o.default) for o in _GLOBAL_OPTIONS))
+    restore_logging = configure_logging(args.verbose, args.debug)
     session = None
     try:
         if args.command == "completion":       # needs no image and no config
             out.write(completion_script(args.shell))
             return 0
         config = Config.load()
-        for key, value in config.flag_defaults().items():   # config.yaml fills what the flags left
-            if key not in given:
-                setattr(args, key, value)
+        _fill_options(args, given, config.flag_defaults())   # config.yaml fills what the flags left
         session = _Session(args, config)
         return COMMANDS[args.command](session, out) or 0
     except StargzError as e:
@@ -4522,11 +4615,8 @@ def main(argv=None, out=None):
     except KeyboardInterrupt:
         sys.stderr.write("\nstarget: interrupted; run the same command again to resume\n")
         return int(ErrorCode.INTERRUPTED)
-    except BrokenPipeError:
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
+    except BrokenPipeError:     # the reader went away (`starget ls IMAGE | head`): not an error
+        _discard_stdout(out)
         return 0
     except Exception as e:  # a bug: say so in one line, the traceback with --debug
         log.debug("traceback", exc_info=True)
@@ -4536,6 +4626,30 @@ def main(argv=None, out=None):
     finally:
         if session is not None:
             session.close()
+        restore_logging()
+
+
+def _fill_options(args, given, values):
+    """Set the options the command line did not give (`given`) to `values`."""
+    for dest, value in values.items():
+        if dest not in given:
+            setattr(args, dest, value)
+
+
+def _discard_stdout(out):
+    """After a broken pipe on the process's own stdout, point file descriptor 1 at
+    /dev/null, so that the interpreter's last flush at exit does not fail again.
+    sys.stdout stays the same object; a stream the caller passed is left alone."""
+    if out is not sys.__stdout__ or out is None:
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, out.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):    # no real file descriptor behind it
+        pass
 
 
 def console_main():

@@ -724,11 +724,13 @@ def _only_stargz_error(fn, *args):
         return None
 
 
-if given is None:  # pragma: no cover
-    @pytest.mark.skip(reason="hypothesis not installed")
-    def test_properties_need_hypothesis():
-        pass
-else:
+def test_properties_need_hypothesis():
+    """The `test` extra installs hypothesis; without it every property test would
+    skip and the suite would still pass, so its absence is a failure here."""
+    assert given is not None, "hypothesis is not installed: pip install '.[test]'"
+
+
+if given is not None:
     PROP = settings(max_examples=300, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                            HealthCheck.data_too_large])
@@ -803,6 +805,39 @@ def test_errors_do_not_leak_password(registry_basic, ws):
                            "get", registry_basic.image("basic"), "etc/passwd", ws.out)
     assert_one_line_error(rc, err, 4)
     assert pw not in err and pw not in out
+
+
+# ---- logging: main() leaves the caller's logging as it found it ------------
+
+def test_main_keeps_the_callers_log_handler(api_env, capsys):
+    """A program that vendors starget attached its own handler and level: main()
+    adds its stderr handler for the call only, and removes nothing else."""
+    import logging
+    logger = logging.getLogger("starget")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    mine = Keep()
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    logger.addHandler(mine)
+    logger.setLevel(logging.INFO)
+    try:
+        assert starget.main(["-d", "--retries", "1", "ls", "127.0.0.1:1/x/y"]) == 5
+        assert any(m.startswith("retrying") for m in seen), seen      # it heard the run too
+        assert "retrying" in capsys.readouterr().err                  # and so did stderr
+        assert logger.handlers == before[0] + [mine]
+        assert (logger.level, logger.propagate) == (logging.INFO, before[2])
+        del seen[:]
+        starget.log.info("after main")
+        assert seen == ["after main"]
+        assert capsys.readouterr().err == ""                          # main's handler is gone
+    finally:
+        logger.removeHandler(mine)
+        logger.setLevel(before[1])
+    assert logger.handlers == before[0]
 
 
 # ---- logging: secrets are never printed, --debug included -------------------
@@ -1761,7 +1796,7 @@ def test_config_full(tmp_path):
     assert config.default("no_progress", False) is True
     assert config.default("platform") == "linux/arm64/v8"
     assert config.default("cache", True) is False
-    assert config.default("timeout", 30.0) == 30.0    # not settable: the fallback
+    assert config.default("timeout", 30.0) == 30.0    # not set here: the fallback
     assert config.registry("mirror.internal:5000") == {"plain_http": True}
     assert config.registry("MIRROR.internal:5000") == {"plain_http": True}
     assert config.registry("mirror.internal") == {}   # host:port is matched exactly
@@ -1848,12 +1883,16 @@ def test_syntax_errors_name_the_file(tmp_path):
     ("defaults:\n  concurrency: 257\n", 2, "from 1 to 256"),
     ("defaults:\n  concurrency: many\n", 2, "got 'many'"),
     ("defaults:\n  concurrency: true\n", 2, "got True"),
-    ("defaults:\n  concurrency: '8'\n", 2, "got '8'"),
+    ("defaults:\n  concurrency: '8x'\n", 2, "got '8x'"),
+    ("defaults:\n  concurrency: 8.0\n", 2, "got '8.0'"),
     ("defaults:\n  retries: 21\n", 2, "defaults.retries must be a whole number from 0 to 20"),
     ("defaults:\n  retries: -1\n", 2, "from 0 to 20"),
     ("defaults:\n  no_progress: 1\n", 2, "defaults.no_progress must be true or false, got 1"),
     ("defaults:\n  cache: 'true'\n", 2, "defaults.cache must be true or false"),
-    ("defaults:\n  platform: linux\n", 2, "defaults.platform: invalid platform"),
+    ("defaults:\n  platform: linux\n", 2, "defaults.platform must be os/arch[/variant] (e.g. linux/arm64), got"),
+    ("defaults:\n  timeout: 0\n", 2, "defaults.timeout must be a number of seconds above 0 and at most 86400, got 0"),
+    ("defaults:\n  connect_timeout: soon\n", 2, "defaults.connect_timeout must be a number of seconds"),
+    ("defaults:\n  timeout: true\n", 2, "got True"),
     ("defaults:\n  platform: 64\n", 2, "defaults.platform must be a string"),
     ("registries:\n  https://h:\n    insecure: true\n", 2, "not a registry host[:port]"),
     ("registries:\n  h/path:\n", 2, "not a registry host[:port]"),
@@ -1870,18 +1909,70 @@ def test_config_validation(text, line, fragment):
     assert fragment in message, message
 
 
-def test_flags_win_over_the_file():
-    """The wiring the lead adds to main(): config values fill only the flags not given."""
-    config = C.Config.from_text("defaults:\n  concurrency: 8\n  retries: 5\n  cache: false\n")
-    args = starget.build_parser().parse_args(["--concurrency", "2", "ls", "img"])
-    given = set(vars(args))
-    for key, value in starget._GLOBAL_DEFAULTS.items():
-        if key not in given:
-            setattr(args, key, value)
-    for key, value in config.flag_defaults().items():
-        if key not in given:
-            setattr(args, key, value)
-    assert (args.concurrency, args.retries, args.no_cache, args.timeout) == (2, 5, True, 30.0)
+def test_flags_win_over_the_file(tmp_path):
+    """The real main(): `defaults:` fills in a flag the user left out, and a flag
+    given (before or after the command) wins. Seen through retries: each retry of
+    the refused connection is one `retrying` line with -v."""
+    env = {"STARGET_CONFIG": write(tmp_path, "defaults:\n  retries: 2\n  cache: false\n")}
+
+    def retries(*args):
+        rc, out, err = run_cli(*args, env=env, timeout=60)
+        assert rc == 5, err
+        return len(re.findall(r"^starget: info: retrying ", err, re.M))
+
+    assert retries("-v", "ls", "127.0.0.1:1/x/y") == 2
+    assert retries("-v", "--retries", "0", "ls", "127.0.0.1:1/x/y") == 0
+    assert retries("ls", "-v", "127.0.0.1:1/x/y", "--retries", "1") == 1
+
+
+# ---- config: a flag and its `defaults:` key accept the same values ---------
+
+# flag, config key, values out of range (as typed), values at the edges (and what they mean)
+OPTION_RANGES = [
+    ("--concurrency", "concurrency", ["0", "257", "-1", "many"], [("1", 1), ("256", 256)]),
+    ("--retries", "retries", ["100", "-7", "21", "-1", "2.5"], [("0", 0), ("20", 20)]),
+    ("--timeout", "timeout", ["0", "-1", "86401", "nan", "inf"], [("0.001", 0.001), ("86400", 86400.0)]),
+    ("--connect-timeout", "connect_timeout", ["0", "86400.5"], [("0.5", 0.5), ("86400", 86400.0)]),
+]
+BAD_OPTION_VALUES = [(flag, key, value) for flag, key, bad, _ in OPTION_RANGES for value in bad]
+EDGE_OPTION_VALUES = [(flag, key, text, value) for flag, key, _, edges in OPTION_RANGES for text, value in edges]
+
+
+@pytest.mark.parametrize("flag, key, value", BAD_OPTION_VALUES)
+@pytest.mark.parametrize("after", [False, True])
+def test_a_bad_flag_value_is_a_usage_error_naming_the_flag(api_env, capsys, flag, key, value, after):
+    args = ["ls", "127.0.0.1:1/x/y", flag, value] if after else [flag, value, "ls", "127.0.0.1:1/x/y"]
+    assert starget.main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "argument %s: " % flag in errors[0], errors
+
+
+@pytest.mark.parametrize("flag, key, value", BAD_OPTION_VALUES)
+def test_a_bad_config_value_is_a_usage_error_naming_the_line(api_env, monkeypatch, capsys, flag, key, value):
+    path = write(api_env, "# the defaults\ndefaults:\n  %s: %s\n" % (key, value))
+    monkeypatch.setenv("STARGET_CONFIG", path)
+    assert starget.main(["ls", "127.0.0.1:1/x/y"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("starget: error: %s line 3: defaults.%s must be " % (path, key)), err
+    assert len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("flag, key, text, value", EDGE_OPTION_VALUES)
+def test_range_edges_are_accepted_by_the_flag_and_the_file(flag, key, text, value):
+    args = starget.build_parser().parse_args([flag, text, "ls", "img"])
+    assert getattr(args, key) == value             # these keys are spelled as their destinations
+    assert C.Config.from_text("defaults:\n  %s: %s\n" % (key, text)).flag_defaults() == {key: value}
+
+
+def test_the_file_takes_what_the_flag_takes():
+    """A flag's value is text, so the file accepts the quoted form too; the
+    negated key (cache) sets the flag's destination the other way round."""
+    config = C.Config.from_text("defaults:\n  concurrency: '8'\n  timeout: \"2.5\"\n  cache: true\n")
+    assert config.flag_defaults() == {"concurrency": 8, "timeout": 2.5, "no_cache": False}
+    keys = {o.config: o.dest for o in starget._GLOBAL_OPTIONS if o.config}
+    assert keys == {"concurrency": "concurrency", "retries": "retries", "no_progress": "no_progress",
+                    "platform": "platform", "cache": "no_cache", "timeout": "timeout",
+                    "connect_timeout": "connect_timeout"}
 
 
 # =============================================================================
@@ -5030,6 +5121,31 @@ def test_e2e_version():
     assert starget.__version__ in out + err
 
 
+def test_broken_pipe_keeps_sys_stdout(capsys):
+    """The reader of the output went away: exit 0 quietly; sys.stdout is not rebound."""
+    class Gone(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    stdout = sys.stdout
+    assert starget.main(["completion", "bash"], out=Gone()) == 0
+    assert sys.stdout is stdout
+    assert starget.main(["completion", "bash"]) == 0 and sys.stdout is stdout
+    assert "complete -F _starget starget" in capsys.readouterr().out
+
+
+def test_broken_pipe_on_the_process_stdout_exits_0():
+    """`starget ... | head`: no traceback, no 'Exception ignored' at exit, exit 0."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, STARGET, "completion", "bash"], stdout=write_end,
+                              stderr=subprocess.PIPE, env=hermetic_env(None), timeout=60)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (0, b"")
+
+
 @pytest.mark.parametrize("args", [[], ["frobnicate", "x"], ["get"], ["ls", "--concurrency", "abc", "x/y"],
                                   ["--credential", "nocolon", "ls", "127.0.0.1:1/x/y"],
                                   ["--platform", "linux", "ls", "127.0.0.1:1/x/y"]])
@@ -5071,6 +5187,16 @@ def test_e2e_cache_is_used_and_harmless(registry_anon, tmp_path):
 
 
 # ---- cli: output and commands -----------------------------------------------
+
+@pytest.mark.parametrize("kind, mode, shown", [
+    ("reg", 0o644, "-rw-r--r--"), ("dir", 0o755, "drwxr-xr-x"), ("symlink", 0o777, "lrwxrwxrwx"),
+    ("hardlink", 0o600, "hrw-------"), ("char", 0o666, "crw-rw-rw-"), ("block", 0o660, "brw-rw----"),
+    ("fifo", 0o644, "prw-r--r--"), ("reg", 0o4755, "-rwsr-xr-x"), ("reg", 0o2644, "-rw-r-Sr--"),
+    ("dir", 0o1777, "drwxrwxrwt"), ("dir", 0o1776, "drwxrwxrwT"), ("reg", 0, "----------"),
+])
+def test_ls_long_mode_column(kind, mode, shown):
+    assert starget._mode_string(starget.TOCEntry("x", kind, link="y", size=0, mode=mode)) == shown
+
 
 @pytest.mark.parametrize("path,target", [
     ("bin/busybox", "bin/busybox"),
@@ -5439,7 +5565,7 @@ def test_cmd_complete():
     class Session(object):
         args = argparse.Namespace(args=["sha256:ab", "etc/h"])
 
-        def index(self, blob=None):
+        def load_image(self, blob=None):
             asked.append(blob)
             return FakeIndex([], layer=list(index._view.values()))
 
@@ -5448,7 +5574,7 @@ def test_cmd_complete():
     assert out.getvalue() == "etc/hostname\netc/hosts\n" and asked == ["sha256:ab"]
     Session.args = argparse.Namespace(args=[""])
     out = io.StringIO()
-    Session.index = lambda self, blob=None: INDEX
+    Session.load_image = lambda self, blob=None: INDEX
     P.cmd_complete(Session(), out)
     assert out.getvalue().split("\n")[:2] == [".hidden", "abslib/"]
 
@@ -5459,16 +5585,80 @@ def test_unknown_shell():
     assert "unknown shell 'tcsh'" in usage_error(P.completion_script, "tcsh")
 
 
+def _split(text, sep=None):
+    return set(text.split(sep))
+
+
+def _shell_lists(shell, script):
+    """What a completion script offers, read back from the script as the shell
+    would use it: {"flags", "value_flags", "forwarded", "commands", "platforms",
+    "files"} (forwarded: the flags passed on to __complete; files: the flags whose
+    value is completed as a file name)."""
+    def one(pattern, flags=re.M):
+        found = re.findall(pattern, script, flags)
+        assert found, pattern
+        return found
+
+    if shell == "fish":
+        switches = re.findall(r"^complete -c starget (?:-s|-l) (\S+) -d ", script, re.M)
+        valued = re.findall(r"^complete -c starget (?:-s|-l) (\S+) (?:-x|-r -F)[ -]", script, re.M)
+        dash = lambda names: {("-" if len(n) == 1 else "--") + n for n in names}
+        quoted = lambda text: {w.strip("'") for w in text.split()}
+        return {
+            "flags": dash(switches + valued),
+            "value_flags": quoted(one(r"^\s+if contains -- \$word ((?:'[^']+' ?)+)$")[0]),
+            "forwarded": quoted(one(r"^\s+else if contains -- \$word ((?:'[^']+' ?)+); or ")[0]),
+            "commands": set(one(r"^complete -c starget -n __starget_needs_command -a (\S+) -d ")),
+            "platforms": _split(one(r"^complete -c starget -l platform -x -a '([^']*)'")[0]),
+            "files": dash(re.findall(r"^complete -c starget (?:-s|-l) (\S+) -r -F ", script, re.M)),
+        }
+    cases = one(r"^\s+(\S+)\) flag=\$prev ;;$")
+    skipped = one(r"^\s+(\S+)\) forward\+=\(\"\$word\"\); skip=1 ;;$")
+    assert cases == skipped, "the flags taking a value differ between two case statements"
+    if shell == "bash":
+        flags = one(r'^\s+local flags="([^"]*)"$')[0]
+        commands = _split(one(r'-z \$command \]\]; then\s+COMPREPLY=\(\$\(compgen -W "([^"]*)"', 0)[0])
+        platforms = one(r'--platform\) COMPREPLY=\(\$\(compgen -P "\$before" -W "([^"]*)"')[0]
+        files = one(r"^\s+(\S+)\)\s+compopt -o filenames 2>/dev/null\s+COMPREPLY=\(\$\(compgen -P \"\$before\" -f ")
+    else:
+        flags = one(r"^\s+flags=\(([^)]*)\)$")[0]
+        commands = set(re.findall(r"'([a-z]+):", one(r"^\s+commands=\((.*)\)$")[0]))
+        platforms = one(r"^\s+platforms=\(([^)]*)\)$")[0]
+        files = one(r"^\s+(\S+)\) _files ;;$")
+    return {
+        "flags": _split(flags), "value_flags": _split(cases[0], "|"),
+        "forwarded": _split(one(r'^\s+(\S+)\) forward\+=\("\$word"\) ;;$')[0], "|"),
+        "commands": commands, "platforms": _split(platforms), "files": set(files),
+    }
+
+
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_scripts_mention_everything(shell):
-    script = P.completion_script(shell)
-    assert "@" + "PLATFORMS@" not in script and "starget" in script and "__complete" in script
-    for word in ("info", "ls", "get", "cat", "completion", "linux/amd64", "linux/arm/v7", "linux/riscv64"):
-        assert word in script, word
-    for flag in ("credential", "verbose", "debug", "insecure", "no-progress", "concurrency", "platform",
-                 "retries", "skip-verify", "no-cache", "cacert", "timeout", "connect-timeout", "version",
-                 "fallback-stream", "json", "long", "sizes"):
-        assert flag in script, flag
+    """Every global option (from the one table) and every command is in the script,
+    where that shell looks for it: the flag list, the flags that take a value (and
+    whose value is skipped), the flags passed on to __complete (a value flag as
+    --flag=* too in bash and zsh), --platform's values, file-valued flags."""
+    options = starget._GLOBAL_OPTIONS
+    value_flags = {f for o in options if o.takes_value for f in o.flags}
+    forwarded = {f for o in options if o.forwarded and not o.takes_value for f in o.flags}
+    if shell != "fish":
+        forwarded |= {f + "=*" for f in value_flags}
+    parser = starget.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    got = _shell_lists(shell, P.completion_script(shell))
+    assert got["flags"] == {f for o in options for f in o.flags} | {"-h", "--help"}
+    assert got["value_flags"] == value_flags
+    assert got["forwarded"] == forwarded
+    assert got["commands"] == {c for c in subparsers.choices if not c.startswith("_")}
+    assert got["platforms"] == set(next(o for o in options if o.kind == "platform").suggestions)
+    assert got["files"] == {f for o in options if o.kind == "file" for f in o.flags}
+    assert not re.search(r"@[A-Z_]+@", P.completion_script(shell))      # every placeholder filled
+
+
+def test_value_flags_are_forwarded():
+    """The scripts pass every flag that takes a value on to __complete (they skip
+    its value with it), so the table must not say otherwise."""
+    assert all(o.forwarded for o in starget._GLOBAL_OPTIONS if o.takes_value)
 
 
 def _option_strings(parser):
@@ -5478,7 +5668,7 @@ def _option_strings(parser):
 def test_flags_match_the_parser():
     """Every flag starget accepts is completed (a new flag must be added to the tables)."""
     parser = starget.build_parser()
-    completed = {f for f, _, _ in P._COMPLETION_GLOBAL_FLAGS}
+    completed = {f for o in P._GLOBAL_OPTIONS for f in o.flags} | {f for f, _ in P._COMPLETION_HELP_FLAGS}
     assert _option_strings(parser) - {"--version"} == completed
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, sub in subparsers.choices.items():
