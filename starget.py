@@ -206,6 +206,9 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 _REGISTRY_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?\Z")   # host[:port]
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
+# skopeo/podman transports other than docker:// (a registry): local files and daemons.
+_OTHER_TRANSPORT_RE = re.compile(r"^(oci|oci-archive|docker-archive|docker-daemon|containers-storage|dir|"
+                                 r"ostree|sif|tarball):(?![0-9])")   # `dir:5000/x` is a registry with a port
 
 
 def _host_of(registry):
@@ -230,8 +233,16 @@ class ImageRef(object):
 
     @classmethod
     def parse(cls, text):
+        """Also accepts skopeo's `docker://` transport prefix; other transports
+        (oci:, docker-archive:, ...) are refused: starget reads registries only."""
         if not isinstance(text, str) or not text or len(text) > 4096 or text != text.strip():
             _fail(ErrorCode.USAGE, "invalid image reference %r" % (text,))
+        if text.startswith("docker://"):
+            text = text[len("docker://"):]
+        transport = _OTHER_TRANSPORT_RE.match(text)
+        if transport:
+            _fail(ErrorCode.USAGE, "%r names the %s transport: starget reads images from registries only "
+                  "(IMAGE is [docker://][registry/]repository[:tag][@sha256:...])" % (text, transport.group(1)))
         name, digest = text, None
         if "@" in text:
             name, digest = text.split("@", 1)

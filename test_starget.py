@@ -956,6 +956,27 @@ def test_imageref_parse_rejects(text):
     assert ei.value.code == starget.ErrorCode.USAGE
 
 
+def test_imageref_docker_transport_prefix():
+    """skopeo's `docker://IMAGE` is the same image; other transports are refused by name."""
+    for text in ("docker://127.0.0.1:5000/test/img:latest", "docker://ubuntu"):
+        assert str(starget.ImageRef.parse(text)) == str(starget.ImageRef.parse(text[len("docker://"):]))
+    for text in ("oci:/tmp/layout:tag", "docker-archive:/tmp/img.tar", "containers-storage:img",
+                 "oci-archive:x.tar", "docker-daemon:img:latest", "dir:/tmp/x"):
+        with pytest.raises(StargzError) as ei:
+            starget.ImageRef.parse(text)
+        assert ei.value.code == ErrorCode.USAGE and "registries only" in ei.value.message
+    assert starget.ImageRef.parse("dir:5000/x/y").registry == "dir:5000"
+
+
+def test_cli_docker_transport_prefix(registry_anon):
+    rc, out, err = run_cli("cat", "docker://" + registry_anon.image("basic"), "bin/busybox", binary=True)
+    assert rc == 0, err
+    assert hashlib.sha256(out).hexdigest() == BUSYBOX_SHA
+    rc, out, err = run_cli("ls", "oci:/tmp/layout")
+    assert_one_line_error(rc, err, 2)
+    assert "registries only" in err
+
+
 @pytest.mark.parametrize("text", ["img:t\u00e9", "127.0.0.1:1/img:t\u00e9", "127.0.0.1:1/img:v\u0662",
                                   "127.0.0.1:1/img:\u00e9t\u00e9"])
 def test_non_ascii_tag_is_a_usage_error(text):
@@ -2708,9 +2729,8 @@ def test_tls_api_ssl_cert_file(tls_registry, api_env, monkeypatch):
 
 # ---- transport: TLS through the command line --------------------------------
 
-# starget speaks plain HTTP to 127.0.0.1 unless the configuration file says
-# `plain_http: false` (tested below); these tests reach the HTTPS registry as
-# registry.test:PORT through the proxy instead (registry.test is in the certificate).
+# These tests reach the HTTPS registry as registry.test:PORT through the proxy
+# (registry.test is in the certificate); loopback names are tested at the end.
 
 def _tls_cli_env(proxy, **extra):
     env = {"HTTPS_PROXY": proxy.url}
@@ -2787,6 +2807,30 @@ def test_tls_cli_loopback_https_via_config(tls_registry, tmp_path):
     cfg.write_text("registries:\n  \"%s\":\n    plain_http: false\n" % tls_registry.addr)
     rc, out, err = run_cli("ls", "%s/fixtures/basic:latest" % tls_registry.addr, env={"STARGET_CONFIG": str(cfg)})
     assert rc == 5 and "TLS verification failed" in err
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_tls_cli_loopback_with_cacert_no_config(tls_registry, host):
+    """A TLS registry on loopback is reached with --cacert alone: TLS is tried first
+    (it used to be plain HTTP, answered by HTTP 400 and exit 5)."""
+    image = "%s:%d/fixtures/basic:latest" % (host, tls_registry.port)
+    rc, out, err = run_cli("--cacert", tls_registry.cacert, "cat", image, "bin/busybox", binary=True)
+    assert rc == 0, err
+    assert hashlib.sha256(out).hexdigest() == BUSYBOX_SHA
+    assert err.strip() == ""
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_tls_cli_loopback_verify_failure_never_falls_back(tls_registry, host):
+    """Without the CA the certificate does not verify: a clear TLS error, exit 5, and no
+    retry over plain HTTP (that would hide an attack); with -k it works."""
+    image = "%s:%d/fixtures/basic:latest" % (host, tls_registry.port)
+    rc, out, err = run_cli("--retries", "0", "ls", image)
+    assert_one_line_error(rc, err, 5)
+    assert "TLS verification failed" in err
+    rc, out, err = run_cli("-k", "ls", image)
+    assert rc == 0, err
+    assert set(out.splitlines()) == set(p for p in BASIC_FILES if p)
 
 
 # ---- transport: forward proxies ---------------------------------------------
