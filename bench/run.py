@@ -27,6 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+import clients  # noqa: E402
 import image  # noqa: E402
 import plan  # noqa: E402
 import wanproxy  # noqa: E402
@@ -34,7 +35,7 @@ import wanproxy  # noqa: E402
 REGISTRY = os.path.join(ROOT, "testdata", "registry")
 MiB = 1 << 20
 NETS = [("0 ms", 0.0, None), ("25 ms, 100 Mbit/s", 0.025, 100.0)]
-CLIENTS = ["starget cold", "starget warm", "ideal", "full pull"]
+CLIENTS = ["starget cold", "starget warm", "ideal", "curl", "full pull"]
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
 
 
@@ -259,6 +260,8 @@ class Bench(object):
         if client.startswith("starget"):
             return [sys.executable, self.starget, "--no-progress", "get", "%s/%s" % (self.host, image_ref),
                     pattern, out]
+        if client == "curl":
+            return ["curl", "-K", hints]
         mode = "ideal" if client == "ideal" else "full"
         argv = [sys.executable, os.path.join(HERE, "clients.py"), mode, self.host, image_ref, pattern, out]
         return argv + (["--hints", hints] if hints else [])
@@ -278,17 +281,28 @@ class Bench(object):
              "bytes": s["bytes"], "log": s["log"]}
         if rc != 0:
             r["error"] = tail(errfile)
-        if check is not None:
+        if client == "curl":
+            r["check"] = "transfer only" if rc == 0 else "exit %d: %s" % (rc, r.get("error", ""))
+        elif check is not None:
             r["check"] = verify(out, *check) if rc == 0 else "exit %d: %s" % (rc, r.get("error", ""))
         shutil.rmtree(out, ignore_errors=True)
         return r
 
+    def write_hints(self, layers, pattern, meta, image_ref="bench/img:latest"):
+        """The oracle for the ideal client (hints.json) and the same requests as a curl config."""
+        toc_offsets = {b["digest"]: b["toc_offset"] for b in meta["layers"]}
+        h = plan.ideal_hints(layers, pattern, toc_offsets)
+        hints, curlcfg = os.path.join(self.work, "hints.json"), os.path.join(self.work, "curl.cfg")
+        with open(hints, "w") as f:
+            json.dump(h, f)
+        repo, tag = image_ref.rsplit(":", 1)
+        with open(curlcfg, "w") as f:
+            f.write(clients.curl_config(self.host, repo, tag, [(b["digest"], b["size"]) for b in meta["layers"]], h))
+        return hints, curlcfg
+
     def scenario(self, net, name, pattern, runs):
         mn = self.minimum[name]
-        hints = os.path.join(self.work, "hints.json")
-        with open(hints, "w") as f:
-            json.dump({"needed": mn["needed_layers"],
-                       "toc_offsets": {d: b["toc_offset"] for d, b in self.blobs.items()}}, f)
+        hints, curlcfg = self.write_hints(self.layers, pattern, self.meta)
         warm_cache = os.path.join(self.work, "cache-warm")
         cold_cache = os.path.join(self.work, "cache-cold")
         shutil.rmtree(warm_cache, ignore_errors=True)
@@ -299,7 +313,7 @@ class Bench(object):
             for c in CLIENTS:
                 check = (mn["expected"], mn["dirs"]) if k == 0 else None
                 cache = warm_cache if c == "starget warm" else cold_cache
-                results[c].append(self.one(c, pattern, cache, hints if c == "ideal" else None, check))
+                results[c].append(self.one(c, pattern, cache, {"ideal": hints, "curl": curlcfg}.get(c), check))
             log("  %s / %s: run %d/%d: %s" % (net, name, k + 1, runs, ", ".join(
                 "%s %.2fs" % (c, results[c][-1]["wall"]) for c in CLIENTS)))
         rows = {}
@@ -462,47 +476,71 @@ def table(res):
     return "\n".join(out)
 
 
+def verdict(value, limit):
+    """'met' or 'missed by X %' for a value that must be <= limit."""
+    if value is None:
+        return "not measured"
+    return "met" if value <= limit else "**missed by %.0f %%**" % (100.0 * (value / limit - 1)) \
+        if limit else "**missed**"
+
+
+def ratio_table(res):
+    """Per network and scenario: starget / ideal, starget / curl, full / starget (walls)."""
+    out = ["| network | scenario | cold / ideal | warm / ideal | cold / curl | warm / curl | ideal / curl | "
+           "full / cold |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for label, scen in res["nets"].items():
+        for name, rows in scen.items():
+            w = {c: r["wall"] for c, r in rows.items()}
+            out.append("| %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f |" % (
+                label, name, w["starget cold"] / w["ideal"], w["starget warm"] / w["ideal"],
+                w["starget cold"] / w["curl"], w["starget warm"] / w["curl"], w["ideal"] / w["curl"],
+                w["full pull"] / w["starget cold"]))
+    return "\n".join(out)
+
+
 def targets(res, image_facts):
-    """[(target, measured, met?)]"""
+    """[(target, measured, verdict)]"""
     t = []
     mins = {n: m for n, p, m in image_facts["scenarios"]}
     for label, scen in res["nets"].items():
-        for name in ("one small file", "directory ~1 %"):
+        at25 = "25 ms" in label
+        d, di = scen["directory ~1 %"]["starget cold"], scen["directory ~1 %"]["ideal"]
+        limit = 1.25 if at25 else 1.6
+        t.append(("cold get of the ~1 %% directory: wall <= %.2f x ideal, %s" % (limit, label),
+                  "%.3f s vs %.3f s = %.2f x (vs curl: %.2f x)" % (
+                      d["wall"], di["wall"], d["wall"] / di["wall"], d["wall"] / scen["directory ~1 %"]["curl"]["wall"]),
+                  verdict(d["wall"] / di["wall"] if not d["failures"] else None, limit)))
+        for name in ("directory ~1 %", "one small file"):
             for c in ("starget cold", "starget warm"):
                 r = scen[name][c]
                 t.append(("bytes <= 1.05 x minimum: %s, %s, %s" % (name, c, label),
                           "%s / %s = %.3f x" % (fmt_bytes(r["bytes"]), fmt_bytes(r["min_bytes"]), r["ratio"]),
-                          r["ratio"] <= 1.05 and not r["failures"]))
+                          verdict(r["ratio"] if not r["failures"] else None, 1.05)))
         m = mins["directory ~1 %"]
-        allowed = 3 * len(m["layers_touched"]) + math.ceil(m["data_bytes"] / (16.0 * MiB))
-        for c in ("starget cold", "starget warm"):
-            r = scen["directory ~1 %"][c]
-            t.append(("requests for the directory <= 3 x %d layers + 1 per 16 MiB = %d: %s, %s"
-                      % (len(m["layers_touched"]), allowed, c, label),
-                      "%g requests (ideal %d)" % (r["requests"], r["min_requests"]), r["requests"] <= allowed))
+        allowed = 1 + 2 * len(m["needed_layers"]) + m["runs"]
+        r = scen["directory ~1 %"]["starget cold"]
+        t.append(("requests for the cold directory get <= 1 manifest (no index here) + 2 x %d needed layers + %d "
+                  "runs = %d, %s" % (len(m["needed_layers"]), m["runs"], allowed, label),
+                  "%g requests (ideal %d)" % (r["requests"], r["min_requests"]), verdict(r["requests"], allowed)))
         r, i = scen["one 20 MB file"]["starget cold"], scen["one 20 MB file"]["ideal"]
-        t.append(("20 MB file within 1.2 x of the ideal: %s" % label,
-                  "%.3f s vs %.3f s = %.2f x" % (r["wall"], i["wall"], r["wall"] / i["wall"]),
-                  r["wall"] <= 1.2 * i["wall"] and not r["failures"]))
-        if "25 ms" in label:
-            d, f = scen["directory ~1 %"]["starget cold"], scen["directory ~1 %"]["full pull"]
+        if at25:
+            t.append(("cold get of the 20 MB file (13 MB compressed) <= 1.05 x ideal, %s" % label,
+                      "%.3f s vs %.3f s = %.2f x (vs curl: %.2f x)" % (
+                          r["wall"], i["wall"], r["wall"] / i["wall"], r["wall"] / scen["one 20 MB file"]["curl"]["wall"]),
+                      verdict(r["wall"] / i["wall"] if not r["failures"] else None, 1.05)))
+            dd, f = scen["directory ~1 %"]["starget cold"], scen["directory ~1 %"]["full pull"]
             t.append(("1 %% subset >= 10 x faster than the full pull: %s" % label,
-                      "%.3f s vs %.3f s = %.1f x" % (d["wall"], f["wall"], f["wall"] / d["wall"]),
-                      f["wall"] >= 10 * d["wall"] and not d["failures"]))
+                      "%.3f s vs %.3f s = %.1f x" % (dd["wall"], f["wall"], f["wall"] / dd["wall"]),
+                      verdict(10 * dd["wall"] / f["wall"] if not dd["failures"] else None, 1.0)))
         worst = max((r["rss"], n, c) for n, rows in scen.items() for c, r in rows.items() if c.startswith("starget"))
         t.append(("peak RSS <= 64 MiB, all scenarios: %s" % label,
-                  "max %.1f MiB (%s, %s)" % (worst[0] / MiB, worst[1], worst[2]), worst[0] <= 64 * MiB))
+                  "max %.1f MiB (%s, %s)" % (worst[0] / MiB, worst[1], worst[2]), verdict(worst[0], 64 * MiB)))
     if "big" in res:
         b = res["big"]
         t.append(("peak RSS <= 64 MiB for a 1 GiB file (get, cold, 0 ms)",
                   "%.1f MiB, %.1f s, %s, %d requests, output %s" % (
                       b["rss"] / MiB, b["wall"], fmt_bytes(b["bytes"]), b["requests"], b.get("check")),
-                  b["rss"] <= 64 * MiB and b["rc"] == 0))
-    s = res["startup"]
-    t.append(("`python3 starget.py --help` under 80 ms", "%.1f ms (`python3 -c pass`: %.1f ms; without site hooks "
-              "(-S): %.1f ms vs %.1f ms; `python3 -m starget --help` with a cached .pyc: %.1f ms)" % (
-                  s["script"] * 1000, s["python"] * 1000, s["script_S"] * 1000, s["python_S"] * 1000,
-                  s["module"] * 1000), s["script"] < 0.080))
+                  verdict(b["rss"] if b["rc"] == 0 else None, 64 * MiB)))
     return t
 
 
@@ -567,10 +605,13 @@ def report(res, bench):
     lines += ["", "bytes / min: starget warm is compared with the warm minimum (no TOC), every other client with "
               "the cold minimum. \"ideal\" is `bench/clients.py ideal` (told the TOC offsets and needed layers); "
               "\"full pull\" is `bench/clients.py full` (3 blobs in parallel, then tarfile extraction of the path).",
-              "", "## Results", "", table(res), "## Targets", "",
+              "\"curl\" is one `curl -K FILE` process with the ideal's requests (same ranges, one connection, "
+              "bodies to /dev/null: the transfer alone, no inflate, no check, no write).",
+              "", "## Results", "", table(res), "### Ratios of wall times (same run)", "", ratio_table(res), "",
+              "## Targets", "",
               "| target | measured | met |", "|---|---|---|"]
     for what, measured, ok in targets(res, im):
-        lines.append("| %s | %s | %s |" % (what, measured, "yes" if ok else "**NO**"))
+        lines.append("| %s | %s | %s |" % (what, measured, ok))
     lines += ["", "## Requests beyond the minimum (starget)", "", diagnostics(res, bench.blobs), ""]
     return "\n".join(lines)
 

@@ -192,8 +192,10 @@ class Handler(BaseHTTPRequestHandler):
         for i in range(0, len(view), BUF):
             piece = view[i:i + BUF]
             self.server.shaper.take(len(piece))
-            self.wfile.write(piece)
+            # counted before the write: a fast client (curl) can read the last piece and exit,
+            # and the bench read the stats, before this thread gets to count it
             self.server.stats.add_bytes(record, len(piece))
+            self.wfile.write(piece)
 
 
 class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
