@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import clients  # noqa: E402
+import sections  # noqa: E402
 import image  # noqa: E402
 import plan  # noqa: E402
 import wanproxy  # noqa: E402
@@ -36,6 +37,7 @@ REGISTRY = os.path.join(ROOT, "testdata", "registry")
 MiB = 1 << 20
 NETS = [("0 ms", 0.0, None), ("25 ms, 100 Mbit/s", 0.025, 100.0)]
 CLIENTS = ["starget cold", "starget warm", "ideal", "curl", "full pull"]
+SECTIONS = ("get", "startup", "scaling", "minbase", "big")
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
 
 
@@ -78,8 +80,9 @@ class Launcher(object):
         self.p = subprocess.Popen([sys.executable, os.path.join(HERE, "launcher.py")], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, universal_newlines=True)
 
-    def run(self, argv, env=None, timeout=900, stderr_path=None):
-        self.p.stdin.write(json.dumps({"argv": argv, "env": env, "stderr": stderr_path, "timeout": timeout}) + "\n")
+    def run(self, argv, env=None, timeout=900, stderr_path=None, stdout_path=None):
+        self.p.stdin.write(json.dumps({"argv": argv, "env": env, "stderr": stderr_path, "stdout": stdout_path,
+                                       "timeout": timeout}) + "\n")
         self.p.stdin.flush()
         r = json.loads(self.p.stdout.readline())
         return r["wall"], r["maxrss"], r["rc"]
@@ -231,6 +234,24 @@ class Bench(object):
         self.scratch = tempfile.mkdtemp(prefix="starget-bench-out-", dir=args.scratch) if args.scratch else work
 
     def setup(self):
+        self.registry = Registry(self.work)
+        self.proxy = wanproxy.WanProxy(self.registry.addr).start()
+        self.host = "127.0.0.1:%d" % self.proxy.port
+        if "get" in self.args.sections:
+            self.setup_img()
+
+    def env(self, cache):
+        return client_env(cache, self.home)
+
+    @staticmethod
+    def load_layers(layout):
+        return load_layers(layout)
+
+    @staticmethod
+    def verify(out, expected, dirs):
+        return verify(out, expected, dirs)
+
+    def setup_img(self):
         self.layout = image.cached_layout("img", log)
         self.meta, self.layers = load_layers(self.layout)
         self.blobs = {info["digest"]: dict(info, index=i) for i, info in enumerate(self.meta["layers"])}
@@ -242,10 +263,7 @@ class Bench(object):
                           ("everything", ".")]
         self.minimum = {name: plan.minimum(self.layers, pat, self.meta["manifest_size"])
                         for name, pat in self.scenarios}
-        self.registry = Registry(self.work)
         self.registry.push(self.layout, "bench/img:latest")
-        self.proxy = wanproxy.WanProxy(self.registry.addr).start()
-        self.host = "127.0.0.1:%d" % self.proxy.port
 
     def teardown(self):
         self.launcher.close()
@@ -331,27 +349,6 @@ class Bench(object):
                 rows[c]["error"] = next(r.get("error", "") for r in rs if r["rc"] != 0)
         return rows
 
-    def startup(self, n=15):
-        """Median wall times of `python3 starget.py --help` and, to explain it: the same with -S
-        (no site-packages .pth hooks), `python3 -m starget --help` from a byte-compiled module (as an
-        installed entry point runs), `python3 -c pass` and `python3 -S -c pass`."""
-        env = client_env(os.path.join(self.work, "cache-startup"), self.home)
-        env_m = dict(env, PYTHONPATH=os.path.dirname(self.starget),
-                     PYTHONPYCACHEPREFIX=os.path.join(self.work, "pycache"))
-        prime = {k: v for k, v in env_m.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        self.launcher.run([sys.executable, "-m", "starget", "--help"], prime)   # writes the .pyc files
-        py = sys.executable
-        variants = {"script": ([py, self.starget, "--help"], env),
-                    "script_S": ([py, "-S", self.starget, "--help"], env),
-                    "module": ([py, "-m", "starget", "--help"], env_m),
-                    "python": ([py, "-c", "pass"], env),
-                    "python_S": ([py, "-S", "-c", "pass"], env)}
-        walls = {k: [] for k in variants}
-        for _ in range(n):                       # round robin, so that noise hits all alike
-            for k, (argv, e) in variants.items():
-                walls[k].append(self.launcher.run(argv, e)[0])
-        return {k: statistics.median(v) for k, v in walls.items()}
-
     def big(self):
         layout = image.cached_layout("big", log)
         meta, layers = load_layers(layout)
@@ -368,20 +365,38 @@ class Bench(object):
     def run(self):
         a = self.args
         res = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-               "machine": machine(), "image": self.image_facts(), "nets": {},
-               "create_us": file_create_cost(self.scratch), "scratch": self.scratch,
-               "starget": starget_version(self.source, self.starget)}
-        nets = NETS[:1] if a.quick else NETS
-        for label, rtt, mbit in nets:
-            self.proxy.configure(rtt, mbit)
-            res["nets"][label] = {}
-            for name, pattern in self.scenarios:
-                log("%s / %s (%s)" % (label, name, pattern))
-                res["nets"][label][name] = self.scenario(label, name, pattern, a.runs)
-        self.proxy.configure(0.0, None)
-        log("startup: starget --help")
-        res["startup"] = self.startup()
-        if a.big:
+               "machine": machine(), "nets": {}, "create_us": file_create_cost(self.scratch),
+               "scratch": self.scratch, "starget": starget_version(self.source, self.starget),
+               "sections": a.sections}
+        if "get" in a.sections:
+            res["image"] = self.image_facts()
+            nets = NETS[:1] if a.quick else NETS
+            for label, rtt, mbit in nets:
+                self.proxy.configure(rtt, mbit)
+                res["nets"][label] = {}
+                for name, pattern in self.scenarios:
+                    log("%s / %s (%s)" % (label, name, pattern))
+                    res["nets"][label][name] = self.scenario(label, name, pattern, a.runs)
+            self.proxy.configure(0.0, None)
+        go, go_why = None, "not needed by the sections run"
+        if "scaling" in a.sections or "minbase" in a.sections:
+            log("Go original: building")
+            go, go_why = sections.build_go(tempfile.mkdtemp(prefix="go-", dir=self.work), a.go_src)
+            log("Go original: %s" % (go_why if go else "not available: " + go_why))
+            res["go"] = {"available": bool(go), "how": go_why}
+        if "startup" in a.sections:
+            log("startup")
+            self.registry.push(sections.synth.scaling_layout(1000, 0, log), "bench/scale-1000-0:latest")
+            res["startup"] = sections.startup(self, n=7 if a.quick else 15, ls_ref="bench/scale-1000-0:latest")
+        if "scaling" in a.sections:
+            sizes = [1000, 10000] if a.quick else [1000, 10000, 100000]
+            pcts = [0, 10] if a.quick else [0, 1, 10]
+            res["scaling"] = sections.scaling(self, sizes, pcts, 1 if a.quick else min(a.runs, 3), go,
+                                              go_sizes=() if a.quick else (60000,))
+        if "minbase" in a.sections:
+            log("minbase")
+            res["minbase"] = sections.minbase(self, 2 if a.quick else a.runs, go, go_why)
+        if "big" in a.sections and a.big:
             log("peak RSS: get of a 1 GiB file")
             res["big"] = self.big()
         with open(self.source, "rb") as f1, open(self.starget, "rb") as f2:
@@ -535,12 +550,6 @@ def targets(res, image_facts):
         worst = max((r["rss"], n, c) for n, rows in scen.items() for c, r in rows.items() if c.startswith("starget"))
         t.append(("peak RSS <= 64 MiB, all scenarios: %s" % label,
                   "max %.1f MiB (%s, %s)" % (worst[0] / MiB, worst[1], worst[2]), verdict(worst[0], 64 * MiB)))
-    if "big" in res:
-        b = res["big"]
-        t.append(("peak RSS <= 64 MiB for a 1 GiB file (get, cold, 0 ms)",
-                  "%.1f MiB, %.1f s, %s, %d requests, output %s" % (
-                      b["rss"] / MiB, b["wall"], fmt_bytes(b["bytes"]), b["requests"], b.get("check")),
-                  verdict(b["rss"] if b["rc"] == 0 else None, 64 * MiB)))
     return t
 
 
@@ -571,7 +580,7 @@ def diagnostics(res, blobs):
 
 
 def report(res, bench):
-    m, im = res["machine"], res["image"]
+    m, im = res["machine"], res.get("image")
     lines = ["# starget benchmark results", "",
              "Generated by `python3 bench/run.py%s` on %s, measuring %s." % (
                  " " + " ".join(bench.args.argv_echo) if bench.args.argv_echo else "", res["date"], res["starget"]),
@@ -580,7 +589,55 @@ def report(res, bench):
                  m["nproc"], m["cpu"], m["mem"], m["os"], m["kernel"], m["python"], m["registry"] or "docker-registry",
                  "%s (--scratch)" % bench.args.scratch if bench.args.scratch else "the temp dir (disk)",
                  res["create_us"]),
-             "",
+             "", "Sections run: %s (`--only`). Wall times include process start; the machine is shared and noisy, "
+             "so compare figures of the same run, as ratios." % ", ".join(res["sections"]), ""]
+    all_targets = []
+    if im:
+        get_lines, get_targets = get_report(res, bench)
+        lines += get_lines
+        all_targets += get_targets
+    if "startup" in res:
+        text, t = sections.startup_report(res["startup"])
+        lines += ["## Start-up", "", "Medians of %d runs each, round robin. \"installed\": what a console-script "
+                  "entry point runs (`from starget import main`), the module imported from a dir with its cached "
+                  ".pyc (`PYTHONPYCACHEPREFIX`); \"source\": `python3 starget.py`, compiled on every run. `ls` is "
+                  "warm (TOC cached) on the 1k-entry scaling image." % res["startup"]["runs"], "", text, ""]
+        all_targets += t
+    go = res.get("go")
+    if go:
+        lines += ["Go original: %s." % (go["how"] if go["available"] else "not available (%s)" % go["how"]), ""]
+    if "scaling" in res:
+        text, t = sections.scaling_report(res["scaling"])
+        lines += ["## Scaling: synthetic images (`bench/synth.py`)", "",
+                  "A base layer of n tiny files (directories of 40 under usr/share/, plus opt/subset/ with 1 %% of "
+                  "the files) and, for whiteouts > 0, an upper layer as an apt-get + rm -rf leaves it (new files; "
+                  "whiteouts of files, of whole directories and opaque directories hiding about that share of the "
+                  "base's entries); 0 %% is the base alone. 0 ms network; warm = TOC cache from the cold ls; medians "
+                  "of %d runs; \"warm get 1 %%\" gets opt/subset/. Go ls (no cache: always cold) on the "
+                  "whiteout-free images only, where both list the same." % res["scaling"]["runs"], "", text, ""]
+        all_targets += t
+    if "minbase" in res:
+        text, t = sections.minbase_report(res["minbase"])
+        lines += ["## Warm `ls` of a Debian-like minbase image", "", text, ""]
+        all_targets += t
+    if "big" in res:
+        b = res["big"]
+        all_targets.append(("peak RSS <= 64 MiB for a 1 GiB file (get, cold, 0 ms)",
+                            "%.1f MiB, %.1f s, %s, %d requests, output %s" % (
+                                b["rss"] / MiB, b["wall"], fmt_bytes(b["bytes"]), b["requests"], b.get("check")),
+                            verdict(b["rss"] if b["rc"] == 0 else None, 64 * MiB)))
+    lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for what, measured, ok in all_targets:
+        lines.append("| %s | %s | %s |" % (what, measured, ok))
+    if im:
+        lines += ["", "## Requests beyond the minimum (starget)", "", diagnostics(res, bench.blobs)]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def get_report(res, bench):
+    im = res["image"]
+    lines = ["## Get: the standard-library image", "",
              "Image: 3 eStargz layers written by `bench/estargz_writer.py` (4 MiB chunks, zlib level 6) over this "
              "Python's standard library (no site-packages, config-*/, test/**/__pycache__) plus a 20 MB file: "
              "%d regular files, %s uncompressed, %s compressed (layers: %s)." % (
@@ -607,13 +664,9 @@ def report(res, bench):
               "\"full pull\" is `bench/clients.py full` (3 blobs in parallel, then tarfile extraction of the path).",
               "\"curl\" is one `curl -K FILE` process with the ideal's requests (same ranges, one connection, "
               "bodies to /dev/null: the transfer alone, no inflate, no check, no write).",
-              "", "## Results", "", table(res), "### Ratios of wall times (same run)", "", ratio_table(res), "",
-              "## Targets", "",
-              "| target | measured | met |", "|---|---|---|"]
-    for what, measured, ok in targets(res, im):
-        lines.append("| %s | %s | %s |" % (what, measured, ok))
-    lines += ["", "## Requests beyond the minimum (starget)", "", diagnostics(res, bench.blobs), ""]
-    return "\n".join(lines)
+              "", "### Results", "", table(res), "### Ratios of wall times (same run)", "", ratio_table(res), "",
+              ]
+    return lines, targets(res, im)
 
 
 def write_report(path, text):
@@ -640,6 +693,9 @@ def main():
     ap.add_argument("--scratch", help="where clients write their output (default: the work dir in $TMPDIR); "
                     "e.g. /dev/shm to take the disk out of the measurement")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--only", help="comma-separated sections: %s (default: all)" % ",".join(SECTIONS))
+    ap.add_argument("--go-src", help="source of flaneur2020/stargzget (a tree or a bare git dir) for the Go "
+                    "comparison; default $STARGET_BENCH_GO_SRC, else a mirror beside the repo")
     a = ap.parse_args()
     a.argv_echo, skip = [], False
     for arg in sys.argv[1:]:                      # the command line as the report shows it, minus --json
@@ -651,14 +707,19 @@ def main():
         a.runs = 2 if a.quick else 5
     if a.big is None:
         a.big = not a.quick
+    a.sections = [x.strip() for x in a.only.split(",")] if a.only else list(SECTIONS)
+    for x in a.sections:
+        if x not in SECTIONS:
+            ap.error("unknown section %r (choose from %s)" % (x, ", ".join(SECTIONS)))
     if not os.path.exists(a.starget):
         ap.error("no starget at %s" % a.starget)
     work = tempfile.mkdtemp(prefix="starget-bench-")
     bench = Bench(a, work)
     try:
         bench.setup()
-        log("image: %s; proxy %s -> registry %s; directory scenario: %s" % (
-            bench.layout, bench.host, bench.registry.addr, bench.dir))
+        if "get" in a.sections:
+            log("image: %s; proxy %s -> registry %s; directory scenario: %s" % (
+                bench.layout, bench.host, bench.registry.addr, bench.dir))
         res = bench.run()
     finally:
         bench.teardown()

@@ -142,7 +142,10 @@ class Handler(BaseHTTPRequestHandler):
         record = {"conn": self.conn_id, "method": self.command, "path": self.path,
                   "range": self.headers.get("Range"), "status": None, "bytes": 0, "t": time.time()}
         stats.request(record)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = {}
+        for k, v in self.headers.items():        # repeated fields (Go sends one Accept per type): joined
+            if k.lower() not in HOP_BY_HOP:
+                headers[k] = headers[k] + ", " + v if k in headers else v
         shaper.delay(shaper.rtt / 2)
         try:
             resp = self._send_upstream(self.command, body, headers)
