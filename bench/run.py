@@ -436,7 +436,8 @@ def starget_version(path, snapshot=None):
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
     try:
         root = os.path.dirname(path)
-        head = subprocess.run(["git", "-C", root, "log", "-1", "--format=%h %s"], stdout=subprocess.PIPE,
+        head = subprocess.run(["git", "-C", root, "log", "-1", "--format=%h %s", "--", os.path.basename(path)],
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, universal_newlines=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", os.path.basename(path)],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
