@@ -1,39 +1,40 @@
 """The two reference clients of the benchmark (stdlib only), run as subprocesses.
 
-  clients.py ideal HOST:PORT REPO:TAG PATTERN OUT --hints FILE [--concurrency N]
-      The lower bound: GET the manifest, then per needed layer ONE Range request for
-      [tocOffset, end) (it is told tocOffset and which layers it needs: an oracle), then
-      ONE Range request per contiguous run of needed compressed extents; inflates each
-      member, checks chunk digests, writes the files.
+  clients.py ideal HOST:PORT REPO:TAG PATTERN OUT --hints FILE
+      The yardstick, the floor of any Python client: it is told (--hints, see
+      plan.ideal_hints) what a perfect client would know: the needed layers, their TOC
+      offsets, the contiguous runs of the selected files and each file's extents. On ONE
+      kept-alive connection, one request after the other: the manifest, per needed layer
+      ONE Range request for [tocOffset, end) (inflated and json.loads-ed), then ONE Range
+      request per run; inflates each member, checks chunk digests, writes the files.
+  curl_config(...) (imported by run.py): the same requests for one `curl -K FILE`
+      process on one connection, transfer only (the lower yardstick).
   clients.py full HOST:PORT REPO:TAG PATTERN OUT [--concurrency N]
       A full pull: GET the manifest, GET every layer blob whole (in parallel, checking
       the blob digest), then extract the matching members of each layer, in order, with
       tarfile (what `docker pull` + copying the path out amounts to).
 """
-import argparse
-import concurrent.futures
 import hashlib
 import http.client
 import json
 import os
-import shutil
 import sys
-import tarfile
-import threading
 import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import plan  # noqa: E402
+# The ideal client imports no more than it needs (it is the floor of start-up too);
+# the full pull imports the rest (argparse, threads, tarfile, bench/plan.py) in main/full.
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 BUF = 256 * 1024
 
 
 class Registry(object):
-    """One kept-alive connection per thread."""
+    """One kept-alive connection per thread (the full pull)."""
 
     def __init__(self, host, repo):
+        import threading
         self.host, self.repo, self.local = host, repo, threading.local()
 
     def get(self, path, headers=None, expect=(200,)):
@@ -60,75 +61,88 @@ def read_exact(resp, n):
     return data
 
 
-def ideal(reg, tag, pattern, out, hints, concurrency):
-    m = reg.manifest(tag)
-    descs = m["layers"]
-    pool = concurrent.futures.ThreadPoolExecutor(concurrency)
+def ideal(host, repo, tag, out, hints):
+    """The yardstick: ONE kept-alive connection, requests one after the other: the manifest,
+    per needed layer the TOC range [tocOffset, end) (inflated, json.loads-ed and its digest
+    checked: work no client can skip), then one Range request per contiguous run of the
+    selected extents (from the hints: an oracle), each member inflated, each chunk's sha256
+    checked and written with pwrite."""
+    conn = http.client.HTTPConnection(host, timeout=120)
 
-    def fetch_toc(i):
+    def get(path, headers, expect):
+        conn.request("GET", "/v2/%s/%s" % (repo, path), headers=headers)
+        resp = conn.getresponse()
+        if resp.status not in expect:
+            raise SystemExit("GET %s: HTTP %d %s" % (path, resp.status, resp.read()[:200]))
+        return resp
+
+    m = json.loads(get("manifests/" + tag, {"Accept": MANIFEST_TYPE}, (200,)).read())
+    descs = m["layers"]
+    for i in hints["needed"]:
         d = descs[i]
         off = hints["toc_offsets"][d["digest"]]
-        data = reg.blob_range(d["digest"], off, d["size"]).read()
-        toc, raw = plan.read_toc(data)
-        want = d["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
-        if "sha256:" + hashlib.sha256(raw).hexdigest() != want:
+        data = get("blobs/" + d["digest"], {"Range": "bytes=%d-%d" % (off, d["size"] - 1)}, (206,)).read()
+        raw = zlib.decompressobj(31).decompress(data)
+        size = int(raw[124:136].rstrip(b"\0 ") or b"0", 8)     # the tar header of stargz.index.json
+        js = raw[512:512 + size]
+        json.loads(js)
+        if "sha256:" + hashlib.sha256(js).hexdigest() != d["annotations"][TOC_DIGEST]:
             raise SystemExit("TOC digest mismatch")
-        if plan.parse_footer(data[-51:]) != off:
-            raise SystemExit("footer mismatch")
-        return plan.Layer(toc, off, d["size"], i, d["digest"])
-
-    empty = {"entries": []}
-    layers = [plan.Layer(empty, d["size"], d["size"], i, d["digest"]) for i, d in enumerate(descs)]
-    for layer in pool.map(fetch_toc, hints["needed"]):
-        layers[layer.index] = layer
-    sel, _ = plan.select(layers, pattern)
-    by_start = {}       # (layer, start) -> [(path, chunk)]
-    extents, dirs, empty_files = {}, set(), []
-    for path, (i, e) in sel.items():
-        target = os.path.join(out, path)
-        dirs.add(target if e.type == "dir" else os.path.dirname(target))
-        if e.type == "reg" and e.chunks:
-            for c in e.chunks:
-                by_start.setdefault((i, c.start), []).append((target, e.mode & 0o7777, c))
-                extents.setdefault(i, set()).add((c.start, c.end))
-        elif e.type == "reg":
-            empty_files.append((target, e.mode & 0o7777))
-        elif e.type == "symlink":
-            empty_files.append((target, e.link))
     os.umask(0)
-    for d in sorted(dirs):
-        os.makedirs(d, exist_ok=True)
-
-    def fetch_run(job):
-        i, (start, end, parts) = job
-        resp = reg.blob_range(descs[i]["digest"], start, end)
-        for s, e in parts:
-            d = zlib.decompressobj(31)
-            member = d.decompress(read_exact(resp, e - s))
-            for target, mode, c in by_start[(i, s)]:
-                data = member[c.inner:c.inner + c.size]
-                if "sha256:" + hashlib.sha256(data).hexdigest() != c.digest:
-                    raise SystemExit("chunk digest mismatch in " + target)
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT, mode)
+    for d in hints["dirs"]:
+        os.makedirs(os.path.join(out, d), exist_ok=True)
+    for run in hints["runs"]:
+        digest = descs[run["layer"]]["digest"]
+        resp = get("blobs/" + digest, {"Range": "bytes=%d-%d" % (run["start"], run["end"] - 1)}, (206,))
+        for s, e, writes in run["members"]:
+            member = zlib.decompressobj(31).decompress(read_exact(resp, e - s))
+            for path, mode, inner, size, file_offset, chunk_digest in writes:
+                data = member[inner:inner + size]
+                if "sha256:" + hashlib.sha256(data).hexdigest() != chunk_digest:
+                    raise SystemExit("chunk digest mismatch in " + path)
+                fd = os.open(os.path.join(out, path), os.O_WRONLY | os.O_CREAT, mode)
                 try:
-                    os.pwrite(fd, data, c.file_offset)
+                    os.pwrite(fd, data, file_offset)
                 finally:
                     os.close(fd)
-        return end - start
-
-    jobs = [(i, r) for i in sorted(extents) for r in plan.runs_of(extents[i])]
-    jobs.sort(key=lambda j: j[1][0] - j[1][1])       # biggest first
-    for _ in pool.map(fetch_run, jobs):
-        pass
-    pool.shutdown()
-    for target, mode in empty_files:
-        if isinstance(mode, int):
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT, mode))
+        if resp.read(1):
+            raise SystemExit("long response")
+    for path, mode, link in hints["others"]:
+        if link is None:
+            os.close(os.open(os.path.join(out, path), os.O_WRONLY | os.O_CREAT, mode))
         else:
-            os.symlink(mode, target)
+            os.symlink(link, os.path.join(out, path))
+    conn.close()
+
+
+def curl_config(host, repo, tag, layers, hints):
+    """A curl --config (-K) file for the same requests as the ideal client, in one curl
+    process (so on one kept-alive connection): the manifest, the TOC ranges, the runs.
+    Transfer only: every body goes to /dev/null. `layers`: [(digest, size)]."""
+    base = "http://%s/v2/%s/" % (host, repo)
+    reqs = [(base + "manifests/" + tag, None)]
+    for i in hints["needed"]:
+        digest, size = layers[i]
+        reqs.append((base + "blobs/" + digest, "%d-%d" % (hints["toc_offsets"][digest], size - 1)))
+    for run in hints["runs"]:
+        reqs.append((base + "blobs/" + layers[run["layer"]][0], "%d-%d" % (run["start"], run["end"] - 1)))
+    out = []
+    for k, (url, rng) in enumerate(reqs):
+        if k:
+            out.append("next")
+        out += ['url = "%s"' % url, 'output = "/dev/null"', "silent", "show-error", "fail",
+                'header = "Accept: %s"' % MANIFEST_TYPE]
+        if rng:
+            out.append('range = "%s"' % rng)
+    return "\n".join(out) + "\n"
 
 
 def full(reg, tag, pattern, out, concurrency):
+    import concurrent.futures
+    import shutil
+    import tarfile
+    sys.path.insert(0, HERE)
+    import plan
     m = reg.manifest(tag)
     tmp = os.path.join(out, ".full-pull-blobs")
     os.makedirs(tmp)
@@ -167,6 +181,12 @@ def full(reg, tag, pattern, out, concurrency):
 
 
 def main():
+    if len(sys.argv) == 8 and sys.argv[1] == "ideal" and sys.argv[6] == "--hints":   # no argparse: the floor
+        repo, tag = sys.argv[3].rsplit(":", 1)
+        os.makedirs(sys.argv[5], exist_ok=True)
+        with open(sys.argv[7]) as f:
+            return ideal(sys.argv[2], repo, tag, sys.argv[5], json.load(f))
+    import argparse
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["ideal", "full"])
     ap.add_argument("host")
@@ -177,13 +197,12 @@ def main():
     ap.add_argument("--concurrency", type=int, default=4)
     a = ap.parse_args()
     repo, tag = a.image.rsplit(":", 1)
-    reg = Registry(a.host, repo)
     os.makedirs(a.out, exist_ok=True)
     if a.mode == "ideal":
         with open(a.hints) as f:
-            ideal(reg, tag, a.pattern, a.out, json.load(f), a.concurrency)
+            ideal(a.host, repo, tag, a.out, json.load(f))
     else:
-        full(reg, tag, a.pattern, a.out, a.concurrency)
+        full(Registry(a.host, repo), tag, a.pattern, a.out, a.concurrency)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ A child's ru_maxrss also counts the resident set of the process it was forked or
 vforked from, as it was at exec time (Linux keeps the old mm's high-water mark), so
 children of the big bench process would all report the bench's own RSS. This
 launcher stays small; the bench sends it one JSON request per line on stdin:
-  {"argv": [...], "env": {...}, "stderr": PATH, "timeout": SECONDS}
+  {"argv": [...], "env": {...}, "stderr": PATH, "stdout": PATH, "timeout": SECONDS}
 and reads one JSON line back: {"wall": s, "maxrss": bytes, "rc": exit code}.
 """
 import json
@@ -16,7 +16,7 @@ import time
 
 def run(req):
     with open(req.get("stderr") or os.devnull, "wb") as err, open(os.devnull, "rb") as null_in, \
-            open(os.devnull, "wb") as null_out:
+            open(req.get("stdout") or os.devnull, "wb") as null_out:
         actions = [(os.POSIX_SPAWN_DUP2, null_in.fileno(), 0), (os.POSIX_SPAWN_DUP2, null_out.fileno(), 1),
                    (os.POSIX_SPAWN_DUP2, err.fileno(), 2)]
         t0 = time.perf_counter()

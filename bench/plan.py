@@ -102,11 +102,40 @@ class Layer(object):
         return self.blob_size - self.toc_offset
 
 
+WHITEOUT, OPAQUE = ".wh.", ".wh..wh..opq"
+
+
 def merged(layers):
-    """path -> (layer index, Entry), upper layers win (the bench images have no whiteouts)."""
+    """path -> (layer index, Entry), merged as overlayfs does: upper layers win, `.wh.NAME`
+    deletes NAME (and all below it), `DIR/.wh..wh..opq` hides everything the lower layers
+    have below DIR. Whiteout entries themselves are not in the view."""
     view = {}
     for i, layer in enumerate(layers):
+        opaque, gone, own = [], [], []
         for name, e in layer.entries.items():
+            base = name.rsplit("/", 1)[-1]
+            parent = name[:-len(base)].rstrip("/")
+            if base == OPAQUE:
+                opaque.append(parent)
+            elif base.startswith(WHITEOUT) and base != WHITEOUT:
+                gone.append((parent + "/" if parent else "") + base[len(WHITEOUT):])
+            else:
+                own.append((name, e))
+        if "" in opaque:
+            view = {}
+        elif opaque or gone:
+            gone, below = set(gone), set(opaque) | set(gone)     # below: hide what is under it
+
+            def hidden(k):
+                if k in gone:
+                    return True
+                while "/" in k:
+                    k = k.rsplit("/", 1)[0]
+                    if k in below:
+                        return True
+                return False
+            view = {k: v for k, v in view.items() if not hidden(k)}
+        for name, e in own:
             view[name] = (i, e)
     return view
 
@@ -120,6 +149,37 @@ def select(layers, pattern):
         return {p: view[p]}, list(range(provider, len(layers)))
     sel = {k: v for k, v in view.items() if not p or k == p or k.startswith(p + "/")}
     return sel, list(range(len(layers)))
+
+
+def ideal_hints(layers, pattern, toc_offsets):
+    """What a perfect client would know in advance (bench/clients.py ideal and curl):
+    the needed layers and their TOC offsets, the directories and empty files / symlinks
+    to create, and the contiguous runs to fetch with, per gzip member, the file chunks it
+    holds: [rel path, mode, inner offset, size, file offset, chunk digest]."""
+    sel, needed = select(layers, pattern)
+    members, extents, dirs, others = {}, {}, set(), []
+    for path, (i, e) in sorted(sel.items()):
+        if e.type == "dir":
+            dirs.add(path)
+            continue
+        if "/" in path:
+            dirs.add(path.rsplit("/", 1)[0])
+        if e.type == "reg" and e.chunks:
+            for c in e.chunks:
+                members.setdefault((i, c.start), []).append(
+                    [path, e.mode & 0o7777, c.inner, c.size, c.file_offset, c.digest])
+                extents.setdefault(i, set()).add((c.start, c.end))
+        elif e.type == "reg":
+            others.append([path, e.mode & 0o7777, None])
+        elif e.type == "symlink":
+            others.append([path, None, e.link])
+    runs = []
+    for i in sorted(extents):
+        for start, end, parts in runs_of(extents[i]):
+            runs.append({"layer": i, "start": start, "end": end,
+                         "members": [[s, e, members[(i, s)]] for s, e in parts]})
+    return {"needed": needed, "toc_offsets": toc_offsets, "dirs": sorted(d for d in dirs if d),
+            "others": others, "runs": runs}
 
 
 def runs_of(extents):

@@ -142,7 +142,10 @@ class Handler(BaseHTTPRequestHandler):
         record = {"conn": self.conn_id, "method": self.command, "path": self.path,
                   "range": self.headers.get("Range"), "status": None, "bytes": 0, "t": time.time()}
         stats.request(record)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers = {}
+        for k, v in self.headers.items():        # repeated fields (Go sends one Accept per type): joined
+            if k.lower() not in HOP_BY_HOP:
+                headers[k] = headers[k] + ", " + v if k in headers else v
         shaper.delay(shaper.rtt / 2)
         try:
             resp = self._send_upstream(self.command, body, headers)
@@ -192,8 +195,10 @@ class Handler(BaseHTTPRequestHandler):
         for i in range(0, len(view), BUF):
             piece = view[i:i + BUF]
             self.server.shaper.take(len(piece))
-            self.wfile.write(piece)
+            # counted before the write: a fast client (curl) can read the last piece and exit,
+            # and the bench read the stats, before this thread gets to count it
             self.server.stats.add_bytes(record, len(piece))
+            self.wfile.write(piece)
 
 
 class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
