@@ -2927,12 +2927,12 @@ class _FileTask(object):
 
 
 class _Member(object):
-    """A gzip member to fetch and the chunks it yields."""
+    """A gzip member to fetch and the keys of the chunks it yields."""
 
-    __slots__ = ("offset", "end", "targets")
+    __slots__ = ("offset", "end", "keys")
 
     def __init__(self, offset, end):
-        self.offset, self.end, self.targets = offset, end, []
+        self.offset, self.end, self.keys = offset, end, []
 
 
 class DownloadJob(object):
@@ -3005,19 +3005,17 @@ class DownloadJob(object):
         return None
 
     @staticmethod
-    def plan_ranges(tasks, concurrency=4, gap=COALESCE_GAP, part_size=PART_SIZE):
-        """[(blob, [members])]: the members still needed, coalesced across small gaps,
-        long runs cut at member boundaries so that `concurrency` workers share them."""
+    def plan_ranges(chunks, concurrency=4, gap=COALESCE_GAP, part_size=PART_SIZE):
+        """[(blob, [members])] for `chunks`, each (blob, member_offset, member_end, key):
+        one member per (blob, offset) holding its chunks' keys in the order given,
+        members coalesced across small gaps, long runs cut at member boundaries so
+        that `concurrency` workers share them."""
         members = {}
-        for task in tasks:
-            for i, chunk in enumerate(task.chunks):
-                if i in task.done:
-                    continue
-                key = (task.source.blob, chunk.offset)
-                member = members.get(key)
-                if member is None:
-                    member = members[key] = _Member(chunk.offset, chunk.end)
-                member.targets.append((task, i))
+        for blob, offset, end, key in chunks:
+            member = members.get((blob, offset))
+            if member is None:
+                member = members[(blob, offset)] = _Member(offset, end)
+            member.keys.append(key)
         ranges = []
         by_blob = {}
         for (blob, _), member in members.items():
@@ -3309,8 +3307,10 @@ class Downloader(object):
         for task in tasks:
             if task.source.spool and not task.finished:
                 self._copy_from_spool(task, stats, progress)
-        ranges = DownloadJob.plan_ranges([t for t in tasks if not t.finished and not t.source.spool],
-                                         self.concurrency, self.gap, self.part_size)
+        wanted = [(task.source.blob, chunk.offset, chunk.end, (task, i))
+                  for task in tasks if not task.finished and not task.source.spool
+                  for i, chunk in enumerate(task.chunks) if i not in task.done]
+        ranges = DownloadJob.plan_ranges(wanted, self.concurrency, self.gap, self.part_size)
         if not ranges:
             return
         from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
@@ -3361,7 +3361,7 @@ class Downloader(object):
         """Fetch one coalesced range through the retry loop: each attempt fetches what
         is still missing; what finally fails, fails only the files it feeds."""
         def attempt():
-            wanted = [m for m in members if any(self._wanted(t, i) for t, i in m.targets)]
+            wanted = [m for m in members if any(self._wanted(t, i) for t, i in m.keys)]
             if wanted and not self._stop.is_set():
                 self._fetch_members(blob, wanted, stats, progress)
 
@@ -3372,7 +3372,7 @@ class Downloader(object):
             if error.code == ErrorCode.INTERRUPTED:
                 return
             for member in members:
-                for task, i in member.targets:
+                for task, i in member.keys:
                     if self._wanted(task, i):
                         self._fail_task(task, error, stats)
 
@@ -3399,7 +3399,7 @@ class Downloader(object):
         """Stream one member's compressed bytes through zlib, handing each wanted
         chunk its bytes; never inflate past the last byte the TOC declares.
         Returns True when a chunk came out wrong and deserves one more fetch."""
-        sinks = [_ChunkSink(task, i) for task, i in member.targets if self._wanted(task, i)]
+        sinks = [_ChunkSink(task, i) for task, i in member.keys if self._wanted(task, i)]
         sinks.sort(key=lambda s: s.start)
         need = max(s.stop for s in sinks) if sinks else 0
         inflater = zlib.decompressobj(31)
