@@ -3010,6 +3010,11 @@ def _map_parallel(function, items, concurrency):
 # =============================================================================
 # download (plan what to fetch, fetch in parallel, inflate, verify, write safely)
 # =============================================================================
+#
+# Along the data's path: DownloadJob plans (pure: which entries, which byte ranges),
+# _Fetcher turns ranges into verified inflated chunks, _TreeWriter and _PartialFile
+# put them and the other entries under the destination. Downloader is the reusable
+# front; each run's state lives on its own _Run.
 
 COALESCE_GAP = 32 << 10      # fetch a small hole rather than pay another round trip
 PART_SIZE = 8 << 20          # cut long runs so that workers share them
@@ -3060,80 +3065,15 @@ class DownloadStats(object):
                 "failures": [{"path": p, "error": m} for p, m in self.failures]}
 
 
-class _Destination(object):
-    """The output directory; every write goes through `prepare`, which refuses
-    names that leave it and parents that are symlinks or not directories."""
-
-    def __init__(self, root):
-        self.root = os.path.abspath(root)
-        self.verified = set()   # directories checked (or made) during this run
-
-    def path(self, rel):
-        normalize_path(rel)  # raises UNSAFE for '..', absolute, NUL
-        return os.path.join(self.root, *rel.split("/")) if rel else self.root
-
-    def prepare(self, rel):
-        """Create the parents of `rel` as real directories; return its absolute path."""
-        current = self.root
-        parts = rel.split("/")
-        for part in parts[:-1]:
-            current = os.path.join(current, part)
-            if current in self.verified:
-                continue
-            try:
-                st = os.lstat(current)
-            except FileNotFoundError:
-                os.mkdir(current, 0o755)
-                self.verified.add(current)
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                _fail(ErrorCode.UNSAFE, "refusing to write %s: %s is a symlink" % (rel, current))
-            if not stat.S_ISDIR(st.st_mode):
-                _fail(ErrorCode.UNSAFE, "refusing to write %s: %s is not a directory" % (rel, current))
-            self.verified.add(current)
-        return self.path(rel)
-
-
-class _FileTask(object):
-    """One regular file to produce: its chunks, which are verified, its partial file."""
-
-    def __init__(self, entry, path, final):
-        self.entry, self.path, self.final = entry, path, final
-        self.source = entry.content
-        self.chunks = self.source.chunks
-        self.partial, self.state_file = final + PARTIAL_SUFFIX, final + STATE_SUFFIX
-        self.done = set()
-        self.fd = None
-        self.failed = None
-        self.finished = False
-        self.lock = threading.RLock()
-
-    @property
-    def complete(self):
-        return len(self.done) == len(self.chunks)
-
-    def ensure_open(self):
-        """The partial file's descriptor, created on the first write (so that the
-        first requests go out before thousands of files are created)."""
-        with self.lock:
-            if self.fd is None:
-                flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-                self.fd = os.open(self.partial, flags, 0o600)
-                os.ftruncate(self.fd, self.source.size or 0)
-            return self.fd
-
-    def state(self):
-        return {"blob": self.source.blob, "digest": self.source.digest, "size": self.source.size,
-                "chunks": len(self.chunks), "done": sorted(self.done)}
-
+# -- planner -------------------------------------------------------------------
 
 class _Member(object):
-    """A gzip member to fetch and the chunks it yields."""
+    """A gzip member to fetch and the keys of the chunks it yields."""
 
-    __slots__ = ("offset", "end", "targets")
+    __slots__ = ("offset", "end", "keys")
 
     def __init__(self, offset, end):
-        self.offset, self.end, self.targets = offset, end, []
+        self.offset, self.end, self.keys = offset, end, []
 
 
 class DownloadJob(object):
@@ -3206,19 +3146,17 @@ class DownloadJob(object):
         return None
 
     @staticmethod
-    def plan_ranges(tasks, concurrency=4, gap=COALESCE_GAP, part_size=PART_SIZE):
-        """[(blob, [members])]: the members still needed, coalesced across small gaps,
-        long runs cut at member boundaries so that `concurrency` workers share them."""
+    def plan_ranges(chunks, concurrency=4, gap=COALESCE_GAP, part_size=PART_SIZE):
+        """[(blob, [members])] for `chunks`, each (blob, member_offset, member_end, key):
+        one member per (blob, offset) holding its chunks' keys in the order given,
+        members coalesced across small gaps, long runs cut at member boundaries so
+        that `concurrency` workers share them."""
         members = {}
-        for task in tasks:
-            for i, chunk in enumerate(task.chunks):
-                if i in task.done:
-                    continue
-                key = (task.source.blob, chunk.offset)
-                member = members.get(key)
-                if member is None:
-                    member = members[key] = _Member(chunk.offset, chunk.end)
-                member.targets.append((task, i))
+        for blob, offset, end, key in chunks:
+            member = members.get((blob, offset))
+            if member is None:
+                member = members[(blob, offset)] = _Member(offset, end)
+            member.keys.append(key)
         ranges = []
         by_blob = {}
         for (blob, _), member in members.items():
@@ -3294,6 +3232,62 @@ def human_size(n):
         n /= 1024
 
 
+# -- tree writer: destination checks, partial files and resume state, the tree --
+
+class _Destination(object):
+    """The output directory; every write goes through `prepare`, which refuses
+    names that leave it and parents that are symlinks or not directories."""
+
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+        self.verified = set()   # directories checked (or made) during this run
+
+    def path(self, rel):
+        normalize_path(rel)  # raises UNSAFE for '..', absolute, NUL
+        return os.path.join(self.root, *rel.split("/")) if rel else self.root
+
+    def prepare(self, rel):
+        """Create the parents of `rel` as real directories; return its absolute path."""
+        current = self.root
+        parts = rel.split("/")
+        for part in parts[:-1]:
+            current = os.path.join(current, part)
+            if current in self.verified:
+                continue
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                os.mkdir(current, 0o755)
+                self.verified.add(current)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                _fail(ErrorCode.UNSAFE, "refusing to write %s: %s is a symlink" % (rel, current))
+            if not stat.S_ISDIR(st.st_mode):
+                _fail(ErrorCode.UNSAFE, "refusing to write %s: %s is not a directory" % (rel, current))
+            self.verified.add(current)
+        return self.path(rel)
+
+    def check_free_space(self, entries):
+        """Refuse up front what cannot fit (a hostile TOC may declare absurd sizes)."""
+        needed = 0
+        for entry in entries:
+            size = entry.content.size or 0
+            try:
+                if os.lstat(self.path(entry.path)).st_size == size:
+                    continue    # probably there from an earlier run
+            except (OSError, StargzError):
+                pass
+            needed += size
+        try:
+            fs = os.statvfs(self.root)
+        except (OSError, AttributeError):
+            return
+        free = fs.f_bavail * fs.f_frsize
+        if needed > free:
+            _fail(ErrorCode.IO, "not enough free space in %s: need %s, have %s"
+                  % (self.root, human_size(needed), human_size(free)))
+
+
 def _hash_file_range(fd, start, size):
     digest = hashlib.sha256()
     position, end = start, start + size
@@ -3306,99 +3300,153 @@ def _hash_file_range(fd, start, size):
     return "sha256:" + digest.hexdigest(), position - start
 
 
-class Downloader(object):
-    """Runs a DownloadJob: fetch ranges on a worker pool, inflate each gzip member
-    as it streams, verify every chunk and file, write to `.partial` names and
-    rename only when complete. Re-running an interrupted job resumes it."""
+class _PartialFile(object):
+    """One regular file to produce: its chunks, those verified, its partial file
+    `NAME.partial` and its resume state `NAME.partial.state`."""
 
-    def __init__(self, client=None, concurrency=4, verify=True, retry=None, policy=None,
-                 progress=False, gap=COALESCE_GAP, part_size=PART_SIZE):
-        self.client = client
-        self.concurrency = max(1, int(concurrency))
-        self.verify = verify
-        self.retry = retry or (client.transport.retry if client is not None else RetryPolicy())
-        self.policy = policy or ExtractionPolicy()
-        self.progress_enabled = progress
-        self.gap, self.part_size = gap, part_size
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._mismatches = {}
-        self._written = {}      # id(entry) -> final path, of files this run wrote or verified
+    def __init__(self, entry, final):
+        self.entry, self.path, self.final = entry, entry.path, final
+        self.source = entry.content
+        self.chunks = self.source.chunks
+        self.partial, self.state_file = final + PARTIAL_SUFFIX, final + STATE_SUFFIX
+        self.done = set()
+        self.fd = None
+        self.failed = None
+        self.finished = False
+        self.lock = threading.RLock()
 
-    def download(self, index, pattern, output_dir, blob=None):
-        """Get the files `pattern` selects into `output_dir`; returns DownloadStats."""
-        if self.client is None:
-            self.client = index.client
-        return self.run(DownloadJob(index, pattern, output_dir, blob, self.policy))
+    @property
+    def complete(self):
+        return len(self.done) == len(self.chunks)
 
-    # -- the run -------------------------------------------------------------
-    def run(self, job):
-        started = time.time()
-        stats = DownloadStats()
-        self._stop.clear()
-        self._mismatches.clear()
-        self._written.clear()
-        client = self.client or job.index.client
-        self.client = client
-        before = client.transport.stats.as_dict()
+    def wanted(self, index):
+        """Chunk `index` is still to be had."""
+        return self.failed is None and not self.finished and index not in self.done
+
+    def ensure_open(self):
+        """The partial file's descriptor, created on the first write (so that the
+        first requests go out before thousands of files are created)."""
+        with self.lock:
+            if self.fd is None:
+                flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+                self.fd = os.open(self.partial, flags, 0o600)
+                os.ftruncate(self.fd, self.source.size or 0)
+            return self.fd
+
+    def state(self):
+        return {"blob": self.source.blob, "digest": self.source.digest, "size": self.source.size,
+                "chunks": len(self.chunks), "done": sorted(self.done)}
+
+    def already_final(self):
+        """A previous run finished this file: same size and digest under the final name."""
+        source = self.source
         try:
-            os.makedirs(job.output_dir, exist_ok=True)
-        except OSError as e:
-            _fail(ErrorCode.IO, "cannot create %s: %s" % (job.output_dir, _describe_os_error(e)), e)
-        dest = _Destination(job.output_dir)
-        for path, reason in job.conflicts:
-            log.warning("%s", reason)
-            stats.fail(path, reason, ErrorCode.UNSAFE)
-        self._check_free_space(dest, job.regular)
-        made_dirs = self._make_dirs(dest, job.dirs, stats)
-        tasks = self._prepare_files(dest, job.regular, stats)
-        progress = _Progress(sum(t.source.size - sum(t.chunks[i].size for i in t.done) for t in tasks),
-                             len(tasks), self.progress_enabled)
+            st = os.lstat(self.final)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != (source.size or 0) or not source.digest:
+            return False
+        fd = os.open(self.final, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         try:
-            self._fetch_all(tasks, stats, progress)
+            return _hash_file_range(fd, 0, st.st_size)[0] == source.digest
         finally:
-            for task in tasks:
-                self._close(task)
-            progress.finish()
-        self._make_hardlinks(dest, job.hardlinks, stats)
-        self._make_symlinks(dest, job.symlinks, stats)
-        self._make_specials(dest, job.specials, stats)
-        self._finish_dirs(made_dirs)
-        after = client.transport.stats.as_dict()
-        stats.requests = after["requests"] - before["requests"]
-        stats.retries += after["retries"] - before["retries"]
-        stats.fetched = after["bytes"] - before["bytes"]
-        stats.elapsed = time.time() - started
-        return stats
+            os.close(fd)
 
-    def _check_free_space(self, dest, entries):
-        """Refuse up front what cannot fit (a hostile TOC may declare absurd sizes)."""
-        needed = 0
-        for entry in entries:
-            size = entry.content.size or 0
-            try:
-                if os.lstat(dest.path(entry.path)).st_size == size:
-                    continue    # probably there from an earlier run
-            except (OSError, StargzError):
-                pass
-            needed += size
+    def resume(self, verify):
+        """Keep the chunks of `NAME.partial` that a previous run verified (hashed
+        again here); discard a partial file from another image version."""
+        state = self._saved_state()
+        if os.path.lexists(self.partial):
+            st = os.lstat(self.partial)
+            if not stat.S_ISREG(st.st_mode):
+                _fail(ErrorCode.UNSAFE, "refusing to reuse %s: not a regular file" % self.partial)
+        fresh = self.state()
+        if not isinstance(state, dict) or any(state.get(k) != fresh[k] for k in ("blob", "digest", "size", "chunks")):
+            for stale in (self.partial, self.state_file):
+                if os.path.lexists(stale):
+                    os.unlink(stale)
+            state = None
+        if state:
+            self.ensure_open()
+            for i in state.get("done") or []:
+                if isinstance(i, int) and 0 <= i < len(self.chunks):
+                    chunk = self.chunks[i]
+                    digest, got = _hash_file_range(self.fd, chunk.file_offset, chunk.size)
+                    if got == chunk.size and (digest == chunk.digest or (not chunk.digest and not verify)):
+                        self.done.add(i)
+            if self.done:
+                log.info("resuming %s: %d of %d chunks already verified", self.path, len(self.done), len(self.chunks))
+
+    def _saved_state(self):
+        if not os.path.lexists(self.state_file):
+            return None
         try:
-            fs = os.statvfs(dest.root)
-        except (OSError, AttributeError):
-            return
-        free = fs.f_bavail * fs.f_frsize
-        if needed > free:
-            _fail(ErrorCode.IO, "not enough free space in %s: need %s, have %s"
-                  % (dest.root, human_size(needed), human_size(free)))
+            fd = os.open(self.state_file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd) as f:
+                return json.loads(f.read(1 << 20))
+        except (OSError, ValueError, RecursionError):
+            return None
 
-    # -- directories ---------------------------------------------------------
-    def _make_dirs(self, dest, dirs, stats):
+    def record(self, index):
+        """Chunk `index` is verified and written: note it (and save the resume state).
+        False when it was noted already or the file failed meanwhile."""
+        with self.lock:
+            if self.failed is not None or index in self.done:
+                return False
+            self.done.add(index)
+            if len(self.chunks) > 1:
+                self._save_state()
+            return True
+
+    def _save_state(self):
+        temp = self.state_file + ".tmp"
+        try:
+            if os.path.lexists(temp):
+                os.unlink(temp)
+            # O_EXCL | O_NOFOLLOW: never write through a link planted at this name
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.state(), f)
+            os.replace(temp, self.state_file)
+        except OSError as e:
+            log.debug("cannot save resume state for %s: %s", self.path, e)
+
+    def fail(self, message):
+        """Mark the file failed; False when it had failed or was finished already."""
+        with self.lock:
+            if self.failed is not None or self.finished:
+                return False
+            self.failed = message
+            return True
+
+    def close(self):
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
+
+class _TreeWriter(object):
+    """What one run creates under the destination: directories (made 0700, their
+    modes applied last), regular files by way of their partial files, hardlinks,
+    symlinks and special files, with owners, modes and times as the policy allows.
+    `written` maps id(entry) to the final path of each file this run wrote or
+    verified: the only files a hardlink may point to."""
+
+    def __init__(self, dest, policy, verify, stats):
+        self.dest, self.policy, self.verify, self.stats = dest, policy, verify, stats
+        self.written = {}
+
+    # -- directories -----------------------------------------------------------
+    def make_dirs(self, dirs):
         """Create the selected directories; returns [(entry, path)] of those made or
         found as real directories: only these get their attributes at the end."""
         made = []
         for entry in dirs:
             try:
-                path = dest.prepare(entry.path)
+                path = self.dest.prepare(entry.path)
                 try:
                     st = os.lstat(path)
                 except FileNotFoundError:
@@ -3411,21 +3459,148 @@ class Downloader(object):
                     _fail(ErrorCode.UNSAFE, "refusing to write into %s: it exists and is not a directory" % path)
                 made.append((entry, path))
             except StargzError as e:
-                stats.fail(entry.path, e.message, e.code)
+                self.stats.fail(entry.path, e.message, e.code)
             except OSError as e:
-                stats.fail(entry.path, "cannot create directory: %s" % _describe_os_error(e))
+                self.stats.fail(entry.path, "cannot create directory: %s" % _describe_os_error(e))
         return made
 
-    def _finish_dirs(self, made):
+    def finish_dirs(self, made):
         """Modes and times last, deepest first, so read-only directories were writable meanwhile."""
         for entry, path in sorted(made, key=lambda item: item[0].path.count("/"), reverse=True):
             try:
                 if stat.S_ISDIR(os.lstat(path).st_mode):
-                    self._apply_metadata(path, entry)
+                    self.apply_metadata(path, entry)
             except OSError as e:
                 log.warning("cannot set attributes of %s: %s", path, _describe_os_error(e))
 
-    def _set_owner(self, path, entry, fd=None):
+    # -- regular files -----------------------------------------------------------
+    def prepare_files(self, entries):
+        """A _PartialFile for each entry still to fetch, resumed where a previous run
+        left it; files found complete are skipped (or finished) here."""
+        files = []
+        for entry in entries:
+            try:
+                file = _PartialFile(entry, self.dest.prepare(entry.path))
+                if os.path.isdir(file.final) and not os.path.islink(file.final):
+                    _fail(ErrorCode.IO, "%s exists and is a directory" % file.final)
+                if file.already_final():
+                    self.stats.add("skipped")
+                    self.apply_metadata(file.final, entry)
+                    self.written[id(entry)] = file.final
+                    continue
+                file.resume(self.verify)
+                files.append(file)
+                if file.complete:
+                    self.finish(file, None)
+            except StargzError as e:
+                self.stats.fail(entry.path, e.message, e.code)
+            except OSError as e:
+                self.stats.fail(entry.path, "cannot write: %s" % _describe_os_error(e))
+        return files
+
+    def finish(self, file, progress):
+        """All chunks verified: check the whole file, set its attributes, rename it."""
+        with file.lock:
+            if file.finished or file.failed is not None:
+                return
+            try:
+                self._commit(file)
+            except StargzError as e:
+                file.failed, code = e.message, e.code
+            except OSError as e:
+                file.failed, code = "cannot write %s: %s" % (file.final, _describe_os_error(e)), ErrorCode.IO
+        if file.failed is not None:
+            self.stats.fail(file.path, file.failed, code)
+            return
+        self.stats.add("files")
+        self.stats.add("bytes", file.source.size or 0)
+        if progress is not None:
+            progress.add(files=1)
+
+    def _commit(self, file):
+        source = file.source
+        file.ensure_open()   # an empty file had no chunk to create it
+        if self.verify and source.digest and (len(file.chunks) != 1 or file.chunks[0].digest != source.digest):
+            digest, _ = _hash_file_range(file.fd, 0, source.size or 0)
+            if digest != source.digest:
+                os.unlink(file.state_file) if os.path.exists(file.state_file) else None
+                os.unlink(file.partial)
+                _fail(ErrorCode.INTEGRITY, "%s: content digest %s does not match the TOC's %s"
+                      % (file.path, digest, source.digest))
+        self.set_owner(file.final, file.entry, file.fd)
+        os.fchmod(file.fd, self.policy.mode_of(file.entry))
+        os.close(file.fd)
+        file.fd = None
+        os.replace(file.partial, file.final)
+        if os.path.exists(file.state_file):
+            os.unlink(file.state_file)
+        os.utime(file.final, (file.entry.mtime, file.entry.mtime))
+        file.finished = True
+        self.written[id(file.entry)] = file.final
+
+    def fail(self, file, error):
+        """`file` cannot be had: counted once, whatever failed first."""
+        if file.fail(error.message):
+            self.stats.fail(file.path, error.message, error.code)
+
+    # -- links and special files -------------------------------------------------
+    def _replace_with(self, entry, make):
+        """Create a non-regular entry at its path, replacing a file or link there."""
+        try:
+            path = self.dest.prepare(entry.path)
+            if os.path.lexists(path):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    _fail(ErrorCode.IO, "%s exists and is a directory" % path)
+                os.unlink(path)
+            make(path)
+            self.stats.add("files")
+            return path
+        except StargzError as e:
+            self.stats.fail(entry.path, e.message, e.code)
+        except (OSError, OverflowError, ValueError) as e:
+            self.stats.fail(entry.path, "cannot create %s: %s" % (entry.type, _describe_os_error(e)))
+        return None
+
+    def make_hardlinks(self, hardlinks):
+        """Link only to a file this run wrote or found complete: never to a path that
+        was not checked (it could lead through a symlink out of the destination)."""
+        for entry in hardlinks:
+            target_path = self.written.get(id(entry.link_target))
+            if target_path is None:
+                self.stats.fail(entry.path, "hardlink target %s was not written" % entry.link_target.path)
+                continue
+            self._replace_with(entry, lambda path: os.link(target_path, path, follow_symlinks=False))
+
+    def make_symlinks(self, symlinks):
+        for entry in symlinks:
+            path = self._replace_with(entry, lambda p: os.symlink(entry.link, p))
+            if path and os.utime in getattr(os, "supports_follow_symlinks", ()):
+                try:
+                    self.set_owner(path, entry)
+                    os.utime(path, (entry.mtime, entry.mtime), follow_symlinks=False)
+                except OSError:
+                    pass
+
+    def make_specials(self, specials):
+        kinds = {"char": stat.S_IFCHR, "block": stat.S_IFBLK}
+        for entry in specials:
+            if not self.policy.special_files:
+                message = "skipped %s %s (creating device files and FIFOs needs root)" % (entry.type, entry.path)
+                log.warning("%s", message)
+                self.stats.warnings.append(message)
+                self.stats.add("skipped")
+                continue
+            mode = self.policy.mode_of(entry)
+            if entry.type == "fifo":
+                make = lambda p: os.mkfifo(p, mode)
+            else:
+                make = lambda p: os.mknod(p, mode | kinds[entry.type], os.makedev(entry.dev_major, entry.dev_minor))
+            path = self._replace_with(entry, make)
+            if path:
+                self.apply_metadata(path, entry)
+
+    # -- owners, modes, times ----------------------------------------------------
+    def set_owner(self, path, entry, fd=None):
         if not self.policy.same_owner or entry.uid is None:
             return
         try:
@@ -3436,374 +3611,26 @@ class Downloader(object):
         except (OSError, OverflowError) as e:
             log.debug("cannot chown %s: %s", path, e)
 
-    # -- regular files: resume, fetch, verify, finish --------------------------
-    def _prepare_files(self, dest, entries, stats):
-        tasks = []
-        for entry in entries:
-            try:
-                task = _FileTask(entry, entry.path, dest.prepare(entry.path))
-                if os.path.isdir(task.final) and not os.path.islink(task.final):
-                    _fail(ErrorCode.IO, "%s exists and is a directory" % task.final)
-                if self._already_there(task):
-                    stats.add("skipped")
-                    self._apply_metadata(task.final, entry)
-                    self._written[id(entry)] = task.final
-                    continue
-                self._resume_or_reset(task)
-                tasks.append(task)
-                if task.complete:
-                    self._finish(task, stats, None)
-            except StargzError as e:
-                stats.fail(entry.path, e.message, e.code)
-            except OSError as e:
-                stats.fail(entry.path, "cannot write: %s" % _describe_os_error(e))
-        return tasks
-
-    def _already_there(self, task):
-        """A previous run finished this file: same size and digest under the final name."""
-        source = task.source
+    def apply_metadata(self, path, entry):
         try:
-            st = os.lstat(task.final)
-        except OSError:
-            return False
-        if not stat.S_ISREG(st.st_mode) or st.st_size != (source.size or 0) or not source.digest:
-            return False
-        fd = os.open(task.final, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        try:
-            return _hash_file_range(fd, 0, st.st_size)[0] == source.digest
-        finally:
-            os.close(fd)
-
-    def _resume_or_reset(self, task):
-        """Keep the chunks of `NAME.partial` that a previous run verified (hashed
-        again here); discard a partial file from another image version."""
-        state = None
-        if os.path.lexists(task.state_file):
-            try:
-                fd = os.open(task.state_file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-                with os.fdopen(fd) as f:
-                    state = json.loads(f.read(1 << 20))
-            except (OSError, ValueError, RecursionError):
-                state = None
-        if os.path.lexists(task.partial):
-            st = os.lstat(task.partial)
-            if not stat.S_ISREG(st.st_mode):
-                _fail(ErrorCode.UNSAFE, "refusing to reuse %s: not a regular file" % task.partial)
-        fresh = task.state()
-        if not isinstance(state, dict) or any(state.get(k) != fresh[k] for k in ("blob", "digest", "size", "chunks")):
-            for stale in (task.partial, task.state_file):
-                if os.path.lexists(stale):
-                    os.unlink(stale)
-            state = None
-        if state:
-            task.ensure_open()
-            for i in state.get("done") or []:
-                if isinstance(i, int) and 0 <= i < len(task.chunks):
-                    chunk = task.chunks[i]
-                    digest, got = _hash_file_range(task.fd, chunk.file_offset, chunk.size)
-                    if got == chunk.size and (digest == chunk.digest or (not chunk.digest and not self.verify)):
-                        task.done.add(i)
-            if task.done:
-                log.info("resuming %s: %d of %d chunks already verified", task.path, len(task.done), len(task.chunks))
-
-    def _fetch_all(self, tasks, stats, progress):
-        for task in tasks:
-            if task.source.spool and not task.finished:
-                self._copy_from_spool(task, stats, progress)
-        ranges = DownloadJob.plan_ranges([t for t in tasks if not t.finished and not t.source.spool],
-                                         self.concurrency, self.gap, self.part_size)
-        if not ranges:
-            return
-        from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(ranges)))
-        futures = [pool.submit(self._run_range, blob, members, stats, progress) for blob, members in ranges]
-        try:
-            pending = set(futures)
-            while pending:
-                _, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-        except KeyboardInterrupt:
-            self._stop.set()
-            for future in futures:
-                future.cancel()
-            self.client.transport.abort()
-            pool.shutdown(wait=True)
-            raise
-        pool.shutdown(wait=True)
-        for future in futures:
-            error = future.exception()
-            if error is not None:
-                raise error
-
-    def _copy_from_spool(self, task, stats, progress):
-        """A file of a layer read whole by --fallback-stream: copy it from the spooled tar."""
-        sink = _ChunkSink(task, 0)
-        try:
-            with open(task.source.spool, "rb") as spool:
-                position = sink.start
-                spool.seek(position)
-                while position < sink.stop:
-                    data = spool.read(min(READ_SIZE * 4, sink.stop - position))
-                    if not data:
-                        _fail(ErrorCode.FORMAT, "%s: the layer's tar ends inside the file" % task.path)
-                    sink.feed(position, data, self.verify)
-                    position += len(data)
-            if sink.write_error or sink.mismatch:
-                _fail(ErrorCode.IO if sink.write_error else ErrorCode.INTEGRITY, sink.write_error or sink.mismatch)
-        except StargzError as e:
-            self._fail_task(task, e, stats)
-            return
-        except OSError as e:
-            self._fail_task(task, StargzError(ErrorCode.IO, "cannot read the spooled layer: %s"
-                                              % _describe_os_error(e)), stats)
-            return
-        self._chunk_done(sink, stats, progress)
-
-    def _run_range(self, blob, members, stats, progress):
-        """Fetch one coalesced range through the retry loop: each attempt fetches what
-        is still missing; what finally fails, fails only the files it feeds."""
-        def attempt():
-            wanted = [m for m in members if any(self._wanted(t, i) for t, i in m.targets)]
-            if wanted and not self._stop.is_set():
-                self._fetch_members(blob, wanted, stats, progress)
-
-        what = "bytes %d-%d of %s" % (members[0].offset, members[-1].end - 1, blob)
-        try:
-            self.retry.run(attempt, what, stats)
-        except StargzError as error:
-            if error.code == ErrorCode.INTERRUPTED:
-                return
-            for member in members:
-                for task, i in member.targets:
-                    if self._wanted(task, i):
-                        self._fail_task(task, error, stats)
-
-    @staticmethod
-    def _wanted(task, index):
-        return task.failed is None and not task.finished and index not in task.done
-
-    def _fetch_members(self, blob, members, stats, progress):
-        start, end = members[0].offset, members[-1].end
-        response = self.client.open_blob(blob, start, end - 1)
-        refetch = False
-        try:
-            position = start
-            for member in members:
-                response.skip(member.offset - position)
-                refetch = self._inflate_member(response, member, stats, progress) or refetch
-                position = member.end
-        finally:
-            response.close()
-        if refetch:
-            _fail(ErrorCode.INTEGRITY, "a chunk did not match its digest: fetching it again", damaged=True)
-
-    def _inflate_member(self, response, member, stats, progress):
-        """Stream one member's compressed bytes through zlib, handing each wanted
-        chunk its bytes; never inflate past the last byte the TOC declares.
-        Returns True when a chunk came out wrong and deserves one more fetch."""
-        sinks = [_ChunkSink(task, i) for task, i in member.targets if self._wanted(task, i)]
-        sinks.sort(key=lambda s: s.start)
-        need = max(s.stop for s in sinks) if sinks else 0
-        inflater = zlib.decompressobj(31)
-        produced, remaining, broken = 0, member.end - member.offset, None
-        while remaining > 0:
-            if self._stop.is_set():
-                _fail(ErrorCode.INTERRUPTED, "interrupted")
-            data = response.read(min(remaining, READ_SIZE))
-            if not data:
-                raise response.truncated(remaining)
-            remaining -= len(data)
-            while data and produced < need and broken is None:
-                try:
-                    out = inflater.decompress(data, READ_SIZE * 4)
-                except zlib.error as e:   # keep reading: the next members of the range are fine
-                    broken = "corrupt gzip data in the member at offset %d: %s" % (member.offset, e)
-                    break
-                data = inflater.unconsumed_tail
-                if out:
-                    for sink in sinks:
-                        sink.feed(produced, out, self.verify)
-                    produced += len(out)
-                if inflater.eof:   # the next member of the same extent continues the stream
-                    data, inflater = inflater.unused_data, zlib.decompressobj(31)
-                elif not out and not data:
-                    break
-        if broken is None and produced < need:
-            broken = "the member at offset %d holds %d bytes, fewer than the TOC declares (%d)" % (
-                member.offset, produced, need)
-        refetch = False
-        for sink in sinks:
-            problem = sink.mismatch or (broken if sink.written < sink.chunk.size else None)
-            if sink.write_error:
-                self._fail_task(sink.task, StargzError(ErrorCode.IO, sink.write_error), stats)
-            elif problem is None:
-                self._chunk_done(sink, stats, progress)
-            elif self._count_mismatch(sink) == 1:
-                refetch = True
-            else:
-                self._fail_task(sink.task, StargzError(ErrorCode.INTEGRITY, problem), stats)
-        return refetch
-
-    def _count_mismatch(self, sink):
-        """How often this chunk came out wrong: once is refetched, twice fails its file."""
-        key = (id(sink.task), sink.index)
-        with self._lock:
-            self._mismatches[key] = self._mismatches.get(key, 0) + 1
-            return self._mismatches[key]
-
-    def _chunk_done(self, sink, stats, progress):
-        task, index = sink.task, sink.index
-        with task.lock:
-            if task.failed is not None or index in task.done:
-                return
-            task.done.add(index)
-            if len(task.chunks) > 1:
-                self._save_state(task)
-            complete = task.complete
-        progress.add(sink.chunk.size)
-        if complete:
-            self._finish(task, stats, progress)
-
-    def _save_state(self, task):
-        temp = task.state_file + ".tmp"
-        try:
-            if os.path.lexists(temp):
-                os.unlink(temp)
-            # O_EXCL | O_NOFOLLOW: never write through a link planted at this name
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(task.state(), f)
-            os.replace(temp, task.state_file)
-        except OSError as e:
-            log.debug("cannot save resume state for %s: %s", task.path, e)
-
-    def _finish(self, task, stats, progress):
-        """All chunks verified: check the whole file, set its attributes, rename it."""
-        with task.lock:
-            if task.finished or task.failed is not None:
-                return
-            source = task.source
-            try:
-                task.ensure_open()   # an empty file had no chunk to create it
-                if self.verify and source.digest and (len(task.chunks) != 1 or task.chunks[0].digest != source.digest):
-                    digest, _ = _hash_file_range(task.fd, 0, source.size or 0)
-                    if digest != source.digest:
-                        os.unlink(task.state_file) if os.path.exists(task.state_file) else None
-                        os.unlink(task.partial)
-                        _fail(ErrorCode.INTEGRITY, "%s: content digest %s does not match the TOC's %s"
-                              % (task.path, digest, source.digest))
-                self._set_owner(task.final, task.entry, task.fd)
-                os.fchmod(task.fd, self.policy.mode_of(task.entry))
-                os.close(task.fd)
-                task.fd = None
-                os.replace(task.partial, task.final)
-                if os.path.exists(task.state_file):
-                    os.unlink(task.state_file)
-                os.utime(task.final, (task.entry.mtime, task.entry.mtime))
-                task.finished = True
-                self._written[id(task.entry)] = task.final
-            except StargzError as e:
-                task.failed, code = e.message, e.code
-            except OSError as e:
-                task.failed, code = "cannot write %s: %s" % (task.final, _describe_os_error(e)), ErrorCode.IO
-        if task.failed is not None:
-            stats.fail(task.path, task.failed, code)
-            return
-        stats.add("files")
-        stats.add("bytes", source.size or 0)
-        if progress is not None:
-            progress.add(files=1)
-
-    def _fail_task(self, task, error, stats):
-        with task.lock:
-            if task.failed is not None or task.finished:
-                return
-            task.failed = error.message
-        stats.fail(task.path, error.message, error.code)
-
-    @staticmethod
-    def _close(task):
-        if task.fd is not None:
-            try:
-                os.close(task.fd)
-            except OSError:
-                pass
-            task.fd = None
-
-    def _apply_metadata(self, path, entry):
-        try:
-            self._set_owner(path, entry)
+            self.set_owner(path, entry)
             os.chmod(path, self.policy.mode_of(entry))
             os.utime(path, (entry.mtime, entry.mtime))
         except OSError as e:
             log.warning("cannot set attributes of %s: %s", path, _describe_os_error(e))
 
-    # -- links and special files ---------------------------------------------
-    def _replace_with(self, dest, entry, stats, make):
-        """Create a non-regular entry at its path, replacing a file or link there."""
-        try:
-            path = dest.prepare(entry.path)
-            if os.path.lexists(path):
-                if os.path.isdir(path) and not os.path.islink(path):
-                    _fail(ErrorCode.IO, "%s exists and is a directory" % path)
-                os.unlink(path)
-            make(path)
-            stats.add("files")
-            return path
-        except StargzError as e:
-            stats.fail(entry.path, e.message, e.code)
-        except (OSError, OverflowError, ValueError) as e:
-            stats.fail(entry.path, "cannot create %s: %s" % (entry.type, _describe_os_error(e)))
-        return None
 
-    def _make_hardlinks(self, dest, hardlinks, stats):
-        """Link only to a file this run wrote or found complete: never to a path that
-        was not checked (it could lead through a symlink out of the destination)."""
-        for entry in hardlinks:
-            target_path = self._written.get(id(entry.link_target))
-            if target_path is None:
-                stats.fail(entry.path, "hardlink target %s was not written" % entry.link_target.path)
-                continue
-            self._replace_with(dest, entry, stats,
-                               lambda path: os.link(target_path, path, follow_symlinks=False))
-
-    def _make_symlinks(self, dest, symlinks, stats):
-        for entry in symlinks:
-            path = self._replace_with(dest, entry, stats, lambda p: os.symlink(entry.link, p))
-            if path and os.utime in getattr(os, "supports_follow_symlinks", ()):
-                try:
-                    self._set_owner(path, entry)
-                    os.utime(path, (entry.mtime, entry.mtime), follow_symlinks=False)
-                except OSError:
-                    pass
-
-    def _make_specials(self, dest, specials, stats):
-        kinds = {"char": stat.S_IFCHR, "block": stat.S_IFBLK}
-        for entry in specials:
-            if not self.policy.special_files:
-                message = "skipped %s %s (creating device files and FIFOs needs root)" % (entry.type, entry.path)
-                log.warning("%s", message)
-                stats.warnings.append(message)
-                stats.add("skipped")
-                continue
-            mode = self.policy.mode_of(entry)
-            if entry.type == "fifo":
-                make = lambda p: os.mkfifo(p, mode)
-            else:
-                make = lambda p: os.mknod(p, mode | kinds[entry.type], os.makedev(entry.dev_major, entry.dev_minor))
-            path = self._replace_with(dest, entry, stats, make)
-            if path:
-                self._apply_metadata(path, entry)
-
+# -- fetcher: ranges in, verified inflated chunks out ----------------------------
 
 class _ChunkSink(object):
-    """Receives a member's inflated bytes and keeps the slice that is one chunk:
-    writes it at its place in the file and hashes it."""
+    """Receives the bytes of a member (or of a spooled tar) and keeps the slice that
+    is one chunk: writes it at its place in the file and hashes it."""
 
-    __slots__ = ("task", "index", "chunk", "start", "stop", "hasher", "written", "mismatch", "write_error")
+    __slots__ = ("file", "index", "chunk", "start", "stop", "hasher", "written", "mismatch", "write_error")
 
-    def __init__(self, task, index):
-        self.task, self.index = task, index
-        self.chunk = task.chunks[index]
+    def __init__(self, file, index):
+        self.file, self.index = file, index
+        self.chunk = file.chunks[index]
         self.start = self.chunk.inner_offset or 0
         self.stop = self.start + self.chunk.size
         self.hasher = hashlib.sha256()
@@ -3816,9 +3643,9 @@ class _ChunkSink(object):
             return
         piece = data[low - produced:high - produced]
         try:
-            os.pwrite(self.task.ensure_open(), piece, self.chunk.file_offset + (low - self.start))
+            os.pwrite(self.file.ensure_open(), piece, self.chunk.file_offset + (low - self.start))
         except OSError as e:   # this file cannot be written; the others of the range go on
-            self.write_error = "cannot write %s: %s" % (self.task.partial, _describe_os_error(e))
+            self.write_error = "cannot write %s: %s" % (self.file.partial, _describe_os_error(e))
             return
         self.hasher.update(piece)
         self.written += len(piece)
@@ -3826,7 +3653,271 @@ class _ChunkSink(object):
             digest = "sha256:" + self.hasher.hexdigest()
             if digest != self.chunk.digest:
                 self.mismatch = "%s: chunk at %d has digest %s, the TOC says %s" % (
-                    self.task.path, self.chunk.file_offset, digest, self.chunk.digest)
+                    self.file.path, self.chunk.file_offset, digest, self.chunk.digest)
+
+
+def _pour(pieces, sinks, position, stop, verify):
+    """Hand the stream `pieces`, whose first byte is at `position`, to every sink up
+    to `stop`; returns the position reached. Nothing is pulled from `pieces` once
+    `stop` is reached: a member is never inflated past what its chunks need."""
+    if position >= stop:
+        return position
+    for data in pieces:
+        for sink in sinks:
+            sink.feed(position, data, verify)
+        position += len(data)
+        if position >= stop:
+            break
+    return position
+
+
+def _spooled(spool, length, path):
+    """`length` bytes of a spooled layer tar from where `spool` stands, as pieces."""
+    while length > 0:
+        data = spool.read(min(READ_SIZE * 4, length))
+        if not data:
+            _fail(ErrorCode.FORMAT, "%s: the layer's tar ends inside the file" % path)
+        length -= len(data)
+        yield data
+
+
+class _Fetcher(object):
+    """One run's fetching: each planned range is one request through the retry loop,
+    each of its members inflated as it streams, each chunk checked against its
+    digest and handed to `deliver(sink)`. What cannot be had fails only the files
+    it feeds, through `fail(file, error)`; Ctrl-C sets `stop`, which ends workers."""
+
+    def __init__(self, client, retry, verify, stop, stats, deliver, fail):
+        self.client, self.retry, self.verify, self.stop, self.stats = client, retry, verify, stop, stats
+        self.deliver, self.fail = deliver, fail
+        self._lock = threading.Lock()
+        self._mismatches = {}   # (id(file), index) -> how often that chunk came out wrong
+
+    def fetch(self, ranges, concurrency):
+        """Fetch `ranges` (as DownloadJob.plan_ranges returns them) on a worker pool."""
+        if not ranges:
+            return
+        from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
+        pool = ThreadPoolExecutor(max_workers=min(concurrency, len(ranges)))
+        futures = [pool.submit(self._run_range, blob, members) for blob, members in ranges]
+        try:
+            pending = set(futures)
+            while pending:   # a timeout, so that Ctrl-C reaches this thread
+                _, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+        except KeyboardInterrupt:
+            self.stop.set()
+            for future in futures:
+                future.cancel()
+            self.client.transport.abort()
+            pool.shutdown(wait=True)
+            raise
+        pool.shutdown(wait=True)
+        for future in futures:
+            error = future.exception()
+            if error is not None:
+                raise error
+
+    def _run_range(self, blob, members):
+        """One coalesced range through the retry loop: each attempt fetches what is
+        still missing; what finally fails, fails only the files it feeds."""
+        def attempt():
+            wanted = [m for m in members if any(file.wanted(i) for file, i in m.keys)]
+            if wanted and not self.stop.is_set():
+                self._fetch_members(blob, wanted)
+
+        what = "bytes %d-%d of %s" % (members[0].offset, members[-1].end - 1, blob)
+        try:
+            self.retry.run(attempt, what, self.stats)
+        except StargzError as error:
+            if error.code == ErrorCode.INTERRUPTED:
+                return
+            for member in members:
+                for file, i in member.keys:
+                    if file.wanted(i):
+                        self.fail(file, error)
+
+    def _fetch_members(self, blob, members):
+        start, end = members[0].offset, members[-1].end
+        response = self.client.open_blob(blob, start, end - 1)
+        refetch = False
+        try:
+            position = start
+            for member in members:
+                response.skip(member.offset - position)
+                refetch = self._inflate_member(response, member) or refetch
+                position = member.end
+        finally:
+            response.close()
+        if refetch:
+            _fail(ErrorCode.INTEGRITY, "a chunk did not match its digest: fetching it again", damaged=True)
+
+    def _inflate_member(self, response, member):
+        """Inflate one member as it streams, handing each wanted chunk its bytes, and
+        stop once they are complete; the rest of its extent is read, not inflated,
+        so that the next member lines up. True when a chunk deserves one more fetch."""
+        sinks = sorted((_ChunkSink(file, i) for file, i in member.keys if file.wanted(i)), key=lambda s: s.start)
+        need = max(s.stop for s in sinks) if sinks else 0
+        extent = self._extent(response, member.end - member.offset)
+        broken = None
+        try:
+            produced = _pour(inflate_members(extent), sinks, 0, need, self.verify)
+            if produced < need:
+                broken = "the member at offset %d holds %d bytes, fewer than the TOC declares (%d)" % (
+                    member.offset, produced, need)
+        except StargzError as e:
+            if not e.damaged:   # the connection broke, or Ctrl-C: this attempt is over
+                raise
+            broken = "corrupt gzip data in the member at offset %d: %s" % (member.offset, e.cause)
+        for _ in extent:    # the next members of the range are fine: keep reading
+            pass
+        return self._settle(sinks, broken, refetch=True)
+
+    def _extent(self, response, length):
+        """A member's compressed bytes as they arrive; Ctrl-C ends the attempt."""
+        pieces = _read_extent(response, length)
+        while True:
+            if self.stop.is_set():
+                _fail(ErrorCode.INTERRUPTED, "interrupted")
+            data = next(pieces, None)
+            if data is None:
+                return
+            yield data
+
+    def copy_from_spool(self, file):
+        """A file of a layer read whole by --fallback-stream: its bytes come from the
+        spooled tar, through the same sink and checks as a fetched chunk."""
+        sink = _ChunkSink(file, 0)
+        try:
+            with open(file.source.spool, "rb") as spool:
+                spool.seek(sink.start)
+                _pour(_spooled(spool, sink.stop - sink.start, file.path), [sink], sink.start, sink.stop, self.verify)
+        except StargzError as e:
+            self.fail(file, e)
+            return
+        except OSError as e:
+            self.fail(file, StargzError(ErrorCode.IO, "cannot read the spooled layer: %s" % _describe_os_error(e)))
+            return
+        self._settle([sink], None, refetch=False)   # a local copy: reading it again cannot mend it
+
+    def _settle(self, sinks, broken, refetch):
+        """Deliver each chunk that came out whole and right. One that did not fails
+        its file, unless `refetch` and it is its first time: then it is fetched once
+        more, and True is returned. `broken` says why incomplete chunks are."""
+        due = False
+        for sink in sinks:
+            problem = sink.mismatch or (broken if sink.written < sink.chunk.size else None)
+            if sink.write_error:
+                self.fail(sink.file, StargzError(ErrorCode.IO, sink.write_error))
+            elif problem is None:
+                self.deliver(sink)
+            elif refetch and self._count_mismatch(sink) == 1:
+                due = True
+            else:
+                self.fail(sink.file, StargzError(ErrorCode.INTEGRITY, problem))
+        return due
+
+    def _count_mismatch(self, sink):
+        """How often this chunk came out wrong: once is refetched, twice fails its file."""
+        key = (id(sink.file), sink.index)
+        with self._lock:
+            self._mismatches[key] = self._mismatches.get(key, 0) + 1
+            return self._mismatches[key]
+
+
+# -- the run ---------------------------------------------------------------------
+
+class _Run(object):
+    """One run of a DownloadJob and all its state: the client, the stats, the
+    progress bar, the stop event (Ctrl-C), the tree writer (which knows the files
+    written) and the fetcher (which counts mismatches)."""
+
+    def __init__(self, downloader, job, client):
+        self.job, self.client, self.downloader = job, client, downloader
+        self.stats = DownloadStats()
+        self.stop = threading.Event()
+        self.progress = None
+        self.writer = _TreeWriter(_Destination(job.output_dir), downloader.policy, downloader.verify, self.stats)
+        self.fetcher = _Fetcher(client, downloader.retry, downloader.verify, self.stop, self.stats,
+                                self._chunk_verified, self.writer.fail)
+
+    def execute(self):
+        started = time.time()
+        job, stats, writer = self.job, self.stats, self.writer
+        before = self.client.transport.stats.as_dict()
+        try:
+            os.makedirs(job.output_dir, exist_ok=True)
+        except OSError as e:
+            _fail(ErrorCode.IO, "cannot create %s: %s" % (job.output_dir, _describe_os_error(e)), e)
+        for path, reason in job.conflicts:
+            log.warning("%s", reason)
+            stats.fail(path, reason, ErrorCode.UNSAFE)
+        writer.dest.check_free_space(job.regular)
+        made_dirs = writer.make_dirs(job.dirs)
+        files = writer.prepare_files(job.regular)
+        self.progress = _Progress(sum(f.source.size - sum(f.chunks[i].size for i in f.done) for f in files),
+                                  len(files), self.downloader.progress_enabled)
+        try:
+            self._fetch(files)
+        finally:
+            for file in files:
+                file.close()
+            self.progress.finish()
+        writer.make_hardlinks(job.hardlinks)
+        writer.make_symlinks(job.symlinks)
+        writer.make_specials(job.specials)
+        writer.finish_dirs(made_dirs)
+        after = self.client.transport.stats.as_dict()
+        stats.requests = after["requests"] - before["requests"]
+        stats.retries += after["retries"] - before["retries"]
+        stats.fetched = after["bytes"] - before["bytes"]
+        stats.elapsed = time.time() - started
+        return stats
+
+    def _fetch(self, files):
+        """Spooled files are copied first; the others' missing chunks are planned
+        into ranges and fetched in parallel."""
+        for file in files:
+            if file.source.spool and not file.finished:
+                self.fetcher.copy_from_spool(file)
+        wanted = [(file.source.blob, chunk.offset, chunk.end, (file, i))
+                  for file in files if not file.finished and not file.source.spool
+                  for i, chunk in enumerate(file.chunks) if i not in file.done]
+        downloader = self.downloader
+        ranges = DownloadJob.plan_ranges(wanted, downloader.concurrency, downloader.gap, downloader.part_size)
+        self.fetcher.fetch(ranges, downloader.concurrency)
+
+    def _chunk_verified(self, sink):
+        file = sink.file
+        if file.record(sink.index):
+            self.progress.add(sink.chunk.size)
+            if file.complete:
+                self.writer.finish(file, self.progress)
+
+
+class Downloader(object):
+    """Runs DownloadJobs: fetch ranges on a worker pool, inflate each gzip member
+    as it streams, verify every chunk and file, write to `.partial` names and
+    rename only when complete. Re-running an interrupted job resumes it. The
+    settings live here; each run's state lives on its own _Run, so one Downloader
+    may run any number of jobs."""
+
+    def __init__(self, client=None, concurrency=4, verify=True, retry=None, policy=None,
+                 progress=False, gap=COALESCE_GAP, part_size=PART_SIZE):
+        self.client = client
+        self.concurrency = max(1, int(concurrency))
+        self.verify = verify
+        self.retry = retry or (client.transport.retry if client is not None else RetryPolicy())
+        self.policy = policy or ExtractionPolicy()
+        self.progress_enabled = progress
+        self.gap, self.part_size = gap, part_size
+
+    def download(self, index, pattern, output_dir, blob=None):
+        """Get the files `pattern` selects into `output_dir`; returns DownloadStats."""
+        return self.run(DownloadJob(index, pattern, output_dir, blob, self.policy))
+
+    def run(self, job):
+        """Run `job` with this Downloader's client, else the index's; returns DownloadStats."""
+        return _Run(self, job, self.client or job.index.client).execute()
 
 # =============================================================================
 # cli

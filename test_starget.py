@@ -4137,25 +4137,21 @@ def test_requests_do_not_grow_with_the_number_of_files(registry_anon, tmp_path, 
 
 
 def test_plan_coalesces_small_gaps_and_splits_long_runs():
-    def task(chunks, blob="sha256:" + "a" * 64):
-        entry = starget.TOCEntry("f%d" % len(chunks), "reg", size=sum(c.size for c in chunks))
-        entry.chunks, entry.blob = chunks, blob
-        return starget._FileTask(entry, entry.path, "/nonexistent/" + entry.path)
-
+    blob = "sha256:" + "a" * 64
     mib = 1 << 20
-    near = task([starget.Chunk(0, 10, 100, 0, None, end=200), starget.Chunk(10, 10, 300, 0, None, end=400)])
-    far = task([starget.Chunk(0, 10, 10 * mib, 0, None, end=10 * mib + 50)])
-    ranges = starget.DownloadJob.plan_ranges([near, far], concurrency=4, gap=starget.COALESCE_GAP)
+    near = [(blob, 100, 200, "near0"), (blob, 300, 400, "near1"), (blob, 300, 400, "near1-again")]
+    far = [(blob, 10 * mib, 10 * mib + 50, "far")]
+    ranges = starget.DownloadJob.plan_ranges(near + far, concurrency=4, gap=starget.COALESCE_GAP)
     assert [(m[0].offset, m[-1].end) for _, m in ranges] == [(100, 400), (10 * mib, 10 * mib + 50)]
+    assert [m.keys for m in ranges[0][1]] == [["near0"], ["near1", "near1-again"]]   # one member, two chunks
 
-    big = task([starget.Chunk(i * 4 * mib, 4 * mib, 1 + i * 4 * mib, 0, None, end=1 + (i + 1) * 4 * mib)
-                for i in range(8)])
-    ranges = starget.DownloadJob.plan_ranges([big], concurrency=4)
+    big = [(blob, 1 + i * 4 * mib, 1 + (i + 1) * 4 * mib, i) for i in range(8)]
+    ranges = starget.DownloadJob.plan_ranges(big, concurrency=4)
     assert len(ranges) == 4                                # 32 MiB cut for 4 workers
     assert ranges[0][1][0].offset == 1 and ranges[-1][1][-1].end == 1 + 32 * mib
     starts = [m[0].offset for _, m in ranges]
     assert starts == sorted(starts)
-    ranges = starget.DownloadJob.plan_ranges([big], concurrency=1)
+    ranges = starget.DownloadJob.plan_ranges(big, concurrency=1)
     assert len(ranges) == 1                                # one worker: one request
 
 
