@@ -847,6 +847,9 @@ _GLOBAL_OPTIONS = (
     _Option(("--fallback-stream",), "fallback_stream", "switch", False,
             "read layers that are not eStargz whole instead of refusing them (slow)",
             "read layers that are not eStargz whole (slow)"),
+    _Option(("--devices",), "devices", "switch", False,
+            "create the device nodes and FIFOs the image holds (root only; skipped otherwise)",
+            "create device nodes and FIFOs (root only)"),
 )
 # config key -> its option: the schema of `defaults:`
 _CONFIG_DEFAULTS = dict((o.config, o) for o in _GLOBAL_OPTIONS if o.config)
@@ -3027,13 +3030,14 @@ def _is_root():
 
 
 class ExtractionPolicy(object):
-    """What starget may create under the destination, as tar does for the same user:
-    owners, device files and setuid/setgid bits only for root."""
+    """What starget may create under the destination: owners and setuid/setgid bits
+    only for root, as tar does; device nodes and FIFOs only when asked (`--devices`),
+    as tarfile's `data` filter: an untrusted image must not plant /dev/mem."""
 
-    def __init__(self, same_owner=None, special_files=None, keep_setid=None):
+    def __init__(self, same_owner=None, special_files=False, keep_setid=None):
         root = _is_root()
         self.same_owner = root if same_owner is None else same_owner
-        self.special_files = root if special_files is None else special_files
+        self.special_files = special_files
         self.keep_setid = root if keep_setid is None else keep_setid
 
     def mode_of(self, entry):
@@ -3234,6 +3238,19 @@ def human_size(n):
 
 # -- tree writer: destination checks, partial files and resume state, the tree --
 
+_FS_IS_UTF8 = sys.getfilesystemencoding().lower().replace("-", "") == "utf8"
+
+
+def _local_name(name):
+    """An image's name as the OS takes it: its UTF-8 bytes, whatever the locale. With a
+    UTF-8 file system encoding that is the name itself; under Python 3.6 in the C
+    locale (ASCII) it is the surrogate-escaped form, which os functions turn back
+    into exactly those bytes (3.7+ coerces the C locale to UTF-8 itself)."""
+    if _FS_IS_UTF8:
+        return name
+    return os.fsdecode(name.encode("utf-8", "surrogateescape"))
+
+
 class _Destination(object):
     """The output directory; every write goes through `prepare`, which refuses
     names that leave it and parents that are symlinks or not directories."""
@@ -3244,12 +3261,12 @@ class _Destination(object):
 
     def path(self, rel):
         normalize_path(rel)  # raises UNSAFE for '..', absolute, NUL
-        return os.path.join(self.root, *rel.split("/")) if rel else self.root
+        return os.path.join(self.root, *_local_name(rel).split("/")) if rel else self.root
 
     def prepare(self, rel):
         """Create the parents of `rel` as real directories; return its absolute path."""
         current = self.root
-        parts = rel.split("/")
+        parts = _local_name(rel).split("/")
         for part in parts[:-1]:
             current = os.path.join(current, part)
             if current in self.verified:
@@ -3573,7 +3590,7 @@ class _TreeWriter(object):
 
     def make_symlinks(self, symlinks):
         for entry in symlinks:
-            path = self._replace_with(entry, lambda p: os.symlink(entry.link, p))
+            path = self._replace_with(entry, lambda p: os.symlink(_local_name(entry.link), p))
             if path and os.utime in getattr(os, "supports_follow_symlinks", ()):
                 try:
                     self.set_owner(path, entry)
@@ -3582,14 +3599,15 @@ class _TreeWriter(object):
                     pass
 
     def make_specials(self, specials):
+        if specials and not self.policy.special_files:
+            message = "skipped %d device node%s and FIFO%s (pass --devices, as root, to create them)" % (
+                len(specials), "" if len(specials) == 1 else "s", "" if len(specials) == 1 else "s")
+            log.warning("%s", message)
+            self.stats.warnings.append(message)
+            self.stats.add("skipped", len(specials))
+            return
         kinds = {"char": stat.S_IFCHR, "block": stat.S_IFBLK}
         for entry in specials:
-            if not self.policy.special_files:
-                message = "skipped %s %s (creating device files and FIFOs needs root)" % (entry.type, entry.path)
-                log.warning("%s", message)
-                self.stats.warnings.append(message)
-                self.stats.add("skipped")
-                continue
             mode = self.policy.mode_of(entry)
             if entry.type == "fifo":
                 make = lambda p: os.mkfifo(p, mode)
@@ -4626,8 +4644,11 @@ def cmd_info(session, out):
 
 def _downloader(session):
     args = session.args
+    if args.devices and not _is_root():
+        _fail(ErrorCode.USAGE, "--devices needs root: only root can create device nodes")
     return Downloader(session.client, concurrency=args.concurrency, verify=not args.skip_verify,
-                      progress=not args.no_progress and sys.stderr.isatty())
+                      progress=not args.no_progress and sys.stderr.isatty(),
+                      policy=ExtractionPolicy(special_files=args.devices))
 
 
 def _report(stats, verbose):
