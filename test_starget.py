@@ -5696,7 +5696,7 @@ FAKE_STARGET = r"""#!/bin/sh
 for last; do :; done
 case " $* " in
   *" __complete "*)
-    for c in etc/ etc.d usr/ usr/a:bc 'with space'; do
+    for c in etc/ etc.d usr/ usr/a:bc 'with space' 'doc/pkg with spaces/'; do
       case "$c" in "$last"*) printf '%s\n' "$c" ;; esac
     done ;;
 esac
@@ -5725,6 +5725,7 @@ def fake_starget(tmp_path):
     os.chmod(str(bindir / "starget"), 0o755)
     (tmp_path / "work" / "outdir").mkdir(parents=True)
     (tmp_path / "work" / "other").mkdir()
+    (tmp_path / "work" / "etc").mkdir()       # a local etc/, as the image has one
     (tmp_path / "work" / "file").write_text("")
     env = dict(os.environ, PATH="%s:%s" % (bindir, os.environ["PATH"]), STARGET_LOG=str(tmp_path / "log"))
     return types.SimpleNamespace(env=env, log=tmp_path / "log", cwd=str(tmp_path / "work"), tmp=tmp_path)
@@ -5736,7 +5737,7 @@ def bash_words(line, wordbreaks=BASH_WORDBREAKS):
     import re
     breaks = "".join(c for c in ":=@" if c in wordbreaks)
     words = []
-    for token in line.split():
+    for token in re.findall(r"(?:\\.|\S)+", line):    # a blank after a backslash is no break
         pieces = re.split("([%s]+)" % breaks, token) if breaks else [token]
         words.extend(w for w in pieces if w)
     if line.endswith(" "):
@@ -5749,16 +5750,20 @@ def quote(word):
 
 
 def run_bash(fake, line, wordbreaks=BASH_WORDBREAKS):
-    """Complete `line` (cursor at its end) with _starget; returns (COMPREPLY, calls)."""
+    """Complete `line` (cursor at its end) with _starget; returns (COMPREPLY, calls).
+    The compopt calls (options readline would apply to the candidates) go to fake.compopt."""
     words = bash_words(line, wordbreaks)
     script = fake.tmp / "completion.bash"
     script.write_text(P.completion_script("bash"))
-    program = ("source %s\nCOMP_WORDBREAKS=%s\nCOMP_WORDS=(%s)\nCOMP_CWORD=%d\nCOMP_LINE=%s\nCOMP_POINT=%d\n"
+    fake.compopt = fake.tmp / "compopt"
+    program = ("compopt() { local IFS=' '; printf '%%s\\n' \"$*\" >> %s; }\n" % quote(str(fake.compopt))
+               + "source %s\nCOMP_WORDBREAKS=%s\nCOMP_WORDS=(%s)\nCOMP_CWORD=%d\nCOMP_LINE=%s\nCOMP_POINT=%d\n"
                "_starget\nprintf '%%s\\n' \"${COMPREPLY[@]}\"\n"
                % (quote(str(script)), quote(wordbreaks), " ".join(quote(w) for w in words), len(words) - 1,
                   quote(line), len(line)))
-    if fake.log.exists():
-        fake.log.unlink()
+    for log in (fake.log, fake.compopt):
+        if log.exists():
+            log.unlink()
     proc = subprocess.run(["bash", "--norc", "--noprofile", "-c", program], env=fake.env, cwd=fake.cwd,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.returncode == 0 and not proc.stderr, proc.stderr.decode()
@@ -5792,7 +5797,7 @@ needs_bash = pytest.mark.skipif(not shutil.which("bash"), reason="bash is not in
     ("starget info ", []),
     ("starget get ", []),                             # IMAGE: nothing to offer
     ("starget get img etc/ ou", ["outdir"]),           # OUTPUT_DIR: local directories
-    ("starget get img sha256:ab etc/ ", ["outdir", "other"]),
+    ("starget get img sha256:ab etc/ ", ["etc", "outdir", "other"]),
     ("starget cat img etc/ ", []),                    # cat takes one PATH
     ("starget get img sha256:ab", []),                # a layer digest, not a path
 ])
@@ -5809,7 +5814,8 @@ def test_bash_completion(fake_starget, line, expected):
 @pytest.mark.parametrize("line, expected, call", [
     ("starget get 127.0.0.1:5000/test/img:latest e", ["etc/", "etc.d"],
      ["__complete", "127.0.0.1:5000/test/img:latest", "e"]),
-    ("starget cat img ", ["etc/", "etc.d", "usr/", "usr/a:bc", "with space"], ["__complete", "img", ""]),
+    ("starget cat img ", ["doc/pkg\\ with\\ spaces/", "etc/", "etc.d", "usr/", "usr/a:bc", "with\\ space"],
+     ["__complete", "img", ""]),
 
     ("starget -k --platform=linux/arm64 -v --credential u:p get --no-cache [::1]:5000/a/b@sha256:0123 et",
      ["etc/", "etc.d"],
@@ -5823,6 +5829,27 @@ def test_bash_path_completion(fake_starget, line, expected, call):
     replies, calls = run_bash(fake_starget, line)
     assert sorted(replies) == sorted(expected)
     assert calls == [call]
+
+
+@needs_bash
+@pytest.mark.parametrize("line, expected, call", [
+    # what readline inserts, quoted as the shell will read it back
+    ("starget get img doc/pkg\\ w", ["doc/pkg\\ with\\ spaces/"], "doc/pkg w"),
+    ("starget get img doc/pkg\\ with\\ spaces/", ["doc/pkg\\ with\\ spaces/"], "doc/pkg with spaces/"),
+    ("starget get img doc/pkg\\ with\\ sp", ["doc/pkg\\ with\\ spaces/"], "doc/pkg with sp"),
+    ("starget get img wi", ["with\\ space"], "wi"),
+    ("starget get img etc/", ["etc/"], "etc/"),          # ./etc is a local directory too
+])
+def test_bash_completion_of_spaces_and_local_dirs(fake_starget, line, expected, call):
+    """The word is unquoted for __complete and the candidates quoted back; they are
+    not file names (no -o filenames, which would add a '/' after the local etc/ and
+    quote them once more), and a directory gets no space after it."""
+    replies, calls = run_bash(fake_starget, line)
+    assert replies == expected
+    assert calls == [["__complete", "img", call]]
+    options = fake_starget.compopt.read_text().split("\n") if fake_starget.compopt.exists() else []
+    assert not any("filenames" in o or "dirnames" in o for o in options), options
+    assert ("-o nospace" in options) == expected[0].endswith("/")
 
 
 @needs_bash
@@ -5965,6 +5992,8 @@ def test_bash_readline_end_to_end(fake_starget):
     assert "starget --platform=linux/riscv64  #DONE" in complete("starget --platform=linux/r")
     assert "starget get img usr/a:bc  #DONE" in complete("starget get img usr/a:")
     assert "starget cat img with\\ space  #DONE" in complete("starget cat img wi")
+    assert "starget get img doc/pkg\\ with\\ spaces/ #DONE" in complete("starget get img doc/pkg\\ w")
+    assert "starget get img etc/ #DONE" in complete("starget get img etc/")   # ./etc exists too
 
 
 @needs_bash
