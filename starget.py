@@ -4214,7 +4214,8 @@ _starget() {
         position=$(( position - 1 ))
       fi
       if (( position == 0 )) && [[ $cur != sha256:* ]]; then
-        candidates=(${(f)"$(starget $forward __complete $image $blob "$cur" 2>/dev/null)"})
+        # words has the line as typed (pkg\ with\ spaces/): (Q) unquotes; compadd quotes back
+        candidates=(${(f)"$(starget $forward __complete ${(Q)image} $blob "${(Q)cur}" 2>/dev/null)"})
         dirs=(${(M)candidates:#*/})
         files=(${candidates:#*/})
         (( ${#dirs} )) && compadd -S '' -- $dirs     # go on typing inside the directory
@@ -4311,7 +4312,7 @@ function __starget_paths
     if set -q args[3]; and string match -q -- 'sha256:*' $args[3]
         set blob $args[3]
     end
-    set -l cur (commandline -ct)
+    set -l cur (commandline -ct | string unescape)   # the token as typed: pkg\ with\ spaces/
     starget (__starget_forward) __complete $args[2] $blob "$cur" 2>/dev/null
 end
 

@@ -5914,6 +5914,58 @@ def test_zsh_completion(fake_starget):
     assert out[1] == "compadd -- bash zsh fish"
 
 
+def zsh_line_run(fake, line):
+    """Type `line` and TAB into a real interactive zsh (compinit, then the script) on
+    a pty, then Enter: the arguments the fake starget got from the completed line."""
+    import pty
+    import select
+    import time
+    script = fake.tmp / "_starget"
+    script.write_text(P.completion_script("zsh"))
+    env = dict(fake.env, HOME=str(fake.tmp), TERM="dumb", PS1="$ ")
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.chdir(fake.cwd)
+        os.execvpe("zsh", ["zsh", "-f", "-i"], env)
+    out = [b""]
+
+    def read_until(marker):
+        deadline = time.time() + 10
+        while marker not in out[0] and time.time() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    out[0] += os.read(fd, 4096)
+                except OSError:
+                    break
+    try:
+        os.write(fd, b"autoload -U compinit; compinit -u -D; source %s; echo RE''ADY\n" % quote(str(script)).encode())
+        read_until(b"READY\r\n")
+        time.sleep(0.3)
+        if fake.log.exists():
+            fake.log.unlink()
+        os.write(fd, line.encode() + b"\t")
+        time.sleep(0.5)
+        os.write(fd, b"\necho DO''NE\n")
+        read_until(b"DONE\r\n")
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    return read_calls(fake.log)
+
+
+@pytest.mark.skipif(not shutil.which("zsh"), reason="zsh is not installed")
+@pytest.mark.parametrize("line, call, path", [
+    ("starget get img doc/pkg\\ w", "doc/pkg w", "doc/pkg with spaces/"),
+    ("starget get img doc/pkg\\ with\\ sp", "doc/pkg with sp", "doc/pkg with spaces/"),
+    ("starget get img etc/", "etc/", "etc/"),                  # ./etc is a local directory too
+])
+def test_zsh_completion_of_spaces_and_local_dirs(fake_starget, line, call, path):
+    calls = zsh_line_run(fake_starget, line)
+    assert calls[0] == ["__complete", "img", call], calls
+    assert calls[-1] == ["get", "img", path], calls      # what zsh inserted, as the command got it
+
+
 def run_fish(fake, line):
     script = fake.tmp / "starget.fish"
     script.write_text(P.completion_script("fish"))
@@ -5943,6 +5995,18 @@ def test_fish_completion(fake_starget):
     assert replies == ["outdir/"] and calls == []
     replies, calls = run_fish(fake_starget, "starget completion ")
     assert sorted(replies) == ["bash", "fish", "zsh"]
+
+
+@pytest.mark.skipif(not shutil.which("fish"), reason="fish is not installed")
+@pytest.mark.parametrize("line, call, expected", [
+    ("starget get img doc/pkg\\ ", "doc/pkg ", ["doc/pkg with spaces/"]),
+    ("starget get img 'doc/pkg w", "doc/pkg w", ["doc/pkg with spaces/"]),
+    ("starget get img etc", "etc", ["etc.d", "etc/"]),      # ./etc is a local directory too
+])
+def test_fish_completion_of_spaces_and_local_dirs(fake_starget, line, call, expected):
+    replies, calls = run_fish(fake_starget, line)
+    assert sorted(replies) == expected and not any("//" in r for r in replies)
+    assert calls == [["__complete", "img", call]]
 
 
 def test_bash_readline_end_to_end(fake_starget):
