@@ -4136,6 +4136,27 @@ _starget_trim()
     done
 }
 
+_starget_unquote()
+{
+    # The word as the command will get it: bash leaves the user's backslashes and
+    # quotes in COMP_WORDS (pkg\ with\ spaces/), which __complete must not see.
+    local word=$1 quote="" c i
+    _starget_word=""
+    for ((i = 0; i < ${#word}; i++)); do
+        c=${word:i:1}
+        if [[ $quote == "'" ]]; then
+            [[ $c == "'" ]] && quote="" || _starget_word+=$c
+        elif [[ $c == '\' ]] && ((i + 1 < ${#word})) && [[ -z $quote || ${word:i+1:1} == [\$\`\"\\] ]]; then
+            i=$((i + 1))
+            _starget_word+=${word:i:1}
+        elif [[ $c == [\"\'] && ( -z $quote || $c == "$quote" ) ]]; then
+            [[ -z $quote ]] && quote=$c || quote=""
+        else
+            _starget_word+=$c
+        fi
+    done
+}
+
 _starget()
 {
     local _starget_w
@@ -4214,8 +4235,14 @@ _starget()
             fi
             local IFS=$'\n'
             if ((position == 0)) && [[ $cur != sha256:* ]]; then
-                COMPREPLY=($(starget "${forward[@]}" __complete "$image" ${blob:+"$blob"} "$cur" 2>/dev/null))
-                compopt -o filenames 2>/dev/null
+                # Image paths are no local files: no -o filenames (readline would add a
+                # second '/' to etc/ when ./etc is a directory), so they are quoted here.
+                local _starget_word candidate
+                _starget_unquote "$cur"
+                while IFS= read -r candidate; do
+                    [[ $cur == [\"\']* ]] || printf -v candidate '%q' "$candidate"
+                    COMPREPLY+=("$candidate")
+                done < <(starget "${forward[@]}" __complete "$image" ${blob:+"$blob"} "$_starget_word" 2>/dev/null)
                 if ((${#COMPREPLY[@]} == 1)) && [[ ${COMPREPLY[0]} == */ ]]; then
                     compopt -o nospace 2>/dev/null   # go on typing inside the directory
                 fi
@@ -4307,7 +4334,8 @@ _starget() {
         position=$(( position - 1 ))
       fi
       if (( position == 0 )) && [[ $cur != sha256:* ]]; then
-        candidates=(${(f)"$(starget $forward __complete $image $blob "$cur" 2>/dev/null)"})
+        # words has the line as typed (pkg\ with\ spaces/): (Q) unquotes; compadd quotes back
+        candidates=(${(f)"$(starget $forward __complete ${(Q)image} $blob "${(Q)cur}" 2>/dev/null)"})
         dirs=(${(M)candidates:#*/})
         files=(${candidates:#*/})
         (( ${#dirs} )) && compadd -S '' -- $dirs     # go on typing inside the directory
@@ -4404,7 +4432,7 @@ function __starget_paths
     if set -q args[3]; and string match -q -- 'sha256:*' $args[3]
         set blob $args[3]
     end
-    set -l cur (commandline -ct)
+    set -l cur (commandline -ct | string unescape)   # the token as typed: pkg\ with\ spaces/
     starget (__starget_forward) __complete $args[2] $blob "$cur" 2>/dev/null
 end
 

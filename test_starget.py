@@ -5770,7 +5770,7 @@ FAKE_STARGET = r"""#!/bin/sh
 for last; do :; done
 case " $* " in
   *" __complete "*)
-    for c in etc/ etc.d usr/ usr/a:bc 'with space'; do
+    for c in etc/ etc.d usr/ usr/a:bc 'with space' 'doc/pkg with spaces/'; do
       case "$c" in "$last"*) printf '%s\n' "$c" ;; esac
     done ;;
 esac
@@ -5799,6 +5799,7 @@ def fake_starget(tmp_path):
     os.chmod(str(bindir / "starget"), 0o755)
     (tmp_path / "work" / "outdir").mkdir(parents=True)
     (tmp_path / "work" / "other").mkdir()
+    (tmp_path / "work" / "etc").mkdir()       # a local etc/, as the image has one
     (tmp_path / "work" / "file").write_text("")
     env = dict(os.environ, PATH="%s:%s" % (bindir, os.environ["PATH"]), STARGET_LOG=str(tmp_path / "log"))
     return types.SimpleNamespace(env=env, log=tmp_path / "log", cwd=str(tmp_path / "work"), tmp=tmp_path)
@@ -5810,7 +5811,7 @@ def bash_words(line, wordbreaks=BASH_WORDBREAKS):
     import re
     breaks = "".join(c for c in ":=@" if c in wordbreaks)
     words = []
-    for token in line.split():
+    for token in re.findall(r"(?:\\.|\S)+", line):    # a blank after a backslash is no break
         pieces = re.split("([%s]+)" % breaks, token) if breaks else [token]
         words.extend(w for w in pieces if w)
     if line.endswith(" "):
@@ -5823,16 +5824,20 @@ def quote(word):
 
 
 def run_bash(fake, line, wordbreaks=BASH_WORDBREAKS):
-    """Complete `line` (cursor at its end) with _starget; returns (COMPREPLY, calls)."""
+    """Complete `line` (cursor at its end) with _starget; returns (COMPREPLY, calls).
+    The compopt calls (options readline would apply to the candidates) go to fake.compopt."""
     words = bash_words(line, wordbreaks)
     script = fake.tmp / "completion.bash"
     script.write_text(P.completion_script("bash"))
-    program = ("source %s\nCOMP_WORDBREAKS=%s\nCOMP_WORDS=(%s)\nCOMP_CWORD=%d\nCOMP_LINE=%s\nCOMP_POINT=%d\n"
+    fake.compopt = fake.tmp / "compopt"
+    program = ("compopt() { local IFS=' '; printf '%%s\\n' \"$*\" >> %s; }\n" % quote(str(fake.compopt))
+               + "source %s\nCOMP_WORDBREAKS=%s\nCOMP_WORDS=(%s)\nCOMP_CWORD=%d\nCOMP_LINE=%s\nCOMP_POINT=%d\n"
                "_starget\nprintf '%%s\\n' \"${COMPREPLY[@]}\"\n"
                % (quote(str(script)), quote(wordbreaks), " ".join(quote(w) for w in words), len(words) - 1,
                   quote(line), len(line)))
-    if fake.log.exists():
-        fake.log.unlink()
+    for log in (fake.log, fake.compopt):
+        if log.exists():
+            log.unlink()
     proc = subprocess.run(["bash", "--norc", "--noprofile", "-c", program], env=fake.env, cwd=fake.cwd,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.returncode == 0 and not proc.stderr, proc.stderr.decode()
@@ -5866,7 +5871,7 @@ needs_bash = pytest.mark.skipif(not shutil.which("bash"), reason="bash is not in
     ("starget info ", []),
     ("starget get ", []),                             # IMAGE: nothing to offer
     ("starget get img etc/ ou", ["outdir"]),           # OUTPUT_DIR: local directories
-    ("starget get img sha256:ab etc/ ", ["outdir", "other"]),
+    ("starget get img sha256:ab etc/ ", ["etc", "outdir", "other"]),
     ("starget cat img etc/ ", []),                    # cat takes one PATH
     ("starget get img sha256:ab", []),                # a layer digest, not a path
 ])
@@ -5883,7 +5888,8 @@ def test_bash_completion(fake_starget, line, expected):
 @pytest.mark.parametrize("line, expected, call", [
     ("starget get 127.0.0.1:5000/test/img:latest e", ["etc/", "etc.d"],
      ["__complete", "127.0.0.1:5000/test/img:latest", "e"]),
-    ("starget cat img ", ["etc/", "etc.d", "usr/", "usr/a:bc", "with space"], ["__complete", "img", ""]),
+    ("starget cat img ", ["doc/pkg\\ with\\ spaces/", "etc/", "etc.d", "usr/", "usr/a:bc", "with\\ space"],
+     ["__complete", "img", ""]),
 
     ("starget -k --platform=linux/arm64 -v --credential u:p get --no-cache [::1]:5000/a/b@sha256:0123 et",
      ["etc/", "etc.d"],
@@ -5897,6 +5903,27 @@ def test_bash_path_completion(fake_starget, line, expected, call):
     replies, calls = run_bash(fake_starget, line)
     assert sorted(replies) == sorted(expected)
     assert calls == [call]
+
+
+@needs_bash
+@pytest.mark.parametrize("line, expected, call", [
+    # what readline inserts, quoted as the shell will read it back
+    ("starget get img doc/pkg\\ w", ["doc/pkg\\ with\\ spaces/"], "doc/pkg w"),
+    ("starget get img doc/pkg\\ with\\ spaces/", ["doc/pkg\\ with\\ spaces/"], "doc/pkg with spaces/"),
+    ("starget get img doc/pkg\\ with\\ sp", ["doc/pkg\\ with\\ spaces/"], "doc/pkg with sp"),
+    ("starget get img wi", ["with\\ space"], "wi"),
+    ("starget get img etc/", ["etc/"], "etc/"),          # ./etc is a local directory too
+])
+def test_bash_completion_of_spaces_and_local_dirs(fake_starget, line, expected, call):
+    """The word is unquoted for __complete and the candidates quoted back; they are
+    not file names (no -o filenames, which would add a '/' after the local etc/ and
+    quote them once more), and a directory gets no space after it."""
+    replies, calls = run_bash(fake_starget, line)
+    assert replies == expected
+    assert calls == [["__complete", "img", call]]
+    options = fake_starget.compopt.read_text().split("\n") if fake_starget.compopt.exists() else []
+    assert not any("filenames" in o or "dirnames" in o for o in options), options
+    assert ("-o nospace" in options) == expected[0].endswith("/")
 
 
 @needs_bash
@@ -5961,6 +5988,58 @@ def test_zsh_completion(fake_starget):
     assert out[1] == "compadd -- bash zsh fish"
 
 
+def zsh_line_run(fake, line):
+    """Type `line` and TAB into a real interactive zsh (compinit, then the script) on
+    a pty, then Enter: the arguments the fake starget got from the completed line."""
+    import pty
+    import select
+    import time
+    script = fake.tmp / "_starget"
+    script.write_text(P.completion_script("zsh"))
+    env = dict(fake.env, HOME=str(fake.tmp), TERM="dumb", PS1="$ ")
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.chdir(fake.cwd)
+        os.execvpe("zsh", ["zsh", "-f", "-i"], env)
+    out = [b""]
+
+    def read_until(marker):
+        deadline = time.time() + 10
+        while marker not in out[0] and time.time() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    out[0] += os.read(fd, 4096)
+                except OSError:
+                    break
+    try:
+        os.write(fd, b"autoload -U compinit; compinit -u -D; source %s; echo RE''ADY\n" % quote(str(script)).encode())
+        read_until(b"READY\r\n")
+        time.sleep(0.3)
+        if fake.log.exists():
+            fake.log.unlink()
+        os.write(fd, line.encode() + b"\t")
+        time.sleep(0.5)
+        os.write(fd, b"\necho DO''NE\n")
+        read_until(b"DONE\r\n")
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    return read_calls(fake.log)
+
+
+@pytest.mark.skipif(not shutil.which("zsh"), reason="zsh is not installed")
+@pytest.mark.parametrize("line, call, path", [
+    ("starget get img doc/pkg\\ w", "doc/pkg w", "doc/pkg with spaces/"),
+    ("starget get img doc/pkg\\ with\\ sp", "doc/pkg with sp", "doc/pkg with spaces/"),
+    ("starget get img etc/", "etc/", "etc/"),                  # ./etc is a local directory too
+])
+def test_zsh_completion_of_spaces_and_local_dirs(fake_starget, line, call, path):
+    calls = zsh_line_run(fake_starget, line)
+    assert calls[0] == ["__complete", "img", call], calls
+    assert calls[-1] == ["get", "img", path], calls      # what zsh inserted, as the command got it
+
+
 def run_fish(fake, line):
     script = fake.tmp / "starget.fish"
     script.write_text(P.completion_script("fish"))
@@ -5990,6 +6069,18 @@ def test_fish_completion(fake_starget):
     assert replies == ["outdir/"] and calls == []
     replies, calls = run_fish(fake_starget, "starget completion ")
     assert sorted(replies) == ["bash", "fish", "zsh"]
+
+
+@pytest.mark.skipif(not shutil.which("fish"), reason="fish is not installed")
+@pytest.mark.parametrize("line, call, expected", [
+    ("starget get img doc/pkg\\ ", "doc/pkg ", ["doc/pkg with spaces/"]),
+    ("starget get img 'doc/pkg w", "doc/pkg w", ["doc/pkg with spaces/"]),
+    ("starget get img etc", "etc", ["etc.d", "etc/"]),      # ./etc is a local directory too
+])
+def test_fish_completion_of_spaces_and_local_dirs(fake_starget, line, call, expected):
+    replies, calls = run_fish(fake_starget, line)
+    assert sorted(replies) == expected and not any("//" in r for r in replies)
+    assert calls == [["__complete", "img", call]]
 
 
 def test_bash_readline_end_to_end(fake_starget):
@@ -6039,6 +6130,8 @@ def test_bash_readline_end_to_end(fake_starget):
     assert "starget --platform=linux/riscv64  #DONE" in complete("starget --platform=linux/r")
     assert "starget get img usr/a:bc  #DONE" in complete("starget get img usr/a:")
     assert "starget cat img with\\ space  #DONE" in complete("starget cat img wi")
+    assert "starget get img doc/pkg\\ with\\ spaces/ #DONE" in complete("starget get img doc/pkg\\ w")
+    assert "starget get img etc/ #DONE" in complete("starget get img etc/")   # ./etc exists too
 
 
 @needs_bash
