@@ -2254,18 +2254,20 @@ def normalize_path(name):
 
 
 class Chunk(object):
-    """One piece of a regular file's payload: where its gzip member starts, how far
-    its compressed extent reaches, where it sits in the file and its digest."""
+    """One piece of a regular file's payload: where it sits in the file (`file_offset`,
+    `size`), the compressed extent in the blob of the gzip member holding it
+    (`member_offset` to `member_end`), where it starts inside that member's inflated
+    bytes (`inner_offset`) and its digest."""
 
-    __slots__ = ("file_offset", "size", "offset", "end", "inner_offset", "digest")
+    __slots__ = ("file_offset", "size", "member_offset", "member_end", "inner_offset", "digest")
 
-    def __init__(self, file_offset, size, offset, inner_offset, digest, end=None):
-        self.file_offset, self.size, self.offset = file_offset, size, offset
-        self.inner_offset, self.digest, self.end = inner_offset, digest, end
+    def __init__(self, file_offset, size, member_offset, inner_offset, digest, member_end=None):
+        self.file_offset, self.size, self.member_offset = file_offset, size, member_offset
+        self.inner_offset, self.digest, self.member_end = inner_offset, digest, member_end
 
     def __repr__(self):
-        return "Chunk(file_offset=%d, size=%d, offset=%d, end=%s, inner=%d)" % (
-            self.file_offset, self.size, self.offset, self.end, self.inner_offset)
+        return "Chunk(file_offset=%d, size=%d, member=%d-%s, inner=%d)" % (
+            self.file_offset, self.size, self.member_offset, self.member_end, self.inner_offset)
 
 
 class TOCEntry(object):
@@ -2521,7 +2523,7 @@ def _settle_chunks(entry):
             if i != len(chunks) - 1:
                 _fail(ErrorCode.FORMAT, "TOC entry %r: an open-ended chunk is not the last" % entry.path)
             chunk.size = entry.size - position
-        if i and chunk.offset < chunks[i - 1].offset:
+        if i and chunk.member_offset < chunks[i - 1].member_offset:
             _fail(ErrorCode.FORMAT, "TOC entry %r: chunk offsets go backwards" % entry.path)
         position += chunk.size
     if position != entry.size:
@@ -2529,7 +2531,7 @@ def _settle_chunks(entry):
     if len(chunks) == 1 and chunks[0].digest is None:
         chunks[0].digest = entry.digest
     for chunk in chunks:
-        if chunk.offset == 0:
+        if chunk.member_offset == 0:
             _fail(ErrorCode.FORMAT, "TOC entry %r: payload without an offset" % entry.path)
 
 
@@ -2540,7 +2542,7 @@ def _assign_extents(entries, member_offsets, toc_offset):
     for entry in entries:
         if entry.type == "reg":
             for chunk in entry.chunks:
-                chunk.end = following[chunk.offset]
+                chunk.member_end = following[chunk.member_offset]
 
 # =============================================================================
 # image index (layers merged, lookups, patterns; TOC fetching and cache)
@@ -2751,7 +2753,7 @@ def _entry_of_tarinfo(info, spool, names, warnings):
                      mtime=int(info.mtime), link=info.linkname or None, dev_major=info.devmajor,
                      dev_minor=info.devminor, offset=0, inner_offset=0)
     if kind == "reg" and info.size:
-        entry.chunks = [Chunk(0, info.size, 0, info.offset_data, None, end=0)]
+        entry.chunks = [Chunk(0, info.size, 0, info.offset_data, None, member_end=0)]
         entry.spool = spool
     if kind == "hardlink":
         try:
@@ -3897,7 +3899,7 @@ class _Run(object):
         for file in files:
             if file.source.spool and not file.finished:
                 self.fetcher.copy_from_spool(file)
-        wanted = [(file.source.blob, chunk.offset, chunk.end, (file, i))
+        wanted = [(file.source.blob, chunk.member_offset, chunk.member_end, (file, i))
                   for file in files if not file.finished and not file.source.spool
                   for i, chunk in enumerate(file.chunks) if i not in file.done]
         downloader = self.downloader

@@ -3545,9 +3545,9 @@ def _check_toc(toc, toc_offset=None):
         if e.type == "reg" and e.size:
             pos = 0
             for c in e.chunks:
-                assert c.file_offset == pos and c.size > 0 and c.offset > 0, (e.path, c)
+                assert c.file_offset == pos and c.size > 0 and c.member_offset > 0, (e.path, c)
                 if toc_offset is not None:
-                    assert c.offset < c.end <= toc_offset, (e.path, c)
+                    assert c.member_offset < c.member_end <= toc_offset, (e.path, c)
                 pos += c.size
             assert pos == e.size
         if e.type == "hardlink":
@@ -4127,7 +4127,7 @@ def test_requests_do_not_grow_with_the_number_of_files(registry_anon, tmp_path, 
     data_requests = client.transport.stats.requests - before
     files = len([e for e in job.regular])
     layers_touched = len(set(e.content.blob for e in job.regular))
-    payload = sum(c.end - c.offset for e in job.regular for c in e.content.chunks)
+    payload = sum(c.member_end - c.member_offset for e in job.regular for c in e.content.chunks)
     assert not stats.failures
     assert files > layers_touched
     assert data_requests <= layers_touched + payload // starget.PART_SIZE + 1
