@@ -4586,9 +4586,49 @@ def cmd_cat(session, out):
 COMMANDS = {"info": cmd_info, "ls": cmd_ls, "get": cmd_get, "cat": cmd_cat, "__complete": cmd_complete}
 
 
+class _Stdout(object):
+    """The command's output stream, where a failed write (a full disk, a closed
+    descriptor: sys.stdout is None) is a local I/O error, not a bug. A broken pipe
+    passes through: main() treats the reader going away as success."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, data):
+        if self._stream is None:
+            self._fail("it is closed")
+        try:
+            return self._stream.write(data)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as e:
+            self._fail(getattr(e, "strerror", None) or e)
+
+    def flush(self):
+        if self._stream is None:
+            return
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as e:
+            self._fail(getattr(e, "strerror", None) or e)
+
+    @property
+    def buffer(self):     # the binary stream below, for cat (AttributeError: there is none)
+        return _Stdout(self._stream.buffer) if self._stream is not None else self
+
+    def _fail(self, why):
+        # What could not be written stays buffered: drop it, or the interpreter's
+        # last flush at exit fails again, with a traceback.
+        _discard_stdout(self._stream)
+        _fail(ErrorCode.IO, "cannot write to standard output: %s" % why)
+
+
 def main(argv=None, out=None):
     """Run the command line; returns the exit code."""
-    out = out or sys.stdout
+    given_out = out
+    out = _Stdout(sys.stdout if out is None else out)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -4601,11 +4641,14 @@ def main(argv=None, out=None):
     try:
         if args.command == "completion":       # needs no image and no config
             out.write(completion_script(args.shell))
+            out.flush()
             return 0
         config = Config.load()
         _fill_options(args, given, config.flag_defaults())   # config.yaml fills what the flags left
         session = _Session(args, config)
-        return COMMANDS[args.command](session, out) or 0
+        code = COMMANDS[args.command](session, out) or 0
+        out.flush()      # here, so that a full disk is reported (at exit it would be lost)
+        return code
     except StargzError as e:
         message = " ".join(redact(e.message).split())
         sys.stderr.write("starget: error: %s\n" % message)
@@ -4616,7 +4659,7 @@ def main(argv=None, out=None):
         sys.stderr.write("\nstarget: interrupted; run the same command again to resume\n")
         return int(ErrorCode.INTERRUPTED)
     except BrokenPipeError:     # the reader went away (`starget ls IMAGE | head`): not an error
-        _discard_stdout(out)
+        _discard_stdout(sys.stdout if given_out is None else given_out)
         return 0
     except Exception as e:  # a bug: say so in one line, the traceback with --debug
         log.debug("traceback", exc_info=True)
@@ -4637,7 +4680,7 @@ def _fill_options(args, given, values):
 
 
 def _discard_stdout(out):
-    """After a broken pipe on the process's own stdout, point file descriptor 1 at
+    """After a broken pipe or a failed write on the process's own stdout, point file descriptor 1 at
     /dev/null, so that the interpreter's last flush at exit does not fail again.
     sys.stdout stays the same object; a stream the caller passed is left alone."""
     if out is not sys.__stdout__ or out is None:

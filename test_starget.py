@@ -5146,6 +5146,31 @@ def test_broken_pipe_on_the_process_stdout_exits_0():
     assert (proc.returncode, proc.stderr) == (0, b"")
 
 
+def _run_with_stdout(args, stdout, preexec_fn=None):
+    proc = subprocess.run([sys.executable, STARGET] + args, stdout=stdout, stderr=subprocess.PIPE,
+                          env=hermetic_env(None), timeout=120, preexec_fn=preexec_fn)
+    return proc.returncode, proc.stderr.decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("command", ["completion", "ls"])
+def test_stdout_full_is_a_local_io_error(registry_anon, command):
+    """`starget ls IMAGE > /dev/full`: exit 10, one line naming standard output."""
+    args = ["completion", "bash"] if command == "completion" else ["ls", registry_anon.image("basic")]
+    with open("/dev/full", "w") as full:
+        rc, err = _run_with_stdout(args, full)
+    line = assert_one_line_error(rc, err, 10)
+    assert "cannot write to standard output" in line
+
+
+@pytest.mark.parametrize("command", ["completion", "ls"])
+def test_stdout_closed_is_a_local_io_error(registry_anon, command):
+    """`starget ls IMAGE >&-` (sys.stdout is None): exit 10, not an AttributeError."""
+    args = ["completion", "bash"] if command == "completion" else ["ls", registry_anon.image("basic")]
+    rc, err = _run_with_stdout(args, None, preexec_fn=lambda: os.close(1))
+    line = assert_one_line_error(rc, err, 10)
+    assert "cannot write to standard output" in line
+
+
 @pytest.mark.parametrize("args", [[], ["frobnicate", "x"], ["get"], ["ls", "--concurrency", "abc", "x/y"],
                                   ["--credential", "nocolon", "ls", "127.0.0.1:1/x/y"],
                                   ["--platform", "linux", "ls", "127.0.0.1:1/x/y"]])
