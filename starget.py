@@ -4326,47 +4326,128 @@ def _add_global_options(parser):
                                default=argparse.SUPPRESS, help=shown)
 
 
-def build_parser():
+def _parser_class():
+    """argparse's parser, with starget's usage errors (a function, so that argparse
+    is imported only when a command line is parsed)."""
     import argparse
-    parser = argparse.ArgumentParser(
+
+    class Parser(argparse.ArgumentParser):
+        argv = None        # what main() parses: error() names the misspelt word in it
+
+        def error(self, message):
+            top = self._top or self
+            why, command = _misspelt_word(top, top.argv) if top.argv is not None else (None, None)
+            prog = "%s %s" % (top.prog, command) if command else self.prog
+            if why is None:   # argparse's own words, without the hidden command
+                why = re.sub(r",\s*'?__complete'?", "", message)
+            self.exit(int(ErrorCode.USAGE), "starget: error: %s; see %s --help\n" % (why, prog))
+        _top = None
+    return Parser
+
+
+def _suggestion(word, known):
+    """` (did you mean X?)` with the known words closest to `word`, or nothing."""
+    import difflib
+    close = difflib.get_close_matches(word, sorted(known), n=2, cutoff=0.6)
+    return " (did you mean %s?)" % " or ".join(close) if close else ""
+
+
+def _public_commands(parser):
+    """The commands shown in help and errors: not the hidden ones (`__complete`)."""
+    return [name for name in parser.commands if not name.startswith("_")]
+
+
+def _misspelt_word(parser, argv):
+    """The first flag or command in `argv` that `parser` does not know, said with
+    the known ones closest to it, and the command it follows; None if there is none
+    (the error is another)."""
+    current, command, words = parser, None, iter(argv)
+    for word in words:
+        if word == "--":
+            break
+        known = current._option_string_actions
+        if word.startswith("-") and word != "-":
+            flag = word.split("=", 1)[0] if word.startswith("--") else word
+            combined = re.match(r"^-[A-Za-z]{2,}$", word) and all("-" + c in known for c in word[1:])
+            if flag not in known and not combined:
+                where = " for %s" % command if command else ""
+                return "unknown flag %s%s%s" % (flag, where, _suggestion(flag, known)), command
+            if flag in known and known[flag].nargs != 0 and "=" not in word:
+                next(words, None)       # its value
+        elif command is None:
+            if word not in parser.commands:
+                public = _public_commands(parser)
+                return "unknown command %r%s (commands: %s)" % (word, _suggestion(word, public),
+                                                                 ", ".join(public)), None
+            command, current = word, parser.commands[word]
+    return None, None
+
+
+def build_parser():
+    Parser = _parser_class()
+    parser = Parser(
         prog="starget", description="Get files out of eStargz container images without pulling them.",
+        allow_abbrev=False,
         epilog="exit codes: 0 ok, 2 usage, 3 not found, 4 auth, 5 network, 6 format, 7 unsupported, "
                "8 integrity, 9 unsafe path, 10 local I/O, 11 some files failed, 130 interrupted")
     parser.add_argument("--version", action="version", version="starget " + __version__)
     _add_global_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    parser.commands = commands.choices      # name -> its parser
 
-    info = commands.add_parser("info", help="show the image's layers")
+    def add(name, **kwargs):
+        sub = commands.add_parser(name, allow_abbrev=False, **kwargs)
+        sub._top = parser
+        return sub
+
+    info = add("info", help="show the image's layers")
     info.add_argument("image", metavar="IMAGE")
     info.add_argument("--json", action="store_true", help="one JSON object")
 
-    ls = commands.add_parser("ls", help="list the files of the image (or of one layer)")
+    ls = add("ls", help="list the files of the image (or of one layer)")
     ls.add_argument("image", metavar="IMAGE")
     ls.add_argument("blob", metavar="BLOB", nargs="?", help="a layer digest (sha256:... or a unique prefix)")
     ls.add_argument("-l", "--long", action="store_true", help="type, mode, owner, size, time, link target")
     ls.add_argument("--json", action="store_true", help="one JSON array")
     ls.add_argument("--sizes", action="store_true", help="bytes and files per directory, like du")
 
-    get = commands.add_parser("get", help="download files: get IMAGE [BLOB] PATH [OUTPUT_DIR]")
+    get = add("get", help="download files: get IMAGE [BLOB] PATH [OUTPUT_DIR]")
     get.add_argument("image", metavar="IMAGE")
     get.add_argument("args", metavar="[BLOB] PATH [OUTPUT_DIR]", nargs="+")
 
-    cat = commands.add_parser("cat", help="write one file to standard output: cat IMAGE [BLOB] PATH")
+    cat = add("cat", help="write one file to standard output: cat IMAGE [BLOB] PATH")
     cat.add_argument("image", metavar="IMAGE")
     cat.add_argument("args", metavar="[BLOB] PATH", nargs="+")
 
-    completion = commands.add_parser("completion", help="print a shell completion script: completion bash|zsh|fish")
+    completion = add("completion", help="print a shell completion script: completion bash|zsh|fish")
     completion.add_argument("shell", metavar="SHELL", help="bash, zsh or fish")
 
     # Hidden (no help=): the completion scripts run `__complete IMAGE [BLOB] PREFIX`.
-    complete = commands.add_parser("__complete")
+    complete = add("__complete")
     complete.add_argument("image", metavar="IMAGE")
     complete.add_argument("args", metavar="[BLOB] PREFIX", nargs="+")
+
+    helper = add("help", help="show the help of starget or of one command: help [COMMAND]")
+    helper.add_argument("topic", metavar="COMMAND", nargs="?")
+    add("version", help="print the version")
 
     for sub in (info, ls, get, cat, complete):
         _add_global_options(sub)
     return parser
+
+
+def cmd_help(parser, topic, out):
+    """`starget help [COMMAND]`: the help --help prints, on standard output."""
+    if topic is None:
+        parser.print_help(out)
+        return 0
+    if topic not in _public_commands(parser):
+        public = _public_commands(parser)
+        _fail(ErrorCode.USAGE, "unknown command %r%s (commands: %s)" % (topic, _suggestion(topic, public),
+                                                                         ", ".join(public)))
+    parser.commands[topic].print_help(out)
+    return 0
 
 
 class _Session(object):
@@ -4630,8 +4711,9 @@ def main(argv=None, out=None):
     given_out = out
     out = _Stdout(sys.stdout if out is None else out)
     parser = build_parser()
+    parser.argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(parser.argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else ErrorCode.USAGE
     given = set(vars(args))     # the flags on the command line (absent ones are SUPPRESSed)
@@ -4639,8 +4721,13 @@ def main(argv=None, out=None):
     restore_logging = configure_logging(args.verbose, args.debug)
     session = None
     try:
-        if args.command == "completion":       # needs no image and no config
-            out.write(completion_script(args.shell))
+        if args.command in ("completion", "help", "version"):     # they need no image and no config
+            if args.command == "completion":
+                out.write(completion_script(args.shell))
+            elif args.command == "help":
+                cmd_help(parser, args.topic, out)
+            else:
+                out.write("starget %s\n" % __version__)
             out.flush()
             return 0
         config = Config.load()

@@ -5180,6 +5180,43 @@ def test_e2e_usage_errors(args):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("args,named,suggested", [
+    (["--platfrom", "linux/arm64", "ls", "127.0.0.1:1/x/y"], "--platfrom", "--platform"),
+    (["ls", "--jsn", "127.0.0.1:1/x/y"], "--jsn", "--json"),
+    (["ls", "--js", "127.0.0.1:1/x/y"], "--js", "--json"),          # no abbreviations
+    (["--no-cach", "ls", "127.0.0.1:1/x/y"], "--no-cach", "--no-cache"),
+    (["lss", "127.0.0.1:1/x/y"], "'lss'", "ls"),
+    (["help", "gett"], "'gett'", "get"),
+])
+def test_typos_are_named_with_a_suggestion(args, named, suggested):
+    """The misspelt word is named, with what was probably meant, in one line; no
+    usage block, and the hidden command is never listed."""
+    rc, out, err = run_cli(*args)
+    line = assert_one_line_error(rc, err, 2)
+    assert named in line and "did you mean %s" % suggested in line, line
+    assert "__complete" not in err + out and "usage:" not in err
+
+
+def test_unknown_command_lists_the_public_ones():
+    rc, out, err = run_cli("frobnicate", "x")
+    line = assert_one_line_error(rc, err, 2)
+    assert "'frobnicate'" in line and "info, ls, get, cat" in line and "__complete" not in line
+
+
+def test_help_never_lists_the_hidden_command():
+    rc, out, err = run_cli("--help")
+    assert rc == 0 and "__complete" not in out
+
+
+def test_help_and_version_commands():
+    rc, out, err = run_cli("help", "get")
+    assert (rc, err) == (0, "") and out.startswith("usage: starget get")
+    rc, top, err = run_cli("help")
+    assert rc == 0 and top == run_cli("--help")[1]
+    rc, out, err = run_cli("version")
+    assert (rc, out, err) == (0, "starget %s\n" % starget.__version__, "")
+
+
 @pytest.mark.parametrize("flag", ["--timeout", "--connect-timeout"])
 @pytest.mark.parametrize("value", ["-1", "0", "nan"])
 def test_e2e_timeouts_must_be_positive(flag, value):
@@ -5697,7 +5734,7 @@ def test_flags_match_the_parser():
     assert _option_strings(parser) - {"--version"} == completed
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, sub in subparsers.choices.items():
-        if name.startswith("_"):
+        if name.startswith("_") or name in ("help", "version"):    # no flags, no arguments to complete
             continue
         assert name in [c for c, _ in P._COMPLETION_COMMANDS]
         own = _option_strings(sub) - completed
