@@ -4383,7 +4383,25 @@ def _misspelt_word(parser, argv):
     return None, None
 
 
+_PATH_RULES = """\
+IMAGE      [registry/]repository[:tag][@sha256:...]
+BLOB       a layer digest, sha256:... or a unique prefix of one: only that layer's
+           own entries instead of the merged view of all layers
+PATH       . or /      everything
+           dir/ or dir the directory dir, recursively
+           file        that one file"""
+
+
+def _command_help(name, grammar, description, *examples):
+    """add_parser()'s usage, description and epilog for a command taking PATHs."""
+    import argparse
+    epilog = _PATH_RULES + "\n\nexamples:\n" + "\n".join("  starget " + e for e in examples)
+    return {"usage": "starget %s [flags] %s" % (name, grammar), "description": description,
+            "epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def build_parser():
+    import argparse
     Parser = _parser_class()
     parser = Parser(
         prog="starget", description="Get files out of eStargz container images without pulling them.",
@@ -4412,13 +4430,25 @@ def build_parser():
     ls.add_argument("--json", action="store_true", help="one JSON array")
     ls.add_argument("--sizes", action="store_true", help="bytes and files per directory, like du")
 
-    get = add("get", help="download files: get IMAGE [BLOB] PATH [OUTPUT_DIR]")
-    get.add_argument("image", metavar="IMAGE")
-    get.add_argument("args", metavar="[BLOB] PATH [OUTPUT_DIR]", nargs="+")
+    # usage= and the epilog say the grammar: argparse's own usage for nargs="+" would
+    # read `[[BLOB] PATH ...]`, which the commands refuse.
+    get = add("get", help="download files: get IMAGE [BLOB] PATH [OUTPUT_DIR]", **_command_help(
+        "get", "IMAGE [BLOB] PATH [OUTPUT_DIR]",
+        "Download the files PATH selects into OUTPUT_DIR (default: .); each lands at\n"
+        "OUTPUT_DIR/<its path in the image>.",
+        "get ghcr.io/example/tools:1.4 bin/ ./out      # out/bin/...",
+        "get ghcr.io/example/tools:1.4 etc/os-release  # ./etc/os-release"))
+    get.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
+    get.add_argument("args", metavar="[BLOB] PATH [OUTPUT_DIR]", nargs="+", help=argparse.SUPPRESS)
 
-    cat = add("cat", help="write one file to standard output: cat IMAGE [BLOB] PATH")
-    cat.add_argument("image", metavar="IMAGE")
-    cat.add_argument("args", metavar="[BLOB] PATH", nargs="+")
+    cat = add("cat", help="write one file to standard output: cat IMAGE [BLOB] PATH", **_command_help(
+        "cat", "IMAGE [BLOB] PATH",
+        "Write the one regular file PATH names to standard output (a symlink is followed\n"
+        "inside the image; the file is verified before a byte is written).",
+        "cat ghcr.io/example/tools:1.4 etc/os-release",
+        "cat ghcr.io/example/tools:1.4 sha256:9a6b7b10 bin/tool > tool"))
+    cat.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
+    cat.add_argument("args", metavar="[BLOB] PATH", nargs="+", help=argparse.SUPPRESS)
 
     completion = add("completion", help="print a shell completion script: completion bash|zsh|fish")
     completion.add_argument("shell", metavar="SHELL", help="bash, zsh or fish")

@@ -5208,6 +5208,19 @@ def test_help_never_lists_the_hidden_command():
     assert rc == 0 and "__complete" not in out
 
 
+@pytest.mark.parametrize("command,grammar", [("get", "IMAGE [BLOB] PATH [OUTPUT_DIR]"),
+                                             ("cat", "IMAGE [BLOB] PATH")])
+def test_command_help_tells_the_grammar(command, grammar):
+    """argparse's nargs usage (`[[BLOB] PATH ...]`) is not what the commands accept."""
+    rc, out, err = run_cli(command, "--help")
+    assert rc == 0, err
+    assert out.startswith("usage: starget %s [flags] %s\n" % (command, grammar)), out
+    assert "[[BLOB]" not in out and "..." not in out.split("\n\n")[0]
+    assert "dir/ or dir" in out and "sha256:" in out and out.count("  starget %s " % command) == 2
+    if command == "get":
+        assert "default: ." in out
+
+
 def test_help_and_version_commands():
     rc, out, err = run_cli("help", "get")
     assert (rc, err) == (0, "") and out.startswith("usage: starget get")
