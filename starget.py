@@ -4533,6 +4533,14 @@ def _split_blob(values, most):
     return blob, rest
 
 
+def _image_path(path):
+    """A PATH argument, refused when empty: '' would select the whole image, which
+    an unset shell variable should not do."""
+    if path == "":
+        _fail(ErrorCode.USAGE, "empty PATH: use . or / for the whole image")
+    return path
+
+
 # The S_IF* bits stat.filemode needs; a TOC gives the type as a word.
 _ENTRY_TYPE_BITS = {"dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "char": stat.S_IFCHR,
                     "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}
@@ -4660,7 +4668,7 @@ def _report(stats, verbose):
 
 def cmd_get(session, out):
     blob, rest = _split_blob(session.args.args, 2)
-    pattern, output_dir = rest[0], rest[1] if len(rest) > 1 else "."
+    pattern, output_dir = _image_path(rest[0]), rest[1] if len(rest) > 1 else "."
     index = session.load_image(blob)
     stats = _downloader(session).download(index, pattern, output_dir, blob)
     _report(stats, session.args.verbose)
@@ -4671,6 +4679,7 @@ def cmd_cat(session, out):
     import shutil
     import tempfile
     blob, rest = _split_blob(session.args.args, 1)
+    _image_path(rest[0])
     index = session.load_image(blob)
     view = index.view(blob)
     path = _resolve_in(view, rest[0], follow_last=True)

@@ -5221,6 +5221,17 @@ def test_command_help_tells_the_grammar(command, grammar):
         assert "default: ." in out
 
 
+@pytest.mark.parametrize("args", [["get", "IMG", "", "OUT"], ["get", "IMG", ""], ["cat", "IMG", ""],
+                                  ["cat", "IMG", "sha256:abc", ""]])
+def test_empty_path_is_a_usage_error(registry_anon, ws, args):
+    """`get IMAGE "$UNSET" OUT` must not download the whole image."""
+    args = [registry_anon.image("basic") if a == "IMG" else ws.out if a == "OUT" else a for a in args]
+    rc, out, err = run_cli(*args, cwd=ws.out)
+    line = assert_one_line_error(rc, err, 2)
+    assert "empty PATH: use . or / for the whole image" in line
+    ws.assert_out_empty()
+
+
 def test_help_and_version_commands():
     rc, out, err = run_cli("help", "get")
     assert (rc, err) == (0, "") and out.startswith("usage: starget get")
