@@ -4654,8 +4654,9 @@ def _report(stats, verbose):
         for message in messages:
             sys.stderr.write("starget: error: %s\n" % redact(message))
     if verbose:
-        log.info("%d files, %s written, %d skipped, %d requests, %s fetched, %d retries, %d failed, %.2fs",
-                 stats.files, human_size(stats.bytes), stats.skipped, stats.requests, human_size(stats.fetched),
+        files = "1 file" if stats.files == 1 else "%d files" % stats.files
+        log.info("%s, %s written, %d skipped, %d requests, %s fetched, %d retries, %d failed, %.2fs",
+                 files, human_size(stats.bytes), stats.skipped, stats.requests, human_size(stats.fetched),
                  stats.retries, len(stats.failures), stats.elapsed)
     if stats.failures:
         codes = set(stats.failure_codes)

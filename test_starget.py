@@ -5232,6 +5232,12 @@ def test_empty_path_is_a_usage_error(registry_anon, ws, args):
     ws.assert_out_empty()
 
 
+def test_verbose_summary_says_1_file(registry_anon, ws):
+    rc, out, err = run_cli("-v", "--no-progress", "get", registry_anon.image("basic"), "etc/os-release", ws.out)
+    assert rc == 0, err
+    assert "info: 1 file, " in err and "1 files" not in err, err
+
+
 def test_help_and_version_commands():
     rc, out, err = run_cli("help", "get")
     assert (rc, err) == (0, "") and out.startswith("usage: starget get")
