@@ -5741,7 +5741,8 @@ def test_scripts_mention_everything(shell):
     assert got["flags"] == {f for o in options for f in o.flags} | {"-h", "--help"}
     assert got["value_flags"] == value_flags
     assert got["forwarded"] == forwarded
-    assert got["commands"] == {c for c in subparsers.choices if not c.startswith("_")}
+    assert got["commands"] == {c for c in subparsers.choices
+                               if not c.startswith("_") and c not in ("help", "version")}
     assert got["platforms"] == set(next(o for o in options if o.kind == "platform").suggestions)
     assert got["files"] == {f for o in options if o.kind == "file" for f in o.flags}
     assert not re.search(r"@[A-Z_]+@", P.completion_script(shell))      # every placeholder filled
