@@ -4476,47 +4476,158 @@ def _add_global_options(parser):
                                default=argparse.SUPPRESS, help=shown)
 
 
+def _parser_class():
+    """argparse's parser, with starget's usage errors (a function, so that argparse
+    is imported only when a command line is parsed)."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        argv = None        # what main() parses: error() names the misspelt word in it
+
+        def error(self, message):
+            top = self._top or self
+            why, command = _misspelt_word(top, top.argv) if top.argv is not None else (None, None)
+            prog = "%s %s" % (top.prog, command) if command else self.prog
+            if why is None:   # argparse's own words, without the hidden command
+                why = re.sub(r",\s*'?__complete'?", "", message)
+            self.exit(int(ErrorCode.USAGE), "starget: error: %s; see %s --help\n" % (why, prog))
+        _top = None
+    return Parser
+
+
+def _suggestion(word, known):
+    """` (did you mean X?)` with the known words closest to `word`, or nothing."""
+    import difflib
+    close = difflib.get_close_matches(word, sorted(known), n=2, cutoff=0.6)
+    return " (did you mean %s?)" % " or ".join(close) if close else ""
+
+
+def _public_commands(parser):
+    """The commands shown in help and errors: not the hidden ones (`__complete`)."""
+    return [name for name in parser.commands if not name.startswith("_")]
+
+
+def _misspelt_word(parser, argv):
+    """The first flag or command in `argv` that `parser` does not know, said with
+    the known ones closest to it, and the command it follows; None if there is none
+    (the error is another)."""
+    current, command, words = parser, None, iter(argv)
+    for word in words:
+        if word == "--":
+            break
+        known = current._option_string_actions
+        if word.startswith("-") and word != "-":
+            flag = word.split("=", 1)[0] if word.startswith("--") else word
+            combined = re.match(r"^-[A-Za-z]{2,}$", word) and all("-" + c in known for c in word[1:])
+            if flag not in known and not combined:
+                where = " for %s" % command if command else ""
+                return "unknown flag %s%s%s" % (flag, where, _suggestion(flag, known)), command
+            if flag in known and known[flag].nargs != 0 and "=" not in word:
+                next(words, None)       # its value
+        elif command is None:
+            if word not in parser.commands:
+                public = _public_commands(parser)
+                return "unknown command %r%s (commands: %s)" % (word, _suggestion(word, public),
+                                                                 ", ".join(public)), None
+            command, current = word, parser.commands[word]
+    return None, None
+
+
+_PATH_RULES = """\
+IMAGE      [registry/]repository[:tag][@sha256:...]
+BLOB       a layer digest, sha256:... or a unique prefix of one: only that layer's
+           own entries instead of the merged view of all layers
+PATH       . or /      everything
+           dir/ or dir the directory dir, recursively
+           file        that one file"""
+
+
+def _command_help(name, grammar, description, *examples):
+    """add_parser()'s usage, description and epilog for a command taking PATHs."""
+    import argparse
+    epilog = _PATH_RULES + "\n\nexamples:\n" + "\n".join("  starget " + e for e in examples)
+    return {"usage": "starget %s [flags] %s" % (name, grammar), "description": description,
+            "epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def build_parser():
     import argparse
-    parser = argparse.ArgumentParser(
+    Parser = _parser_class()
+    parser = Parser(
         prog="starget", description="Get files out of eStargz container images without pulling them.",
+        allow_abbrev=False,
         epilog="exit codes: 0 ok, 2 usage, 3 not found, 4 auth, 5 network, 6 format, 7 unsupported, "
                "8 integrity, 9 unsafe path, 10 local I/O, 11 some files failed, 130 interrupted")
     parser.add_argument("--version", action="version", version="starget " + __version__)
     _add_global_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    parser.commands = commands.choices      # name -> its parser
 
-    info = commands.add_parser("info", help="show the image's layers")
+    def add(name, **kwargs):
+        sub = commands.add_parser(name, allow_abbrev=False, **kwargs)
+        sub._top = parser
+        return sub
+
+    info = add("info", help="show the image's layers")
     info.add_argument("image", metavar="IMAGE")
     info.add_argument("--json", action="store_true", help="one JSON object")
 
-    ls = commands.add_parser("ls", help="list the files of the image (or of one layer)")
+    ls = add("ls", help="list the files of the image (or of one layer)")
     ls.add_argument("image", metavar="IMAGE")
     ls.add_argument("blob", metavar="BLOB", nargs="?", help="a layer digest (sha256:... or a unique prefix)")
     ls.add_argument("-l", "--long", action="store_true", help="type, mode, owner, size, time, link target")
     ls.add_argument("--json", action="store_true", help="one JSON array")
     ls.add_argument("--sizes", action="store_true", help="bytes and files per directory, like du")
 
-    get = commands.add_parser("get", help="download files: get IMAGE [BLOB] PATH [OUTPUT_DIR]")
-    get.add_argument("image", metavar="IMAGE")
-    get.add_argument("args", metavar="[BLOB] PATH [OUTPUT_DIR]", nargs="+")
+    # usage= and the epilog say the grammar: argparse's own usage for nargs="+" would
+    # read `[[BLOB] PATH ...]`, which the commands refuse.
+    get = add("get", help="download files: get IMAGE [BLOB] PATH [OUTPUT_DIR]", **_command_help(
+        "get", "IMAGE [BLOB] PATH [OUTPUT_DIR]",
+        "Download the files PATH selects into OUTPUT_DIR (default: .); each lands at\n"
+        "OUTPUT_DIR/<its path in the image>.",
+        "get ghcr.io/example/tools:1.4 bin/ ./out      # out/bin/...",
+        "get ghcr.io/example/tools:1.4 etc/os-release  # ./etc/os-release"))
+    get.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
+    get.add_argument("args", metavar="[BLOB] PATH [OUTPUT_DIR]", nargs="+", help=argparse.SUPPRESS)
 
-    cat = commands.add_parser("cat", help="write one file to standard output: cat IMAGE [BLOB] PATH")
-    cat.add_argument("image", metavar="IMAGE")
-    cat.add_argument("args", metavar="[BLOB] PATH", nargs="+")
+    cat = add("cat", help="write one file to standard output: cat IMAGE [BLOB] PATH", **_command_help(
+        "cat", "IMAGE [BLOB] PATH",
+        "Write the one regular file PATH names to standard output (a symlink is followed\n"
+        "inside the image; the file is verified before a byte is written).",
+        "cat ghcr.io/example/tools:1.4 etc/os-release",
+        "cat ghcr.io/example/tools:1.4 sha256:9a6b7b10 bin/tool > tool"))
+    cat.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
+    cat.add_argument("args", metavar="[BLOB] PATH", nargs="+", help=argparse.SUPPRESS)
 
-    completion = commands.add_parser("completion", help="print a shell completion script: completion bash|zsh|fish")
+    completion = add("completion", help="print a shell completion script: completion bash|zsh|fish")
     completion.add_argument("shell", metavar="SHELL", help="bash, zsh or fish")
 
     # Hidden (no help=): the completion scripts run `__complete IMAGE [BLOB] PREFIX`.
-    complete = commands.add_parser("__complete")
+    complete = add("__complete")
     complete.add_argument("image", metavar="IMAGE")
     complete.add_argument("args", metavar="[BLOB] PREFIX", nargs="+")
+
+    helper = add("help", help="show the help of starget or of one command: help [COMMAND]")
+    helper.add_argument("topic", metavar="COMMAND", nargs="?")
+    add("version", help="print the version")
 
     for sub in (info, ls, get, cat, complete):
         _add_global_options(sub)
     return parser
+
+
+def cmd_help(parser, topic, out):
+    """`starget help [COMMAND]`: the help --help prints, on standard output."""
+    if topic is None:
+        parser.print_help(out)
+        return 0
+    if topic not in _public_commands(parser):
+        public = _public_commands(parser)
+        _fail(ErrorCode.USAGE, "unknown command %r%s (commands: %s)" % (topic, _suggestion(topic, public),
+                                                                         ", ".join(public)))
+    parser.commands[topic].print_help(out)
+    return 0
 
 
 class _Session(object):
@@ -4570,6 +4681,14 @@ def _split_blob(values, most):
     if not rest or len(rest) > most:
         _fail(ErrorCode.USAGE, "wrong number of arguments (see starget --help)")
     return blob, rest
+
+
+def _image_path(path):
+    """A PATH argument, refused when empty: '' would select the whole image, which
+    an unset shell variable should not do."""
+    if path == "":
+        _fail(ErrorCode.USAGE, "empty PATH: use . or / for the whole image")
+    return path
 
 
 # The S_IF* bits stat.filemode needs; a TOC gives the type as a word.
@@ -4688,8 +4807,9 @@ def _report(stats, verbose):
         for message in messages:
             sys.stderr.write("starget: error: %s\n" % redact(message))
     if verbose:
-        log.info("%d files, %s written, %d skipped, %d requests, %s fetched, %d retries, %d failed, %.2fs",
-                 stats.files, human_size(stats.bytes), stats.skipped, stats.requests, human_size(stats.fetched),
+        files = "1 file" if stats.files == 1 else "%d files" % stats.files
+        log.info("%s, %s written, %d skipped, %d requests, %s fetched, %d retries, %d failed, %.2fs",
+                 files, human_size(stats.bytes), stats.skipped, stats.requests, human_size(stats.fetched),
                  stats.retries, len(stats.failures), stats.elapsed)
     if stats.failures:
         codes = set(stats.failure_codes)
@@ -4702,7 +4822,7 @@ def _report(stats, verbose):
 
 def cmd_get(session, out):
     blob, rest = _split_blob(session.args.args, 2)
-    pattern, output_dir = rest[0], rest[1] if len(rest) > 1 else "."
+    pattern, output_dir = _image_path(rest[0]), rest[1] if len(rest) > 1 else "."
     index = session.load_image(blob)
     stats = _downloader(session).download(index, pattern, output_dir, blob)
     _report(stats, session.args.verbose)
@@ -4713,6 +4833,7 @@ def cmd_cat(session, out):
     import shutil
     import tempfile
     blob, rest = _split_blob(session.args.args, 1)
+    _image_path(rest[0])
     index = session.load_image(blob)
     view = index.view(blob)
     path = _resolve_in(view, rest[0], follow_last=True)
@@ -4739,12 +4860,53 @@ def cmd_cat(session, out):
 COMMANDS = {"info": cmd_info, "ls": cmd_ls, "get": cmd_get, "cat": cmd_cat, "__complete": cmd_complete}
 
 
+class _Stdout(object):
+    """The command's output stream, where a failed write (a full disk, a closed
+    descriptor: sys.stdout is None) is a local I/O error, not a bug. A broken pipe
+    passes through: main() treats the reader going away as success."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, data):
+        if self._stream is None:
+            self._fail("it is closed")
+        try:
+            return self._stream.write(data)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as e:
+            self._fail(getattr(e, "strerror", None) or e)
+
+    def flush(self):
+        if self._stream is None:
+            return
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as e:
+            self._fail(getattr(e, "strerror", None) or e)
+
+    @property
+    def buffer(self):     # the binary stream below, for cat (AttributeError: there is none)
+        return _Stdout(self._stream.buffer) if self._stream is not None else self
+
+    def _fail(self, why):
+        # What could not be written stays buffered: drop it, or the interpreter's
+        # last flush at exit fails again, with a traceback.
+        _discard_stdout(self._stream)
+        _fail(ErrorCode.IO, "cannot write to standard output: %s" % why)
+
+
 def main(argv=None, out=None):
     """Run the command line; returns the exit code."""
-    out = out or sys.stdout
+    given_out = out
+    out = _Stdout(sys.stdout if out is None else out)
     parser = build_parser()
+    parser.argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(parser.argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else ErrorCode.USAGE
     given = set(vars(args))     # the flags on the command line (absent ones are SUPPRESSed)
@@ -4752,13 +4914,21 @@ def main(argv=None, out=None):
     restore_logging = configure_logging(args.verbose, args.debug)
     session = None
     try:
-        if args.command == "completion":       # needs no image and no config
-            out.write(completion_script(args.shell))
+        if args.command in ("completion", "help", "version"):     # they need no image and no config
+            if args.command == "completion":
+                out.write(completion_script(args.shell))
+            elif args.command == "help":
+                cmd_help(parser, args.topic, out)
+            else:
+                out.write("starget %s\n" % __version__)
+            out.flush()
             return 0
         config = Config.load()
         _fill_options(args, given, config.flag_defaults())   # config.yaml fills what the flags left
         session = _Session(args, config)
-        return COMMANDS[args.command](session, out) or 0
+        code = COMMANDS[args.command](session, out) or 0
+        out.flush()      # here, so that a full disk is reported (at exit it would be lost)
+        return code
     except StargzError as e:
         message = " ".join(redact(e.message).split())
         sys.stderr.write("starget: error: %s\n" % message)
@@ -4769,7 +4939,7 @@ def main(argv=None, out=None):
         sys.stderr.write("\nstarget: interrupted; run the same command again to resume\n")
         return int(ErrorCode.INTERRUPTED)
     except BrokenPipeError:     # the reader went away (`starget ls IMAGE | head`): not an error
-        _discard_stdout(out)
+        _discard_stdout(sys.stdout if given_out is None else given_out)
         return 0
     except Exception as e:  # a bug: say so in one line, the traceback with --debug
         log.debug("traceback", exc_info=True)
@@ -4790,7 +4960,7 @@ def _fill_options(args, given, values):
 
 
 def _discard_stdout(out):
-    """After a broken pipe on the process's own stdout, point file descriptor 1 at
+    """After a broken pipe or a failed write on the process's own stdout, point file descriptor 1 at
     /dev/null, so that the interpreter's last flush at exit does not fail again.
     sys.stdout stays the same object; a stream the caller passed is left alone."""
     if out is not sys.__stdout__ or out is None:

@@ -5220,6 +5220,31 @@ def test_broken_pipe_on_the_process_stdout_exits_0():
     assert (proc.returncode, proc.stderr) == (0, b"")
 
 
+def _run_with_stdout(args, stdout, preexec_fn=None):
+    proc = subprocess.run([sys.executable, STARGET] + args, stdout=stdout, stderr=subprocess.PIPE,
+                          env=hermetic_env(None), timeout=120, preexec_fn=preexec_fn)
+    return proc.returncode, proc.stderr.decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("command", ["completion", "ls"])
+def test_stdout_full_is_a_local_io_error(registry_anon, command):
+    """`starget ls IMAGE > /dev/full`: exit 10, one line naming standard output."""
+    args = ["completion", "bash"] if command == "completion" else ["ls", registry_anon.image("basic")]
+    with open("/dev/full", "w") as full:
+        rc, err = _run_with_stdout(args, full)
+    line = assert_one_line_error(rc, err, 10)
+    assert "cannot write to standard output" in line
+
+
+@pytest.mark.parametrize("command", ["completion", "ls"])
+def test_stdout_closed_is_a_local_io_error(registry_anon, command):
+    """`starget ls IMAGE >&-` (sys.stdout is None): exit 10, not an AttributeError."""
+    args = ["completion", "bash"] if command == "completion" else ["ls", registry_anon.image("basic")]
+    rc, err = _run_with_stdout(args, None, preexec_fn=lambda: os.close(1))
+    line = assert_one_line_error(rc, err, 10)
+    assert "cannot write to standard output" in line
+
+
 @pytest.mark.parametrize("args", [[], ["frobnicate", "x"], ["get"], ["ls", "--concurrency", "abc", "x/y"],
                                   ["--credential", "nocolon", "ls", "127.0.0.1:1/x/y"],
                                   ["--platform", "linux", "ls", "127.0.0.1:1/x/y"]])
@@ -5227,6 +5252,73 @@ def test_e2e_usage_errors(args):
     rc, out, err = run_cli(*args)
     assert rc == 2, (rc, err)
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,named,suggested", [
+    (["--platfrom", "linux/arm64", "ls", "127.0.0.1:1/x/y"], "--platfrom", "--platform"),
+    (["ls", "--jsn", "127.0.0.1:1/x/y"], "--jsn", "--json"),
+    (["ls", "--js", "127.0.0.1:1/x/y"], "--js", "--json"),          # no abbreviations
+    (["--no-cach", "ls", "127.0.0.1:1/x/y"], "--no-cach", "--no-cache"),
+    (["lss", "127.0.0.1:1/x/y"], "'lss'", "ls"),
+    (["help", "gett"], "'gett'", "get"),
+])
+def test_typos_are_named_with_a_suggestion(args, named, suggested):
+    """The misspelt word is named, with what was probably meant, in one line; no
+    usage block, and the hidden command is never listed."""
+    rc, out, err = run_cli(*args)
+    line = assert_one_line_error(rc, err, 2)
+    assert named in line and "did you mean %s" % suggested in line, line
+    assert "__complete" not in err + out and "usage:" not in err
+
+
+def test_unknown_command_lists_the_public_ones():
+    rc, out, err = run_cli("frobnicate", "x")
+    line = assert_one_line_error(rc, err, 2)
+    assert "'frobnicate'" in line and "info, ls, get, cat" in line and "__complete" not in line
+
+
+def test_help_never_lists_the_hidden_command():
+    rc, out, err = run_cli("--help")
+    assert rc == 0 and "__complete" not in out
+
+
+@pytest.mark.parametrize("command,grammar", [("get", "IMAGE [BLOB] PATH [OUTPUT_DIR]"),
+                                             ("cat", "IMAGE [BLOB] PATH")])
+def test_command_help_tells_the_grammar(command, grammar):
+    """argparse's nargs usage (`[[BLOB] PATH ...]`) is not what the commands accept."""
+    rc, out, err = run_cli(command, "--help")
+    assert rc == 0, err
+    assert out.startswith("usage: starget %s [flags] %s\n" % (command, grammar)), out
+    assert "[[BLOB]" not in out and "..." not in out.split("\n\n")[0]
+    assert "dir/ or dir" in out and "sha256:" in out and out.count("  starget %s " % command) == 2
+    if command == "get":
+        assert "default: ." in out
+
+
+@pytest.mark.parametrize("args", [["get", "IMG", "", "OUT"], ["get", "IMG", ""], ["cat", "IMG", ""],
+                                  ["cat", "IMG", "sha256:abc", ""]])
+def test_empty_path_is_a_usage_error(registry_anon, ws, args):
+    """`get IMAGE "$UNSET" OUT` must not download the whole image."""
+    args = [registry_anon.image("basic") if a == "IMG" else ws.out if a == "OUT" else a for a in args]
+    rc, out, err = run_cli(*args, cwd=ws.out)
+    line = assert_one_line_error(rc, err, 2)
+    assert "empty PATH: use . or / for the whole image" in line
+    ws.assert_out_empty()
+
+
+def test_verbose_summary_says_1_file(registry_anon, ws):
+    rc, out, err = run_cli("-v", "--no-progress", "get", registry_anon.image("basic"), "etc/os-release", ws.out)
+    assert rc == 0, err
+    assert "info: 1 file, " in err and "1 files" not in err, err
+
+
+def test_help_and_version_commands():
+    rc, out, err = run_cli("help", "get")
+    assert (rc, err) == (0, "") and out.startswith("usage: starget get")
+    rc, top, err = run_cli("help")
+    assert rc == 0 and top == run_cli("--help")[1]
+    rc, out, err = run_cli("version")
+    assert (rc, out, err) == (0, "starget %s\n" % starget.__version__, "")
 
 
 @pytest.mark.parametrize("flag", ["--timeout", "--connect-timeout"])
@@ -5723,7 +5815,8 @@ def test_scripts_mention_everything(shell):
     assert got["flags"] == {f for o in options for f in o.flags} | {"-h", "--help"}
     assert got["value_flags"] == value_flags
     assert got["forwarded"] == forwarded
-    assert got["commands"] == {c for c in subparsers.choices if not c.startswith("_")}
+    assert got["commands"] == {c for c in subparsers.choices
+                               if not c.startswith("_") and c not in ("help", "version")}
     assert got["platforms"] == set(next(o for o in options if o.kind == "platform").suggestions)
     assert got["files"] == {f for o in options if o.kind == "file" for f in o.flags}
     assert not re.search(r"@[A-Z_]+@", P.completion_script(shell))      # every placeholder filled
@@ -5746,7 +5839,7 @@ def test_flags_match_the_parser():
     assert _option_strings(parser) - {"--version"} == completed
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, sub in subparsers.choices.items():
-        if name.startswith("_"):
+        if name.startswith("_") or name in ("help", "version"):    # no flags, no arguments to complete
             continue
         assert name in [c for c, _ in P._COMPLETION_COMMANDS]
         own = _option_strings(sub) - completed
