@@ -4847,7 +4847,7 @@ def cmd_cat(session, out):
         stats = _downloader(session).download(index, path, scratch, blob)
         _report(stats, session.args.verbose)
         stream = getattr(out, "buffer", out)
-        local = os.path.join(scratch, *path.split("/"))
+        local = os.path.join(scratch, *_local_name(path).split("/"))
         os.chmod(local, 0o600)   # the image's mode may not let us read our own copy
         with open(local, "rb") as f:
             shutil.copyfileobj(f, stream)
@@ -4872,6 +4872,10 @@ class _Stdout(object):
         if self._stream is None:
             self._fail("it is closed")
         try:
+            if isinstance(data, str) and not _FS_IS_UTF8 and hasattr(self._stream, "buffer"):
+                # Python 3.6 in the C locale: stdout is ASCII; names go out as their UTF-8 bytes
+                self._stream.flush()
+                return self._stream.buffer.write(data.encode("utf-8", "surrogateescape"))
             return self._stream.write(data)
         except BrokenPipeError:
             raise
@@ -4899,12 +4903,20 @@ class _Stdout(object):
         _fail(ErrorCode.IO, "cannot write to standard output: %s" % why)
 
 
+def _argument_text(arg):
+    """A command-line argument as the text the user typed: under Python 3.6 in the C
+    locale, argv holds surrogate escapes of non-ASCII bytes; image names are UTF-8."""
+    if _FS_IS_UTF8:
+        return arg
+    return os.fsencode(arg).decode("utf-8", "surrogateescape")
+
+
 def main(argv=None, out=None):
     """Run the command line; returns the exit code."""
     given_out = out
     out = _Stdout(sys.stdout if out is None else out)
     parser = build_parser()
-    parser.argv = sys.argv[1:] if argv is None else list(argv)
+    parser.argv = [_argument_text(a) for a in sys.argv[1:]] if argv is None else list(argv)
     try:
         args = parser.parse_args(parser.argv)
     except SystemExit as e:

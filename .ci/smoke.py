@@ -313,6 +313,29 @@ def check_cat(interp, env, image, name):
         raise Failed(["cat %s: %d bytes, sha256 differs from EXPECTED" % (path, len(out))])
 
 
+UNICODE_FILE = "docs/\u00fcn\u00efc\u00f8d\u00e9-\u540d\u524d.txt"   # in the basic image
+
+
+def check_c_locale(interp, env, image, out_dir):
+    """Python 3.6 in the C locale (cron, env -i, minimal containers): names that are
+    not ASCII come out byte-exact from ls, cat and get."""
+    exp, _ = expected_files("basic")
+    out, _ = run_ok([interp, STARGET, "--no-progress", "ls", image], env, "ls (C locale)")
+    want = sorted(p for p in exp if p)
+    got = out.decode("utf-8").splitlines()
+    if got != want:
+        raise Failed(["ls in the C locale: %d lines, want %d; missing %s" % (
+            len(got), len(want), sorted(set(want) - set(got))[:5])])
+    out, _ = run_ok([interp, STARGET, "--no-progress", "cat", image, UNICODE_FILE], env,
+                    "cat (C locale)")
+    if hashlib.sha256(out).hexdigest() != exp[UNICODE_FILE]["sha256"]:
+        raise Failed(["cat %s in the C locale: sha256 differs" % UNICODE_FILE])
+    run_ok([interp, STARGET, "--no-progress", "get", image, "docs/", out_dir], env, "get (C locale)")
+    local = os.path.join(out_dir.encode(), UNICODE_FILE.encode("utf-8"))
+    if sha256_file(local) != exp[UNICODE_FILE]["sha256"]:
+        raise Failed(["get docs/ in the C locale: %s differs or is missing" % UNICODE_FILE])
+
+
 def smoke_one(interp, images, work):
     rc, out, err = run([interp, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
                        timeout=60)
@@ -340,6 +363,11 @@ def smoke_one(interp, images, work):
     checks.append(("get", do_get))
     checks.append(("cat", lambda: [check_cat(interp, env, images[n], n) for n in CAT_FILES]))
     checks.append(("errors", lambda: check_errors(interp, env, images)))
+    if version.startswith("3.6."):
+        c_env = {k: v for k, v in env.items() if not k.startswith("LC_") and k not in ("LANG", "PYTHONIOENCODING")}
+        c_env["LC_ALL"] = "C"
+        checks.append(("C locale", lambda: check_c_locale(interp, c_env, images["basic"],
+                                                          os.path.join(work, "out-c-locale"))))
 
     for label, fn in checks:
         try:
