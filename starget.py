@@ -10,26 +10,37 @@ members that hold the wanted files, with HTTP Range requests.
     python3 starget.py get registry.example.com/team/tools:1.4 bin/ ./out
     python3 starget.py ls --json 127.0.0.1:5000/test/img:latest
 
-Map of this file (sections in the order data flows; each calls only those above):
+Map of this file (sections in the order data flows; each uses only those above):
 
-    errors          StargzError, ErrorCode: one exception type, documented exit codes
-    logging         log, redact: levels, secrets scrubbed from every line
-    references      ImageRef, Platform: parse and normalise image names
-    credentials     Credentials: --credential, auth files, docker credential helpers
-    config          Config, parse_simple_yaml: ~/.stargz-get/config.yaml (a YAML subset)
-    transport       Transport, RetryPolicy: pooled HTTP/1.1, TLS, proxies, redirects, retries
-    registry        RegistryClient: auth challenges and tokens, manifests, blob ranges
-    estargz format  parse_footer, parse_toc, TOCEntry, LayerTOC: pure functions on bytes
-    image index     ImageIndex, TOCCache, open_image: TOCs fetched and cached, layers
-                    merged, lookups and patterns (and --fallback-stream's spooled layers)
-    download        DownloadJob, Downloader, ExtractionPolicy: plan, fetch, verify, write
-    cli             main: argparse commands, output formats, shell completion
+    errors        StargzError (typed: code, transient, damaged, retry_after), ErrorCode
+                  (the exit codes), _NotEStargzError, _TLSHandshakeError
+    logging       _log, _redact: levels; secrets scrubbed from every line;
+                  _configure_logging adds and removes only its own handler
+    references    ImageRef (also docker://), Platform
+    credentials   Credentials: --credential, auth files, docker credential helpers
+    config        _GLOBAL_OPTIONS (the one option table: flags, config keys, defaults,
+                  checks, completion words), _parse_simple_yaml, Config
+    transport     RetryPolicy (run: the one retry loop; decide: the one decision),
+                  _ConnectionPool, _Response, Transport (TLS, proxies, redirects; one
+                  attempt per request)
+    registry      media type tables, _Endpoint (host, scheme, role, its own auth),
+                  _endpoint_fallback, _RegistryAuth (challenges, tokens), RegistryClient
+    formats       pure, no I/O: _ImageManifest/_ImageIndexManifest.from_json,
+                  _choose_platform; parse_footer, _extract_toc_json, _inflate_members,
+                  parse_toc (_TOCReader), TOCEntry, Chunk, LayerTOC
+    image index   TOCCache, _fetch_layer_toc, _spool_plain_layer (--fallback-stream),
+                  _resolve_manifest (walks the endpoints), ImageIndex (merged view),
+                  open_image
+    download      DownloadJob (the pure plan), _Fetcher (ranges in, verified chunks
+                  out), _TreeWriter/_PartialFile (destination, resume, links,
+                  metadata), ExtractionPolicy, _Run (one run's state), Downloader
+    cli           main: argparse commands, output formats, shell completion
 
-Public API (stable; everything else is internal):
+Public API (`__all__`; stable; everything else has a leading underscore):
 
     __version__, StargzError, ErrorCode, ImageRef, Platform, Credentials, Config,
-    Transport, RetryPolicy, RegistryClient, parse_footer, parse_toc, LayerTOC,
-    TOCEntry, ImageIndex, TOCCache, open_image, DownloadJob, Downloader,
+    RetryPolicy, Transport, RegistryClient, parse_footer, parse_toc, LayerTOC,
+    TOCEntry, Chunk, ImageIndex, TOCCache, open_image, DownloadJob, Downloader,
     DownloadStats, ExtractionPolicy, main
 
 Example:
@@ -42,6 +53,12 @@ Example:
 """
 
 __version__ = "0.1.0"
+__all__ = [
+    "__version__", "StargzError", "ErrorCode", "ImageRef", "Platform", "Credentials", "Config",
+    "RetryPolicy", "Transport", "RegistryClient", "parse_footer", "parse_toc", "LayerTOC",
+    "TOCEntry", "Chunk", "ImageIndex", "TOCCache", "open_image", "DownloadJob", "Downloader",
+    "DownloadStats", "ExtractionPolicy", "main",
+]
 
 import base64
 import hashlib
@@ -107,12 +124,12 @@ class StargzError(Exception):
         return self.message
 
 
-class NotEStargzError(StargzError):
+class _NotEStargzError(StargzError):
     """A layer that is not eStargz (plain tar+gzip, no footer): `--fallback-stream`
     may read it whole instead."""
 
 
-class TLSHandshakeError(StargzError):
+class _TLSHandshakeError(StargzError):
     """The server does not speak TLS at all (not a failed verification): an endpoint
     that allows plain HTTP may be tried over http:// instead."""
 
@@ -131,8 +148,8 @@ def _reworded(error, message):
 # logging
 # =============================================================================
 
-log = logging.getLogger("starget")
-log.addHandler(logging.NullHandler())
+_log = logging.getLogger("starget")
+_log.addHandler(logging.NullHandler())
 
 _secrets = set()
 _secrets_lock = threading.Lock()
@@ -143,14 +160,14 @@ _SECRET_PATTERNS = [
 ]
 
 
-def register_secret(value):
+def _register_secret(value):
     """Never print this string: passwords, tokens, header values."""
     if value and len(value) >= 4:
         with _secrets_lock:
             _secrets.add(value)
 
 
-def redact(text):
+def _redact(text):
     """Return text with every registered secret and credential form masked."""
     text = str(text)
     with _secrets_lock:
@@ -169,10 +186,10 @@ class _RedactingFormatter(logging.Formatter):
         text = "starget: %s: %s" % (record.levelname.lower(), record.getMessage())
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        return redact(text)
+        return _redact(text)
 
 
-def configure_logging(verbose=False, debug=False, stream=None):
+def _configure_logging(verbose=False, debug=False, stream=None):
     """CLI logging: warnings by default, info with --verbose, everything with --debug.
 
     Returns a function that undoes exactly this: it removes the one handler added
@@ -181,15 +198,15 @@ def configure_logging(verbose=False, debug=False, stream=None):
     """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_RedactingFormatter())
-    level, propagate = log.level, log.propagate
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
-    log.propagate = False     # stderr gets each line once, not again from the root logger
+    level, propagate = _log.level, _log.propagate
+    _log.addHandler(handler)
+    _log.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    _log.propagate = False     # stderr gets each line once, not again from the root logger
 
     def restore():
-        log.removeHandler(handler)
-        log.setLevel(level)
-        log.propagate = propagate
+        _log.removeHandler(handler)
+        _log.setLevel(level)
+        _log.propagate = propagate
     return restore
 
 
@@ -198,8 +215,8 @@ def configure_logging(verbose=False, debug=False, stream=None):
 # references
 # =============================================================================
 
-DOCKER_HUB = "registry-1.docker.io"
-DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
+_DOCKER_HUB = "registry-1.docker.io"
+_DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
 _REPO_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPO_RE = re.compile(r"^%s(?:/%s)*\Z" % (_REPO_COMPONENT, _REPO_COMPONENT))
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
@@ -218,7 +235,7 @@ def _host_of(registry):
     return registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
 
 
-def is_loopback(registry):
+def _is_loopback(registry):
     host = _host_of(registry)
     return host in _LOOPBACK_HOSTS or host.startswith("127.")
 
@@ -259,8 +276,8 @@ class ImageRef(object):
             registry, repository = first, rest
         else:
             registry, repository = "docker.io", name
-        if registry in ("docker.io", "index.docker.io", DOCKER_HUB):
-            registry = DOCKER_HUB
+        if registry in ("docker.io", "index.docker.io", _DOCKER_HUB):
+            registry = _DOCKER_HUB
             if "/" not in repository:
                 repository = "library/" + repository
         if not _REPO_RE.match(repository) or len(repository) > 255:
@@ -279,7 +296,7 @@ class ImageRef(object):
 
     @property
     def loopback(self):
-        return is_loopback(self.registry)
+        return _is_loopback(self.registry)
 
     def __str__(self):
         text = "%s/%s" % (self.registry, self.repository)
@@ -353,7 +370,7 @@ class Platform(object):
 # credentials
 # =============================================================================
 
-class Credential(object):
+class _Credential(object):
     """A user and secret for one registry; `identity_token` replaces the password."""
 
     __slots__ = ("username", "password", "identity_token", "source")
@@ -361,13 +378,13 @@ class Credential(object):
     def __init__(self, username, password=None, identity_token=None, source=""):
         self.username, self.password = username, password
         self.identity_token, self.source = identity_token, source
-        register_secret(password)
-        register_secret(identity_token)
+        _register_secret(password)
+        _register_secret(identity_token)
 
     def basic_header(self):
         raw = ("%s:%s" % (self.username, self.password or "")).encode("utf-8")
         value = "Basic " + base64.b64encode(raw).decode("ascii")
-        register_secret(value.split(" ", 1)[1])
+        _register_secret(value.split(" ", 1)[1])
         return value
 
     def __repr__(self):
@@ -380,9 +397,9 @@ def _auth_key_host(key):
     if key.endswith("/v1") or key.endswith("/v2"):
         key = key[:-3]
     if key in ("index.docker.io", "docker.io"):
-        key = DOCKER_HUB
+        key = _DOCKER_HUB
     elif key.startswith("index.docker.io/") or key.startswith("docker.io/"):
-        key = DOCKER_HUB + "/" + key.split("/", 1)[1]
+        key = _DOCKER_HUB + "/" + key.split("/", 1)[1]
     return key
 
 
@@ -403,7 +420,7 @@ class Credentials(object):
             if ":" not in explicit:
                 _fail(ErrorCode.USAGE, "--credential wants USER:PASSWORD")
             user, password = explicit.split(":", 1)
-            self.explicit = Credential(user, password, source="--credential")
+            self.explicit = _Credential(user, password, source="--credential")
         self._cache = {}
         self._lock = threading.Lock()
 
@@ -435,7 +452,7 @@ class Credentials(object):
                 continue
             found = self._from_config(config, path, registry, repository)
             if found is not None:
-                log.debug("credentials for %s from %s", registry, found.source)
+                _log.debug("credentials for %s from %s", registry, found.source)
                 return found
         return None
 
@@ -485,22 +502,22 @@ class Credentials(object):
     def _from_auth_entry(entry, path):
         source = "auth file %s" % path
         if entry.get("identitytoken"):
-            return Credential("<token>", None, identity_token=entry["identitytoken"], source=source)
+            return _Credential("<token>", None, identity_token=entry["identitytoken"], source=source)
         if entry.get("auth"):
             try:
                 user, password = base64.b64decode(entry["auth"]).decode("utf-8").split(":", 1)
             except (ValueError, TypeError, UnicodeDecodeError):
                 _fail(ErrorCode.USAGE, "malformed 'auth' value in %s (want base64 of user:password)" % path)
-            return Credential(user, password, source=source)
+            return _Credential(user, password, source=source)
         if entry.get("username"):
-            return Credential(entry["username"], entry.get("password"), source=source)
+            return _Credential(entry["username"], entry.get("password"), source=source)
         return None
 
     def _from_helper(self, name, registry, required):
         import shutil
         import subprocess
         program = "docker-credential-" + name
-        server = DOCKER_HUB_AUTH_KEY if registry == DOCKER_HUB else registry
+        server = _DOCKER_HUB_AUTH_KEY if registry == _DOCKER_HUB else registry
         try:
             path = shutil.which(program, path=self.environ.get("PATH") or os.environ.get("PATH", os.defpath))
             if path is None:
@@ -511,7 +528,7 @@ class Credentials(object):
         except (OSError, subprocess.TimeoutExpired) as e:
             if required:
                 _fail(ErrorCode.AUTH, "credential helper %s for %s cannot run: %s" % (program, registry, e), e)
-            log.warning("credential helper %s (credsStore) cannot run (%s); continuing without credentials",
+            _log.warning("credential helper %s (credsStore) cannot run (%s); continuing without credentials",
                         program, getattr(e, "strerror", None) or e)
             return None
         text = proc.stdout.decode("utf-8", "replace").strip()
@@ -520,7 +537,7 @@ class Credentials(object):
             message = message[0] if message else "exit status %d" % proc.returncode
             if "credentials not found" in message.lower():
                 return None
-            _fail(ErrorCode.AUTH, "credential helper %s failed for %s: %s" % (program, registry, redact(message)))
+            _fail(ErrorCode.AUTH, "credential helper %s failed for %s: %s" % (program, registry, _redact(message)))
         try:
             data = json.loads(text)
             user, secret = data["Username"], data["Secret"]
@@ -528,16 +545,16 @@ class Credentials(object):
             _fail(ErrorCode.AUTH, "credential helper %s returned malformed output for %s" % (program, registry))
         source = "credential helper %s" % program
         if user == "<token>":
-            return Credential(user, None, identity_token=secret, source=source)
-        return Credential(user, secret, source=source)
+            return _Credential(user, None, identity_token=secret, source=source)
+        return _Credential(user, secret, source=source)
 
 # =============================================================================
 # config
 # =============================================================================
 
-CONFIG_DIR_NAME = ".stargz-get"
-CONFIG_FILE_NAME = "config.yaml"
-MAX_CONFIG_SIZE = 1 << 20
+_CONFIG_DIR_NAME = ".stargz-get"
+_CONFIG_FILE_NAME = "config.yaml"
+_MAX_CONFIG_SIZE = 1 << 20
 
 _YAML_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 _YAML_NULLS = ("null", "~")
@@ -565,7 +582,7 @@ class _YAMLMapping(dict):
         self.lines = {}
 
 
-def parse_simple_yaml(text, source="config.yaml"):
+def _parse_simple_yaml(text, source="config.yaml"):
     """Parse the small YAML subset starget's config file uses; returns a dict.
 
     Accepted: nested mappings by indentation (spaces), `key: value` with plain,
@@ -863,7 +880,7 @@ _CONFIG_REGISTRY = {
 def _config_host_key(host):
     """Registry names are case-insensitive; docker.io has three spellings."""
     host = host.strip().lower()
-    return DOCKER_HUB if host in ("docker.io", "index.docker.io") else host
+    return _DOCKER_HUB if host in ("docker.io", "index.docker.io") else host
 
 
 class Config(object):
@@ -907,19 +924,19 @@ class Config(object):
             path = environ.get("STARGET_CONFIG")
         if not path:
             home = environ.get("HOME") or os.path.expanduser("~")
-            path = os.path.join(home, CONFIG_DIR_NAME, CONFIG_FILE_NAME)
+            path = os.path.join(home, _CONFIG_DIR_NAME, _CONFIG_FILE_NAME)
         path = os.path.expanduser(path)
         try:
             with open(path, "rb") as f:
-                data = f.read(MAX_CONFIG_SIZE + 1)
+                data = f.read(_MAX_CONFIG_SIZE + 1)
         except (FileNotFoundError, NotADirectoryError) as e:
             if named_by is None:     # the default file is optional
                 return cls()
             _fail(ErrorCode.USAGE, "config file %s (named by %s) does not exist" % (path, named_by), e)
         except (IOError, OSError) as e:
             _fail(ErrorCode.USAGE, "cannot read config file %s: %s" % (path, e.strerror or e), e)
-        if len(data) > MAX_CONFIG_SIZE:
-            _fail(ErrorCode.USAGE, "config file %s is larger than %d bytes" % (path, MAX_CONFIG_SIZE))
+        if len(data) > _MAX_CONFIG_SIZE:
+            _fail(ErrorCode.USAGE, "config file %s is larger than %d bytes" % (path, _MAX_CONFIG_SIZE))
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -929,7 +946,7 @@ class Config(object):
     @classmethod
     def from_text(cls, text, source="config.yaml"):
         """Parse and check a config document; `source` names it in error messages."""
-        doc = parse_simple_yaml(text, source)
+        doc = _parse_simple_yaml(text, source)
         checker = _ConfigChecker(source, os.path.dirname(os.path.abspath(source)))
         defaults, registries = {}, {}
         for key, value in doc.items():
@@ -1036,11 +1053,11 @@ class _ConfigChecker(object):
 # transport
 # =============================================================================
 
-READ_SIZE = 256 << 10          # how much of a body one read takes
+_READ_SIZE = 256 << 10          # how much of a body one read takes
 _REDIRECTS = (301, 302, 303, 307, 308)
 _SENSITIVE_HEADERS = ("authorization", "proxy-authorization", "cookie")
 
-def parse_retry_after(value, now=None):
+def _parse_retry_after(value, now=None):
     """`Retry-After` in seconds or as an HTTP date -> seconds to wait, or None."""
     if not value:
         return None
@@ -1103,14 +1120,14 @@ class RetryPolicy(object):
                     refetches_done += 1
                 else:
                     retries_done += 1
-                log.info("retrying %s after: %s", what, error.message)
+                _log.info("retrying %s after: %s", what, error.message)
                 if stats is not None:
                     stats.add("retries")
                 if wait > 0:
                     self.sleep(wait)
 
 
-class TransportStats(object):
+class _TransportStats(object):
     """Counters of one transport, safe to bump from any thread."""
 
     FIELDS = ("requests", "connections", "retries", "bytes")
@@ -1137,12 +1154,12 @@ class _URL(object):
         from urllib.parse import urlsplit
         parts = urlsplit(text)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            _fail(ErrorCode.NETWORK, "unsupported URL %s" % redact(text))
+            _fail(ErrorCode.NETWORK, "unsupported URL %s" % _redact(text))
         self.scheme, self.host, self.text = parts.scheme, parts.hostname, text
         try:
             self.port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
-            _fail(ErrorCode.NETWORK, "invalid port in URL %s" % redact(text))
+            _fail(ErrorCode.NETWORK, "invalid port in URL %s" % _redact(text))
         self.path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
 
     @property
@@ -1224,7 +1241,7 @@ class _ConnectionPool(object):
             conn.close()
 
 
-class Response(object):
+class _Response(object):
     """An HTTP response whose body is read on demand; the connection goes back to
     the pool only when the body was read to its end."""
 
@@ -1290,7 +1307,7 @@ class Response(object):
     def skip(self, amount):
         """Read and drop `amount` body bytes (a hole in a coalesced range)."""
         while amount > 0:
-            data = self.read(min(amount, READ_SIZE))
+            data = self.read(min(amount, _READ_SIZE))
             if not data:
                 raise self.truncated(amount)
             amount -= len(data)
@@ -1341,6 +1358,18 @@ def _describe_os_error(error):
     return text
 
 
+def _proxy_headers(proxy):
+    """Proxy-Authorization for the user and password in a proxy URL (masked in logs)."""
+    from urllib.parse import urlsplit, unquote
+    parts = urlsplit(proxy)
+    if not parts.username:
+        return {}
+    raw = ("%s:%s" % (unquote(parts.username), unquote(parts.password or ""))).encode("utf-8")
+    value = base64.b64encode(raw).decode("ascii")
+    _register_secret(value)
+    return {"Proxy-Authorization": "Basic " + value}
+
+
 class Transport(object):
     """The one HTTP path: pooled keep-alive connections shared by all threads,
     TLS contexts built once, proxies from the environment, redirects that never
@@ -1357,7 +1386,7 @@ class Transport(object):
         self.retry = retry or RetryPolicy()
         self.environ = os.environ if environ is None else environ
         self.certs_dirs = self.CERTS_DIRS if certs_dirs is None else certs_dirs
-        self.stats = TransportStats()
+        self.stats = _TransportStats()
         self.pool = _ConnectionPool(max_idle_per_host)
         self._lock = threading.Lock()
         self._tls_contexts = {}
@@ -1455,11 +1484,11 @@ class Transport(object):
             conn = http.client.HTTPSConnection(connect_host, connect_port, timeout=self.connect_timeout,
                                                context=self._tls_context(url))
             if proxy_url:
-                conn.set_tunnel(url.host, url.port, headers=self._proxy_headers(proxy))
+                conn.set_tunnel(url.host, url.port, headers=_proxy_headers(proxy))
         else:
             conn = http.client.HTTPConnection(connect_host, connect_port, timeout=self.connect_timeout)
         conn._starget_absolute_form = bool(proxy_url and url.scheme == "http")
-        conn._starget_proxy_headers = self._proxy_headers(proxy) if conn._starget_absolute_form else {}
+        conn._starget_proxy_headers = _proxy_headers(proxy) if conn._starget_absolute_form else {}
         try:
             conn.connect()
         except Exception as e:
@@ -1467,19 +1496,8 @@ class Transport(object):
             raise self._connect_error(e, url, proxy_url) from e
         conn.sock.settimeout(self.read_timeout)
         self.stats.add("connections")
-        log.debug("new connection to %s%s", url.netloc, " via proxy %s" % proxy_url.netloc if proxy_url else "")
+        _log.debug("new connection to %s%s", url.netloc, " via proxy %s" % proxy_url.netloc if proxy_url else "")
         return conn
-
-    @staticmethod
-    def _proxy_headers(proxy):
-        from urllib.parse import urlsplit, unquote
-        parts = urlsplit(proxy)
-        if not parts.username:
-            return {}
-        raw = ("%s:%s" % (unquote(parts.username), unquote(parts.password or ""))).encode("utf-8")
-        value = base64.b64encode(raw).decode("ascii")
-        register_secret(value)
-        return {"Proxy-Authorization": "Basic " + value}
 
     def _connect_error(self, error, url, proxy_url):
         import ssl
@@ -1492,12 +1510,12 @@ class Transport(object):
             reason = getattr(error, "reason", None) or str(error)
             if "CERTIFICATE_VERIFY_FAILED" in str(error) or "certificate verify failed" in str(error):
                 no_bundle = not self._tls_context(url).cert_store_stats().get("x509_ca") and not _has_ca_dir()
-                why = "no CA bundle found (install ca-certificates or set SSL_CERT_FILE)" if no_bundle else \
+                why = "no CA bundle found (install ca-certificates or set SSL_CERT_FILE)" if no_bundle else\
                     getattr(error, "verify_message", None) or reason
                 return StargzError(ErrorCode.NETWORK, "TLS verification failed for %s (%s): pass --cacert FILE, "
                                    "put the CA in /etc/containers/certs.d/%s/ca.crt, or use -k/--insecure"
                                    % (where, why, where), error)
-            return TLSHandshakeError(ErrorCode.NETWORK, "TLS handshake with %s failed: %s" % (where, reason), error)
+            return _TLSHandshakeError(ErrorCode.NETWORK, "TLS handshake with %s failed: %s" % (where, reason), error)
         if isinstance(error, socket.gaierror):
             # A name that does not exist stays so; a temporary DNS failure may pass.
             unknown = error.errno in (getattr(socket, "EAI_NONAME", -2), getattr(socket, "EAI_NODATA", -5))
@@ -1556,9 +1574,9 @@ class Transport(object):
                 self.pool.discard(conn)
                 raise StargzError(ErrorCode.NETWORK, "%s %s: invalid request: %s" % (method, url.netloc, e), e) from e
             self.stats.add("requests")
-            log.debug("> %s %s", method, redact(url.text))
-            log.debug("< %d %s", raw.status, raw.reason)
-            return Response(self.pool, conn, raw, url, self.stats)
+            _log.debug("> %s %s", method, _redact(url.text))
+            _log.debug("< %d %s", raw.status, raw.reason)
+            return _Response(self.pool, conn, raw, url, self.stats)
 
     def request(self, method, url, headers=None, body=None, follow_redirects=True):
         """Send a request once, following redirects; retries are the caller's, through
@@ -1579,7 +1597,7 @@ class Transport(object):
                 return response
             response.discard()
             target, method, body = self._redirect(target, origin, location, response.status, method, body)
-        _fail(ErrorCode.NETWORK, "too many redirects from %s" % redact(url))
+        _fail(ErrorCode.NETWORK, "too many redirects from %s" % _redact(url))
 
     @staticmethod
     def _redirect(target, origin, location, status, method, body):
@@ -1591,7 +1609,7 @@ class Transport(object):
         if target.scheme == "https" and next_target.scheme == "http":
             _fail(ErrorCode.NETWORK, "refused redirect from https://%s to plain http://%s"
                   % (target.netloc, next_target.netloc))
-        log.debug("redirect %d to %s", status, redact(next_target.text))
+        _log.debug("redirect %d to %s", status, _redact(next_target.text))
         if status == 303:
             return next_target, "GET", None
         return next_target, method, body
@@ -1602,17 +1620,17 @@ class Transport(object):
 
 # Media types, one row each: (media type, what it is). Manifests and indexes are
 # asked for by the first table; a layer's compression is read from the second.
-MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_MEDIA_TYPES = (
-    (MEDIA_OCI_MANIFEST, "manifest"),
-    (MEDIA_OCI_INDEX, "index"),
-    (MEDIA_DOCKER_MANIFEST, "manifest"),
-    (MEDIA_DOCKER_LIST, "index"),
+_MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+_MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+_MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+_MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+_MANIFEST_MEDIA_TYPES = (
+    (_MEDIA_OCI_MANIFEST, "manifest"),
+    (_MEDIA_OCI_INDEX, "index"),
+    (_MEDIA_DOCKER_MANIFEST, "manifest"),
+    (_MEDIA_DOCKER_LIST, "index"),
 )
-LAYER_MEDIA_TYPES = (
+_LAYER_MEDIA_TYPES = (
     ("application/vnd.oci.image.layer.v1.tar+gzip", "gzip"),
     ("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", "gzip"),
     ("application/vnd.docker.image.rootfs.diff.tar.gzip", "gzip"),
@@ -1620,12 +1638,12 @@ LAYER_MEDIA_TYPES = (
     ("application/vnd.oci.image.layer.v1.tar", "none"),
     ("application/vnd.docker.image.rootfs.diff.tar", "none"),
 )
-MANIFEST_ACCEPT = ", ".join(media for media, _ in MANIFEST_MEDIA_TYPES)
-INDEX_MEDIA_TYPES = tuple(media for media, kind in MANIFEST_MEDIA_TYPES if kind == "index")
-MAX_MANIFEST_SIZE = 4 << 20
+_MANIFEST_ACCEPT = ", ".join(media for media, _ in _MANIFEST_MEDIA_TYPES)
+_INDEX_MEDIA_TYPES = tuple(media for media, kind in _MANIFEST_MEDIA_TYPES if kind == "index")
+_MAX_MANIFEST_SIZE = 4 << 20
 
 
-def parse_www_authenticate(value):
+def _parse_www_authenticate(value):
     """`Bearer realm="...",service="..."` -> ("bearer", {...}); quoted values may hold commas."""
     if not isinstance(value, str) or not value.strip():
         return "", {}
@@ -1657,7 +1675,7 @@ class _AuthState(object):
             self._value = value
 
 
-class Endpoint(object):
+class _Endpoint(object):
     """One place the distribution API is spoken for an image: a host and a scheme.
     A value: nothing changes it but its own auth state. `role` says why it is in
     the list: "mirror", "registry" or "plain-http" (the fallback of an https
@@ -1684,15 +1702,15 @@ def _endpoint_fallback(endpoints, position, error):
     a mirror that fails or lacks the image, to the image's own registry."""
     here = endpoints[position]
     following = endpoints[position + 1:]
-    if isinstance(error, TLSHandshakeError) and following and following[0].role == "plain-http" \
+    if isinstance(error, _TLSHandshakeError) and following and following[0].role == "plain-http"\
             and following[0].host == here.host:
-        (log.debug if is_loopback(here.host) else log.warning)("%s does not speak TLS; using plain HTTP", here.host)
+        (_log.debug if _is_loopback(here.host) else _log.warning)("%s does not speak TLS; using plain HTTP", here.host)
         return position + 1
     if here.role == "mirror" or (here.role == "plain-http" and endpoints[position - 1].role == "mirror"):
         if error.code in (ErrorCode.NETWORK, ErrorCode.NOT_FOUND, ErrorCode.AUTH):
             for offset, endpoint in enumerate(following, position + 1):
                 if endpoint.role == "registry":
-                    log.warning("mirror %s: %s; using %s", here.host, error.message, endpoint.host)
+                    _log.warning("mirror %s: %s; using %s", here.host, error.message, endpoint.host)
                     return offset
     return None
 
@@ -1707,16 +1725,16 @@ def _error_text(response):
         response.close()
     try:
         err = json.loads(body.decode("utf-8"))["errors"][0]
-        return redact("%s: %s" % (err.get("code", "?"), err.get("message", "")))
+        return _redact("%s: %s" % (err.get("code", "?"), err.get("message", "")))
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError):
         first = body.decode("utf-8", "replace").strip().splitlines()
-        return redact(first[0][:200] if first else response.reason or "")
+        return _redact(first[0][:200] if first else response.reason or "")
 
 
 def _raise_for_status(response, what, other=ErrorCode.NETWORK):
     """The error for an unexpected status: 429 and 5xx (but 501) are transient."""
     status = response.status
-    retry_after = parse_retry_after(response.header("Retry-After")) if status in (429, 503) else None
+    retry_after = _parse_retry_after(response.header("Retry-After")) if status in (429, 503) else None
     text = _error_text(response)
     if status == 404 and other == ErrorCode.NETWORK:
         _fail(ErrorCode.NOT_FOUND, "%s not found (%s)" % (what, text))
@@ -1744,7 +1762,7 @@ class _RegistryAuth(object):
 
     def answer(self, endpoint, challenge, sent):
         """Turn a 401 challenge into an Authorization value, or fail with AUTH."""
-        scheme, params = parse_www_authenticate(challenge)
+        scheme, params = _parse_www_authenticate(challenge)
         cred = self._credential(endpoint)
         where = endpoint.host
         if scheme == "basic":
@@ -1761,11 +1779,11 @@ class _RegistryAuth(object):
                 _fail(ErrorCode.AUTH, "access to %s on %s denied (insufficient_scope)" % (self.ref.repository, where))
             return "Bearer " + self._fetch_token(endpoint, params, cred)
         _fail(ErrorCode.AUTH, "%s sent an authentication challenge starget cannot answer: %s"
-              % (where, redact(challenge or "(none)")))
+              % (where, _redact(challenge or "(none)")))
 
     def rejected(self, endpoint, challenge, sent):
         """A 401 for the credentials just sent: say which and why."""
-        scheme, params = parse_www_authenticate(challenge)
+        scheme, params = _parse_www_authenticate(challenge)
         cred = self._credential(endpoint)
         if scheme == "basic" or (sent or "").startswith("Basic "):
             if cred is None:
@@ -1785,10 +1803,10 @@ class _RegistryAuth(object):
         if params.get("service"):
             query["service"] = params["service"]
         realm = params["realm"]
-        if cred is not None and endpoint.scheme == "https" and not realm.lower().startswith("https://") \
-                and not is_loopback(_URL(realm).netloc):
+        if cred is not None and endpoint.scheme == "https" and not realm.lower().startswith("https://")\
+                and not _is_loopback(_URL(realm).netloc):
             _fail(ErrorCode.AUTH, "%s names a plain-http token server (%s): refusing to send credentials there"
-                  % (endpoint.host, redact(realm)))
+                  % (endpoint.host, _redact(realm)))
         if cred is not None and cred.identity_token:
             # docker's identity tokens are OAuth2 refresh tokens.
             query.update(grant_type="refresh_token", refresh_token=cred.identity_token, client_id="starget")
@@ -1816,7 +1834,7 @@ class _RegistryAuth(object):
             token = None
         if not isinstance(token, str) or not re.match(r"^[\x21-\x7e]{1,16384}\Z", token):
             _fail(ErrorCode.AUTH, "token server for %s answered without a usable token" % endpoint.host)
-        register_secret(token)
+        _register_secret(token)
         return token
 
 
@@ -1860,12 +1878,12 @@ class RegistryClient(object):
                 if cred is not None and not cred.identity_token:
                     authorization = cred.basic_header()
             if plain_http:
-                yield Endpoint(host, "http", role, authorization)
+                yield _Endpoint(host, "http", role, authorization)
                 continue
-            yield Endpoint(host, "https", role, authorization)
-            loopback_default = plain_http is None and is_loopback(host) and not self.transport.has_ca_for(host)
+            yield _Endpoint(host, "https", role, authorization)
+            loopback_default = plain_http is None and _is_loopback(host) and not self.transport.has_ca_for(host)
             if self.insecure or loopback_default:
-                yield Endpoint(host, "http", "plain-http", authorization)
+                yield _Endpoint(host, "http", "plain-http", authorization)
 
     def select(self, endpoint):
         """Speak to `endpoint` from now on (resolution found the image there)."""
@@ -1909,10 +1927,10 @@ class RegistryClient(object):
                                 else "%s:%s" % (self.ref.repository, reference))
 
         def fetch():
-            response = self.request("GET", "/manifests/" + reference, {"Accept": MANIFEST_ACCEPT}, endpoint)
+            response = self.request("GET", "/manifests/" + reference, {"Accept": _MANIFEST_ACCEPT}, endpoint)
             if response.status != 200:
                 _raise_for_status(response, "image %s (%s)" % (self.ref, what))
-            return response, response.read_all(MAX_MANIFEST_SIZE)
+            return response, response.read_all(_MAX_MANIFEST_SIZE)
 
         response, raw = self.retrying(fetch, what)
         digest = _sha256_digest(raw)
@@ -1929,7 +1947,7 @@ class RegistryClient(object):
         def fetch():
             response = self.request("GET", "/blobs/" + digest)
             if response.status == 200:
-                return response.read_all(MAX_MANIFEST_SIZE)
+                return response.read_all(_MAX_MANIFEST_SIZE)
             if RetryPolicy.retryable_status(response.status):
                 _raise_for_status(response, "config blob %s" % digest)
             response.discard()
@@ -1951,7 +1969,7 @@ class RegistryClient(object):
         try:
             response = self.transport.request("GET", location[0], headers=headers)
         except StargzError as e:
-            log.info("stored location of %s failed (%s): asking the registry again", digest, e.message)
+            _log.info("stored location of %s failed (%s): asking the registry again", digest, e.message)
         if response is not None and response.status not in (200, 206):   # expired signature, ...
             response.discard()
             response = None
@@ -1980,7 +1998,7 @@ class RegistryClient(object):
         if response.status == 200:
             if not self._warned_no_ranges:
                 self._warned_no_ranges = True
-                log.warning("%s ignores HTTP Range requests: reading whole blobs (slow)", response.url.netloc)
+                _log.warning("%s ignores HTTP Range requests: reading whole blobs (slow)", response.url.netloc)
             response.skip(start)
             return response
         if response.status == 416:
@@ -2003,10 +2021,10 @@ class RegistryClient(object):
 
 # -- image manifests and indexes ------------------------------------------------
 
-ANNOTATION_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+_ANNOTATION_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 
 
-class LayerDescriptor(object):
+class _LayerDescriptor(object):
     """One layer of a manifest: what the registry says about the blob; `position`
     is its place in the manifest's list, 0 at the bottom."""
 
@@ -2018,13 +2036,13 @@ class LayerDescriptor(object):
 
     @property
     def toc_digest(self):
-        return self.annotations.get(ANNOTATION_TOC_DIGEST)
+        return self.annotations.get(_ANNOTATION_TOC_DIGEST)
 
     @property
     def compression(self):
         """gzip, zstd, none or unknown, from the media type table (then its suffix)."""
         media = self.media_type or ""
-        for known, compression in LAYER_MEDIA_TYPES:
+        for known, compression in _LAYER_MEDIA_TYPES:
             if media == known:
                 return compression
         if "zstd" in media:
@@ -2037,14 +2055,14 @@ class LayerDescriptor(object):
 
     @classmethod
     def from_json(cls, position, doc, manifest_digest):
-        if not isinstance(doc, dict) or not _DIGEST_RE.match(str(doc.get("digest", ""))) \
+        if not isinstance(doc, dict) or not _DIGEST_RE.match(str(doc.get("digest", "")))\
                 or doc.get("size").__class__ is not int or doc["size"] < 0:
             _fail(ErrorCode.FORMAT, "manifest %s has a malformed layer descriptor #%d" % (manifest_digest, position))
         annotations = doc.get("annotations") if isinstance(doc.get("annotations"), dict) else {}
         return cls(position, doc["digest"], doc["size"], str(doc.get("mediaType", "")), annotations)
 
 
-class ImageManifest(object):
+class _ImageManifest(object):
     """A resolved image manifest: its digest, platform and layers; `index` is the
     ImageIndexManifest it was chosen from, or None for a single-platform image."""
 
@@ -2059,14 +2077,14 @@ class ImageManifest(object):
         raw_layers = doc.get("layers") or []
         if not isinstance(raw_layers, list):
             _fail(ErrorCode.FORMAT, "manifest %s: 'layers' is not a list" % digest)
-        layers = [LayerDescriptor.from_json(i, layer, digest) for i, layer in enumerate(raw_layers)]
+        layers = [_LayerDescriptor.from_json(i, layer, digest) for i, layer in enumerate(raw_layers)]
         if not layers and "layers" not in doc:
             _fail(ErrorCode.UNSUPPORTED, "%s is not an image manifest (media type %s)" % (ref, media_type))
         config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
         return cls(ref, digest, media_type, platform, layers, config.get("digest"), raw, index)
 
 
-class ImageIndexManifest(object):
+class _ImageIndexManifest(object):
     """An OCI image index (or docker manifest list): the platforms it offers."""
 
     def __init__(self, digest, media_type, entries):
@@ -2082,7 +2100,7 @@ class ImageIndexManifest(object):
                 continue
             plat = Platform.from_descriptor(desc)
             annotations = desc.get("annotations") if isinstance(desc.get("annotations"), dict) else {}
-            if (plat.os, plat.architecture) == ("unknown", "unknown") or \
+            if (plat.os, plat.architecture) == ("unknown", "unknown") or\
                     annotations.get("vnd.docker.reference.type") == "attestation-manifest":
                 continue
             entries.append((plat, desc))
@@ -2093,7 +2111,7 @@ class ImageIndexManifest(object):
         return [plat for plat, _ in self.entries]
 
 
-def parse_manifest_json(raw, what):
+def _parse_manifest_json(raw, what):
     """A manifest's or index's bytes -> its JSON object."""
     try:
         doc = json.loads(raw.decode("utf-8"))
@@ -2104,12 +2122,12 @@ def parse_manifest_json(raw, what):
     return doc
 
 
-def is_image_index(doc, media_type):
+def _is_image_index(doc, media_type):
     media_type = doc.get("mediaType") or media_type
-    return media_type in INDEX_MEDIA_TYPES or (isinstance(doc.get("manifests"), list) and "layers" not in doc)
+    return media_type in _INDEX_MEDIA_TYPES or (isinstance(doc.get("manifests"), list) and "layers" not in doc)
 
 
-def choose_platform(index, wanted, what):
+def _choose_platform(index, wanted, what):
     """The index entry (descriptor dict) for platform `wanted`, or NOT_FOUND naming
     the platforms there are."""
     for plat, desc in index.entries:
@@ -2120,7 +2138,7 @@ def choose_platform(index, wanted, what):
           % (what, wanted, available))
 
 
-def platform_of_config(raw):
+def _platform_of_config(raw):
     """The platform an image's config blob declares, or None."""
     try:
         config = json.loads(raw.decode("utf-8"))
@@ -2131,18 +2149,18 @@ def platform_of_config(raw):
 
 # -- eStargz: footer and TOC ----------------------------------------------------
 
-TOC_TAR_NAME = "stargz.index.json"
-FOOTER_SIZE = 51
-LEGACY_FOOTER_SIZE = 47
-PREFETCH_LANDMARK = ".prefetch.landmark"
-NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_WHITEOUT = ".wh..wh..opq"
-MAX_TOC_JSON_SIZE = 256 << 20      # uncompressed TOC bound: decompression bombs stop here
-MAX_FILE_SIZE = 1 << 46            # 64 TiB: anything larger is a hostile or broken TOC
-MAX_OFFSET = 1 << 50
-ID_LIMIT = (1 << 32) - 2           # uid, gid, device numbers: what the kernel accepts
-ENTRY_TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk")
+_TOC_TAR_NAME = "stargz.index.json"
+_FOOTER_SIZE = 51
+_LEGACY_FOOTER_SIZE = 47
+_PREFETCH_LANDMARK = ".prefetch.landmark"
+_NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+_WHITEOUT_PREFIX = ".wh."
+_OPAQUE_WHITEOUT = ".wh..wh..opq"
+_MAX_TOC_JSON_SIZE = 256 << 20      # uncompressed TOC bound: decompression bombs stop here
+_MAX_FILE_SIZE = 1 << 46            # 64 TiB: anything larger is a hostile or broken TOC
+_MAX_OFFSET = 1 << 50
+_ID_LIMIT = (1 << 32) - 2           # uid, gid, device numbers: what the kernel accepts
+_ENTRY_TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk")
 _ZSTD_CHUNKED_MAGIC = b"GnUlInUx"
 _FOOTER_PAYLOAD_RE = re.compile(br"^([0-9a-f]{16})STARGZ\Z")
 
@@ -2153,29 +2171,29 @@ def parse_footer(tail):
     if not isinstance(tail, (bytes, bytearray)):
         _fail(ErrorCode.FORMAT, "footer must be bytes")
     tail = bytes(tail)
-    if len(tail) >= FOOTER_SIZE:
-        footer = tail[-FOOTER_SIZE:]
+    if len(tail) >= _FOOTER_SIZE:
+        footer = tail[-_FOOTER_SIZE:]
         # gzip header with FEXTRA; XLEN=26; subfield 'S''G' of 22 bytes
         if footer[:4] == b"\x1f\x8b\x08\x04" and footer[10:16] == b"\x1a\x00SG\x16\x00":
             match = _FOOTER_PAYLOAD_RE.match(footer[16:38])
             if match and footer[38:] == b"\x01\x00\x00\xff\xff" + b"\x00" * 8:
-                return int(match.group(1), 16), FOOTER_SIZE
-    if len(tail) >= LEGACY_FOOTER_SIZE:
-        footer = tail[-LEGACY_FOOTER_SIZE:]
+                return int(match.group(1), 16), _FOOTER_SIZE
+    if len(tail) >= _LEGACY_FOOTER_SIZE:
+        footer = tail[-_LEGACY_FOOTER_SIZE:]
         if footer[:4] == b"\x1f\x8b\x08\x04" and footer[10:12] == b"\x16\x00":
             match = _FOOTER_PAYLOAD_RE.match(footer[12:34])
             if match and footer[34:] == b"\x01\x00\x00\xff\xff" + b"\x00" * 8:
-                return int(match.group(1), 16), LEGACY_FOOTER_SIZE
+                return int(match.group(1), 16), _LEGACY_FOOTER_SIZE
     if tail.endswith(_ZSTD_CHUNKED_MAGIC):
         _fail(ErrorCode.UNSUPPORTED, "zstd:chunked layer: not supported (starget reads gzip eStargz only)")
-    raise NotEStargzError(ErrorCode.FORMAT, "not eStargz: the layer has no eStargz or stargz footer")
+    raise _NotEStargzError(ErrorCode.FORMAT, "not eStargz: the layer has no eStargz or stargz footer")
 
 
-def extract_toc_json(member):
+def _extract_toc_json(member):
     """The uncompressed `stargz.index.json` bytes from the TOC's gzip member."""
     inflater = zlib.decompressobj(31)
     try:
-        data = inflater.decompress(bytes(member), MAX_TOC_JSON_SIZE + 1024)
+        data = inflater.decompress(bytes(member), _MAX_TOC_JSON_SIZE + 1024)
     except zlib.error as e:
         raise StargzError(ErrorCode.FORMAT, "TOC is not valid gzip: %s" % e, e, damaged=True) from e
     if len(data) < 512:
@@ -2185,17 +2203,17 @@ def extract_toc_json(member):
         header = tarfile.TarInfo.frombuf(data[:512], "utf-8", "surrogateescape")
     except tarfile.HeaderError as e:
         raise StargzError(ErrorCode.FORMAT, "TOC member does not start with a valid tar header: %s" % e, e) from e
-    if header.name.lstrip("./") != TOC_TAR_NAME or header.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
-        _fail(ErrorCode.FORMAT, "TOC member does not start with %s (found %r)" % (TOC_TAR_NAME, header.name[:60]))
+    if header.name.lstrip("./") != _TOC_TAR_NAME or header.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        _fail(ErrorCode.FORMAT, "TOC member does not start with %s (found %r)" % (_TOC_TAR_NAME, header.name[:60]))
     size = header.size
-    if size > MAX_TOC_JSON_SIZE:
+    if size > _MAX_TOC_JSON_SIZE:
         _fail(ErrorCode.FORMAT, "TOC size field is invalid or too large")
     if len(data) < 512 + size:
         _fail(ErrorCode.FORMAT, "TOC member is truncated (want %d bytes of JSON, have %d)" % (size, len(data) - 512))
     return data[512:512 + size]
 
 
-def inflate_members(pieces, max_out=1 << 20):
+def _inflate_members(pieces, max_out=1 << 20):
     """Inflate concatenated gzip members (a layer, or the members of one range) that
     arrive as `pieces`, an iterable of compressed bytes; yields inflated bytes, at
     most `max_out` at a time, so that memory stays bounded whatever the ratio.
@@ -2219,7 +2237,7 @@ def inflate_members(pieces, max_out=1 << 20):
 _RFC3339_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.\d+)?(Z|z|[+-]\d\d:\d\d)?\Z")
 
 
-def parse_rfc3339(text):
+def _parse_rfc3339(text):
     """Seconds since the epoch, or 0 for a missing or malformed time."""
     match = _RFC3339_RE.match(text) if isinstance(text, str) else None
     if not match:
@@ -2237,7 +2255,7 @@ def parse_rfc3339(text):
     return seconds
 
 
-def normalize_path(name):
+def _normalize_path(name):
     """A TOC or pattern name as a clean relative path ('' is the root).
 
     Refuses what could point outside the image: NUL, absolute names, `..`."""
@@ -2315,7 +2333,7 @@ class LayerTOC(object):
     """The parsed TOC of one layer: entries in blob order, extents of every payload."""
 
     def __init__(self, entries, toc_offset=None, toc_digest=None, blob=None, layer=None,
-                 prioritized=(), warnings=(), raw_count=None, footer_size=FOOTER_SIZE):
+                 prioritized=(), warnings=(), raw_count=None, footer_size=_FOOTER_SIZE):
         self.entries, self.toc_offset, self.toc_digest = entries, toc_offset, toc_digest
         self.raw_count = len(entries) if raw_count is None else raw_count
         self.footer_size = footer_size
@@ -2332,7 +2350,7 @@ class LayerTOC(object):
             entry.blob, entry.layer = blob, layer
 
 
-def _int_field(raw, key, name, limit=MAX_OFFSET):
+def _int_field(raw, key, name, limit=_MAX_OFFSET):
     value = raw.get(key)
     if value is None:
         return 0
@@ -2369,7 +2387,7 @@ def _toc_entries(data):
     """The `entries` list of a TOC document, after the checks of its envelope."""
     if not isinstance(data, (bytes, bytearray)):
         _fail(ErrorCode.FORMAT, "TOC must be bytes")
-    if len(data) > MAX_TOC_JSON_SIZE:
+    if len(data) > _MAX_TOC_JSON_SIZE:
         _fail(ErrorCode.FORMAT, "TOC is too large")
     try:
         doc = json.loads(bytes(data).decode("utf-8"))
@@ -2391,7 +2409,7 @@ class _TOCReader(object):
 
     def __init__(self, toc_offset):
         self.toc_offset = toc_offset
-        self.limit = toc_offset if toc_offset is not None else MAX_OFFSET
+        self.limit = toc_offset if toc_offset is not None else _MAX_OFFSET
         self.entries, self.warnings, self.prioritized = [], [], []
         self.names = {}
         self.member_offsets = set()
@@ -2419,26 +2437,26 @@ class _TOCReader(object):
                     member_offsets.add(offset)
             else:
                 offset = 0
-            inner = int_field(raw, "innerOffset", path, MAX_TOC_JSON_SIZE * 64) if "innerOffset" in raw else 0
+            inner = int_field(raw, "innerOffset", path, _MAX_TOC_JSON_SIZE * 64) if "innerOffset" in raw else 0
             if kind == "chunk":
                 if last_reg is None or last_reg.path != path:
                     _fail(ErrorCode.FORMAT, "TOC chunk entry %r does not follow its file" % path)
-                last_reg.chunks.append(Chunk(int_field(raw, "chunkOffset", path, MAX_FILE_SIZE),
-                                             int_field(raw, "chunkSize", path, MAX_FILE_SIZE), offset, inner,
+                last_reg.chunks.append(Chunk(int_field(raw, "chunkOffset", path, _MAX_FILE_SIZE),
+                                             int_field(raw, "chunkSize", path, _MAX_FILE_SIZE), offset, inner,
                                              digest_field(raw, "chunkDigest", path)))
                 continue
             last_reg = None
-            if path in (PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
-                if path == PREFETCH_LANDMARK:
+            if path in (_PREFETCH_LANDMARK, _NO_PREFETCH_LANDMARK):
+                if path == _PREFETCH_LANDMARK:
                     self.prioritized = [e.path for e in entries if e.type == "reg"]
                 continue
             modtime = get("modtime")
             mtime = mtimes.get(modtime) if modtime.__class__ is str else 0
             if mtime is None:
-                mtime = mtimes[modtime] = parse_rfc3339(modtime)
-            entry = TOCEntry(path, kind, int_field(raw, "size", path, MAX_FILE_SIZE),
+                mtime = mtimes[modtime] = _parse_rfc3339(modtime)
+            entry = TOCEntry(path, kind, int_field(raw, "size", path, _MAX_FILE_SIZE),
                              int_field(raw, "mode", path, 0o7777777) & 0o7777,
-                             int_field(raw, "uid", path, ID_LIMIT), int_field(raw, "gid", path, ID_LIMIT),
+                             int_field(raw, "uid", path, _ID_LIMIT), int_field(raw, "gid", path, _ID_LIMIT),
                              get("userName"), get("groupName"), mtime, None, digest_field(raw, "digest", path),
                              offset, inner)
             if "devMajor" in raw or "devMinor" in raw or "xattrs" in raw:
@@ -2451,7 +2469,7 @@ class _TOCReader(object):
                     continue
             elif kind == "reg":
                 if entry.size:
-                    entry.chunks.append(Chunk(0, int_field(raw, "chunkSize", path, MAX_FILE_SIZE), offset, inner,
+                    entry.chunks.append(Chunk(0, int_field(raw, "chunkSize", path, _MAX_FILE_SIZE), offset, inner,
                                               digest_field(raw, "chunkDigest", path)))
                 last_reg = entry
             entries.append(entry)
@@ -2460,10 +2478,10 @@ class _TOCReader(object):
     @staticmethod
     def _path_of(raw_name, kind):
         """The normalised path of an entry; hostile names refuse the layer."""
-        if kind not in ENTRY_TYPES:
+        if kind not in _ENTRY_TYPES:
             _fail(ErrorCode.FORMAT, "TOC entry %r has unknown type %r" % (raw_name, kind))
         try:
-            path = normalize_path(raw_name)
+            path = _normalize_path(raw_name)
         except StargzError as e:
             raise StargzError(ErrorCode.FORMAT, "refusing a hostile TOC: entry %s" % e.message) from e
         if not raw_name or (path == "" and kind != "dir"):
@@ -2472,8 +2490,8 @@ class _TOCReader(object):
 
     @staticmethod
     def _rare_fields(entry, raw):
-        entry.dev_major = _int_field(raw, "devMajor", entry.path, ID_LIMIT)
-        entry.dev_minor = _int_field(raw, "devMinor", entry.path, ID_LIMIT)
+        entry.dev_major = _int_field(raw, "devMajor", entry.path, _ID_LIMIT)
+        entry.dev_minor = _int_field(raw, "devMinor", entry.path, _ID_LIMIT)
         xattrs = raw.get("xattrs")
         entry.xattrs = xattrs if isinstance(xattrs, dict) else None
 
@@ -2487,7 +2505,7 @@ class _TOCReader(object):
             entry.link = link
             return True
         try:
-            entry.link = normalize_path(link)
+            entry.link = _normalize_path(link)
         except StargzError as e:
             self.warnings.append("skipped hardlink %r: %s" % (entry.path, e.message))
             return False
@@ -2551,11 +2569,11 @@ def _assign_extents(entries, member_offsets, toc_offset):
 # The first read of a layer is its tail: the footer and, for a small TOC, all of it.
 # A bigger TOC costs one more request for exactly its missing head, so the tail
 # stays small: what it over-reads of a small layer is waste.
-TAIL_READ_SIZE = 16 << 10
-MAX_TOC_MEMBER_SIZE = 64 << 20
+_TAIL_READ_SIZE = 16 << 10
+_MAX_TOC_MEMBER_SIZE = 64 << 20
 
 
-def default_cache_dir(environ=None):
+def _default_cache_dir(environ=None):
     env = os.environ if environ is None else environ
     if env.get("STARGET_CACHE_DIR"):
         return env["STARGET_CACHE_DIR"]
@@ -2567,7 +2585,7 @@ class TOCCache(object):
     """Content-addressed TOCs, keyed by blob digest, checked against the TOC digest."""
 
     def __init__(self, directory=None):
-        self.directory = directory or default_cache_dir()
+        self.directory = directory or _default_cache_dir()
 
     def _path(self, blob):
         return os.path.join(self.directory, "toc", blob.replace(":", "-") + ".json")
@@ -2581,12 +2599,12 @@ class TOCCache(object):
         except (IOError, OSError, ValueError, UnicodeDecodeError):
             return None
         digest = _sha256_digest(data)
-        if not isinstance(header, dict) or header.get("toc_digest") != digest or \
+        if not isinstance(header, dict) or header.get("toc_digest") != digest or\
                 (toc_digest and toc_digest != digest) or not isinstance(header.get("toc_offset"), int):
             return None
-        return header["toc_offset"], data, header.get("footer_size", FOOTER_SIZE)
+        return header["toc_offset"], data, header.get("footer_size", _FOOTER_SIZE)
 
-    def put(self, blob, toc_offset, data, footer_size=FOOTER_SIZE):
+    def put(self, blob, toc_offset, data, footer_size=_FOOTER_SIZE):
         path = self._path(blob)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -2598,33 +2616,33 @@ class TOCCache(object):
                 f.write(data)
             os.replace(temp, path)
         except (IOError, OSError) as e:
-            log.debug("cannot write TOC cache %s: %s", path, e)
+            _log.debug("cannot write TOC cache %s: %s", path, e)
 
 
-def check_lazy_readable(layer):
+def _check_lazy_readable(layer):
     """Refuse, before any byte is read, a layer whose media type cannot be read lazily."""
     compression = layer.compression
     if compression == "zstd":
         _fail(ErrorCode.UNSUPPORTED, "layer %s is zstd-compressed (%s): not supported; starget reads gzip eStargz"
               % (layer.digest, layer.media_type))
     if compression == "none":
-        raise NotEStargzError(ErrorCode.UNSUPPORTED, "layer %s has media type %s: not a gzip layer, cannot be read "
+        raise _NotEStargzError(ErrorCode.UNSUPPORTED, "layer %s has media type %s: not a gzip layer, cannot be read "
                               "lazily" % (layer.digest, layer.media_type))
     if compression != "gzip":
         _fail(ErrorCode.UNSUPPORTED, "layer %s has media type %s: not a gzip layer, cannot be read lazily"
               % (layer.digest, layer.media_type or "(none)"))
 
 
-def fetch_layer_toc(client, layer, cache=None):
+def _fetch_layer_toc(client, layer, cache=None):
     """The LayerTOC of one layer: from the cache, else one tail read (two for a big TOC)."""
-    check_lazy_readable(layer)
+    _check_lazy_readable(layer)
     expected = layer.toc_digest
     if expected is not None and not _DIGEST_RE.match(str(expected)):
         _fail(ErrorCode.FORMAT, "layer %s has a malformed TOC digest annotation" % layer.digest)
     cached = cache.get(layer.digest, expected) if cache else None
     if cached is not None:
         toc_offset, data, footer_size = cached
-        log.debug("TOC of %s from the cache", layer.digest)
+        _log.debug("TOC of %s from the cache", layer.digest)
     else:
         toc_offset, data, footer_size = client.retrying(lambda: _read_toc_from_blob(client, layer),
                                                         "the TOC of %s" % layer.digest)
@@ -2642,27 +2660,27 @@ def _read_toc_from_blob(client, layer):
     """(toc offset, TOC JSON bytes, footer size), checked against the manifest's TOC
     digest: one attempt (damaged bytes are `damaged`, so the caller fetches again)."""
     size = layer.size
-    if size < LEGACY_FOOTER_SIZE:
+    if size < _LEGACY_FOOTER_SIZE:
         _fail(ErrorCode.FORMAT, "not eStargz: layer %s is only %d bytes" % (layer.digest, size))
-    tail_start = max(0, size - TAIL_READ_SIZE)
+    tail_start = max(0, size - _TAIL_READ_SIZE)
     tail = client.read_blob(layer.digest, tail_start, size - 1)
     try:
         toc_offset, footer_size = parse_footer(tail)
     except StargzError as e:
         message = "layer %s (%s): %s" % (layer.digest, layer.media_type, e.message)
         if e.code == ErrorCode.FORMAT:
-            message += "; it is a plain tar+gzip layer: rebuild the image as eStargz (e.g. nerdctl image " \
+            message += "; it is a plain tar+gzip layer: rebuild the image as eStargz (e.g. nerdctl image "\
                        "convert --estargz) or pass --fallback-stream to read it whole (slow)"
         raise _reworded(e, message) from e
     member_end = size - footer_size
-    if toc_offset >= member_end or member_end - toc_offset > MAX_TOC_MEMBER_SIZE:
+    if toc_offset >= member_end or member_end - toc_offset > _MAX_TOC_MEMBER_SIZE:
         _fail(ErrorCode.FORMAT, "layer %s: footer points to a TOC at %d, outside the blob of %d bytes"
               % (layer.digest, toc_offset, size))
     if toc_offset >= tail_start:
         member = tail[toc_offset - tail_start:member_end - tail_start]
     else:
         member = client.read_blob(layer.digest, toc_offset, tail_start - 1) + tail[:member_end - tail_start]
-    data = extract_toc_json(member)
+    data = _extract_toc_json(member)
     expected = layer.toc_digest
     if expected and _sha256_digest(data) != expected:
         _fail(ErrorCode.INTEGRITY, "layer %s: TOC digest %s does not match the manifest annotation %s; "
@@ -2674,7 +2692,7 @@ _TAR_TYPES = {b"0": "reg", b"\x00": "reg", b"7": "reg", b"1": "hardlink", b"2": 
               b"3": "char", b"4": "block", b"5": "dir", b"6": "fifo"}
 
 
-def spool_plain_layer(client, layer, directory):
+def _spool_plain_layer(client, layer, directory):
     """--fallback-stream: a layer that is not eStargz is read whole (its digest
     checked), inflated to an uncompressed tar under `directory`, and indexed from
     its tar headers. Slow, and it needs the layer's uncompressed size on disk."""
@@ -2688,7 +2706,7 @@ def spool_plain_layer(client, layer, directory):
 def _read_extent(response, length):
     """The body of `response`, `length` bytes, as pieces; a short body is truncated."""
     while length > 0:
-        data = response.read(min(READ_SIZE, length))
+        data = response.read(min(_READ_SIZE, length))
         if not data:
             raise response.truncated(length)
         length -= len(data)
@@ -2708,7 +2726,7 @@ def _spool_blob(client, layer, path):
     try:
         with open(path, "wb") as out:
             pieces = hashed(_read_extent(response, layer.size))
-            for data in inflate_members(pieces) if layer.compression == "gzip" else pieces:
+            for data in _inflate_members(pieces) if layer.compression == "gzip" else pieces:
                 out.write(data)
     except OSError as e:
         raise StargzError(ErrorCode.IO, "cannot spool layer %s: %s" % (layer.digest, _describe_os_error(e)), e) from e
@@ -2742,7 +2760,7 @@ def _entry_of_tarinfo(info, spool, names, warnings):
     """The TOCEntry of one tar header of a spooled layer, or None to skip it."""
     kind = _TAR_TYPES.get(info.type)
     try:
-        name = normalize_path(info.name)
+        name = _normalize_path(info.name)
     except StargzError as e:
         warnings.append("skipped tar entry: %s" % e.message)
         return None
@@ -2757,7 +2775,7 @@ def _entry_of_tarinfo(info, spool, names, warnings):
         entry.spool = spool
     if kind == "hardlink":
         try:
-            entry.link = normalize_path(info.linkname)
+            entry.link = _normalize_path(info.linkname)
         except StargzError:
             entry.link = None
         target = names.get(entry.link)
@@ -2846,7 +2864,7 @@ class ImageIndex(object):
         if blob is not None:
             view = {}
             for entry in self.layer(blob).entries:
-                if not entry.name.startswith(WHITEOUT_PREFIX):
+                if not entry.name.startswith(_WHITEOUT_PREFIX):
                     view[entry.path] = entry
             return view
         if self._merged is None:
@@ -2861,11 +2879,11 @@ class ImageIndex(object):
             own = []
             for entry in toc.entries:
                 name, parent = entry.name, posixpath.dirname(entry.path)
-                if name == OPAQUE_WHITEOUT:
+                if name == _OPAQUE_WHITEOUT:
                     _remove_subtree(merged, children, parent, keep_top=True)
-                elif name.startswith(WHITEOUT_PREFIX):
-                    if name != WHITEOUT_PREFIX:   # `.wh.` alone names nothing (not the parent)
-                        _remove_subtree(merged, children, posixpath.join(parent, name[len(WHITEOUT_PREFIX):]))
+                elif name.startswith(_WHITEOUT_PREFIX):
+                    if name != _WHITEOUT_PREFIX:   # `.wh.` alone names nothing (not the parent)
+                        _remove_subtree(merged, children, posixpath.join(parent, name[len(_WHITEOUT_PREFIX):]))
                 else:
                     own.append(entry)
             for entry in own:
@@ -2928,7 +2946,7 @@ class ImageIndex(object):
         return [selected[p] for p in sorted(selected)]
 
 
-def resolve_manifest(client, platform=None):
+def _resolve_manifest(client, platform=None):
     """The image manifest for `platform` (default: the host's), through an index if
     there is one. The client's endpoints are walked in order (see _endpoint_fallback);
     the one that answers is selected for every later request."""
@@ -2950,20 +2968,20 @@ def resolve_manifest(client, platform=None):
 def _manifest_at(client, endpoint, platform):
     ref = client.ref
     raw, media_type, digest = client.get_manifest(ref.reference, endpoint)
-    doc = parse_manifest_json(raw, ref)
-    if not is_image_index(doc, media_type):
-        return ImageManifest.from_json(doc, ref, digest, media_type, raw)   # its config names the platform
-    index = ImageIndexManifest.from_json(doc, digest, media_type)
-    child = choose_platform(index, platform or Platform.host(), ref)
+    doc = _parse_manifest_json(raw, ref)
+    if not _is_image_index(doc, media_type):
+        return _ImageManifest.from_json(doc, ref, digest, media_type, raw)   # its config names the platform
+    index = _ImageIndexManifest.from_json(doc, digest, media_type)
+    child = _choose_platform(index, platform or Platform.host(), ref)
     raw, media_type, digest = client.get_manifest(child["digest"], endpoint)
-    return ImageManifest.from_json(parse_manifest_json(raw, ref), ref, digest, media_type, raw,
+    return _ImageManifest.from_json(_parse_manifest_json(raw, ref), ref, digest, media_type, raw,
                                    Platform.from_descriptor(child), index)
 
 
-def config_platform(client, manifest):
+def _config_platform(client, manifest):
     """The platform the image's config blob declares (one small extra request), or None."""
     raw = client.get_config(manifest.config_digest)
-    return platform_of_config(raw) if raw is not None else None
+    return _platform_of_config(raw) if raw is not None else None
 
 
 def open_image(reference, platform=None, client=None, cache=None, blob=None, concurrency=4,
@@ -2975,7 +2993,7 @@ def open_image(reference, platform=None, client=None, cache=None, blob=None, con
         client = RegistryClient(reference, **client_options)
     if isinstance(platform, str):
         platform = Platform.parse(platform)
-    manifest = resolve_manifest(client, platform)
+    manifest = _resolve_manifest(client, platform)
     wanted = manifest.layers
     if blob is not None:
         probe = ImageIndex([LayerTOC([], blob=layer.digest, layer=layer.position) for layer in manifest.layers])
@@ -2984,18 +3002,18 @@ def open_image(reference, platform=None, client=None, cache=None, blob=None, con
 
     def load(layer):
         try:
-            return fetch_layer_toc(client, layer, cache)
-        except NotEStargzError:
+            return _fetch_layer_toc(client, layer, cache)
+        except _NotEStargzError:
             if fallback_dir is None:
                 raise
-            log.warning("layer %s is not eStargz: reading it whole (--fallback-stream)", layer.digest)
-            return spool_plain_layer(client, layer, fallback_dir)
+            _log.warning("layer %s is not eStargz: reading it whole (--fallback-stream)", layer.digest)
+            return _spool_plain_layer(client, layer, fallback_dir)
 
     tocs = _map_parallel(load, wanted, concurrency)
     by_position = dict(zip([layer.position for layer in wanted], tocs))
     for toc in tocs:
         for warning in toc.warnings:
-            log.warning("layer %s: %s", toc.blob, warning)
+            _log.warning("layer %s: %s", toc.blob, warning)
     layers = [by_position.get(layer.position) for layer in manifest.layers]
     if blob is not None:
         layers = [toc if toc is not None else LayerTOC([], blob=layer.digest, layer=layer.position)
@@ -3021,10 +3039,10 @@ def _map_parallel(function, items, concurrency):
 # put them and the other entries under the destination. Downloader is the reusable
 # front; each run's state lives on its own _Run.
 
-COALESCE_GAP = 32 << 10      # fetch a small hole rather than pay another round trip
-PART_SIZE = 8 << 20          # cut long runs so that workers share them
-PARTIAL_SUFFIX = ".partial"
-STATE_SUFFIX = ".partial.state"
+_COALESCE_GAP = 32 << 10      # fetch a small hole rather than pay another round trip
+_PART_SIZE = 8 << 20          # cut long runs so that workers share them
+_PARTIAL_SUFFIX = ".partial"
+_STATE_SUFFIX = ".partial.state"
 
 
 def _is_root():
@@ -3116,7 +3134,7 @@ class DownloadJob(object):
                 self.specials.append(entry)
         self.conflicts = self._take_working_names()
 
-    WORKING_SUFFIXES = (PARTIAL_SUFFIX, STATE_SUFFIX, STATE_SUFFIX + ".tmp")
+    WORKING_SUFFIXES = (_PARTIAL_SUFFIX, _STATE_SUFFIX, _STATE_SUFFIX + ".tmp")
 
     def _take_working_names(self):
         """Entries named like the working files of a selected file (`a.partial` next to
@@ -3152,7 +3170,7 @@ class DownloadJob(object):
         return None
 
     @staticmethod
-    def plan_ranges(chunks, concurrency=4, gap=COALESCE_GAP, part_size=PART_SIZE):
+    def plan_ranges(chunks, concurrency=4, gap=_COALESCE_GAP, part_size=_PART_SIZE):
         """[(blob, [members])] for `chunks`, each (blob, member_offset, member_end, key):
         one member per (blob, offset) holding its chunks' keys in the order given,
         members coalesced across small gaps, long runs cut at member boundaries so
@@ -3220,7 +3238,7 @@ class _Progress(object):
     def _draw(self, now):
         rate = self.done / max(now - self.start, 1e-6)
         sys.stderr.write("\r%s / %s  %s/s  %d/%d files " % (
-            human_size(self.done), human_size(self.total), human_size(rate), self.files_done, self.files))
+            _human_size(self.done), _human_size(self.total), _human_size(rate), self.files_done, self.files))
         sys.stderr.flush()
 
     def finish(self):
@@ -3230,7 +3248,7 @@ class _Progress(object):
                 sys.stderr.write("\n")
 
 
-def human_size(n):
+def _human_size(n):
     n = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -3262,7 +3280,7 @@ class _Destination(object):
         self.verified = set()   # directories checked (or made) during this run
 
     def path(self, rel):
-        normalize_path(rel)  # raises UNSAFE for '..', absolute, NUL
+        _normalize_path(rel)  # raises UNSAFE for '..', absolute, NUL
         return os.path.join(self.root, *_local_name(rel).split("/")) if rel else self.root
 
     def prepare(self, rel):
@@ -3304,14 +3322,14 @@ class _Destination(object):
         free = fs.f_bavail * fs.f_frsize
         if needed > free:
             _fail(ErrorCode.IO, "not enough free space in %s: need %s, have %s"
-                  % (self.root, human_size(needed), human_size(free)))
+                  % (self.root, _human_size(needed), _human_size(free)))
 
 
 def _hash_file_range(fd, start, size):
     digest = hashlib.sha256()
     position, end = start, start + size
     while position < end:
-        data = os.pread(fd, min(READ_SIZE * 4, end - position), position)
+        data = os.pread(fd, min(_READ_SIZE * 4, end - position), position)
         if not data:
             break
         digest.update(data)
@@ -3327,7 +3345,7 @@ class _PartialFile(object):
         self.entry, self.path, self.final = entry, entry.path, final
         self.source = entry.content
         self.chunks = self.source.chunks
-        self.partial, self.state_file = final + PARTIAL_SUFFIX, final + STATE_SUFFIX
+        self.partial, self.state_file = final + _PARTIAL_SUFFIX, final + _STATE_SUFFIX
         self.done = set()
         self.fd = None
         self.failed = None
@@ -3394,7 +3412,7 @@ class _PartialFile(object):
                     if got == chunk.size and (digest == chunk.digest or (not chunk.digest and not verify)):
                         self.done.add(i)
             if self.done:
-                log.info("resuming %s: %d of %d chunks already verified", self.path, len(self.done), len(self.chunks))
+                _log.info("resuming %s: %d of %d chunks already verified", self.path, len(self.done), len(self.chunks))
 
     def _saved_state(self):
         if not os.path.lexists(self.state_file):
@@ -3428,7 +3446,7 @@ class _PartialFile(object):
                 json.dump(self.state(), f)
             os.replace(temp, self.state_file)
         except OSError as e:
-            log.debug("cannot save resume state for %s: %s", self.path, e)
+            _log.debug("cannot save resume state for %s: %s", self.path, e)
 
     def fail(self, message):
         """Mark the file failed; False when it had failed or was finished already."""
@@ -3490,7 +3508,7 @@ class _TreeWriter(object):
                 if stat.S_ISDIR(os.lstat(path).st_mode):
                     self.apply_metadata(path, entry)
             except OSError as e:
-                log.warning("cannot set attributes of %s: %s", path, _describe_os_error(e))
+                _log.warning("cannot set attributes of %s: %s", path, _describe_os_error(e))
 
     # -- regular files -----------------------------------------------------------
     def prepare_files(self, entries):
@@ -3604,7 +3622,7 @@ class _TreeWriter(object):
         if specials and not self.policy.special_files:
             message = "skipped %d device node%s and FIFO%s (pass --devices, as root, to create them)" % (
                 len(specials), "" if len(specials) == 1 else "s", "" if len(specials) == 1 else "s")
-            log.warning("%s", message)
+            _log.warning("%s", message)
             self.stats.warnings.append(message)
             self.stats.add("skipped", len(specials))
             return
@@ -3629,7 +3647,7 @@ class _TreeWriter(object):
             else:
                 os.lchown(path, entry.uid, entry.gid or 0)
         except (OSError, OverflowError) as e:
-            log.debug("cannot chown %s: %s", path, e)
+            _log.debug("cannot chown %s: %s", path, e)
 
     def apply_metadata(self, path, entry):
         try:
@@ -3637,7 +3655,7 @@ class _TreeWriter(object):
             os.chmod(path, self.policy.mode_of(entry))
             os.utime(path, (entry.mtime, entry.mtime))
         except OSError as e:
-            log.warning("cannot set attributes of %s: %s", path, _describe_os_error(e))
+            _log.warning("cannot set attributes of %s: %s", path, _describe_os_error(e))
 
 
 # -- fetcher: ranges in, verified inflated chunks out ----------------------------
@@ -3694,7 +3712,7 @@ def _pour(pieces, sinks, position, stop, verify):
 def _spooled(spool, length, path):
     """`length` bytes of a spooled layer tar from where `spool` stands, as pieces."""
     while length > 0:
-        data = spool.read(min(READ_SIZE * 4, length))
+        data = spool.read(min(_READ_SIZE * 4, length))
         if not data:
             _fail(ErrorCode.FORMAT, "%s: the layer's tar ends inside the file" % path)
         length -= len(data)
@@ -3780,7 +3798,7 @@ class _Fetcher(object):
         extent = self._extent(response, member.end - member.offset)
         broken = None
         try:
-            produced = _pour(inflate_members(extent), sinks, 0, need, self.verify)
+            produced = _pour(_inflate_members(extent), sinks, 0, need, self.verify)
             if produced < need:
                 broken = "the member at offset %d holds %d bytes, fewer than the TOC declares (%d)" % (
                     member.offset, produced, need)
@@ -3869,7 +3887,7 @@ class _Run(object):
         except OSError as e:
             _fail(ErrorCode.IO, "cannot create %s: %s" % (job.output_dir, _describe_os_error(e)), e)
         for path, reason in job.conflicts:
-            log.warning("%s", reason)
+            _log.warning("%s", reason)
             stats.fail(path, reason, ErrorCode.UNSAFE)
         writer.dest.check_free_space(job.regular)
         made_dirs = writer.make_dirs(job.dirs)
@@ -3922,7 +3940,7 @@ class Downloader(object):
     may run any number of jobs."""
 
     def __init__(self, client=None, concurrency=4, verify=True, retry=None, policy=None,
-                 progress=False, gap=COALESCE_GAP, part_size=PART_SIZE):
+                 progress=False, gap=_COALESCE_GAP, part_size=_PART_SIZE):
         self.client = client
         self.concurrency = max(1, int(concurrency))
         self.verify = verify
@@ -3966,7 +3984,7 @@ _COMPLETION_COMMAND_FLAGS = {
 _COMPLETION_SHELLS = ("bash", "zsh", "fish")
 
 
-def complete_paths(index, prefix, blob=None):
+def _complete_paths(index, prefix, blob=None):
     """Shell-completion candidates for a path in the image: the entries one level
     below the directory part of `prefix` whose names start with its last part,
     sorted; directories (and links to them) end with '/'. What the user typed
@@ -4007,16 +4025,16 @@ def _completes_as_dir(view, entry):
     return target is not None and target.type == "dir"
 
 
-def cmd_complete(session, out):
+def _cmd_complete(session, out):
     """Hidden `starget __complete IMAGE [BLOB] PREFIX`, run by the completion scripts:
     one candidate a line (see complete_paths)."""
     blob, rest = _split_blob(session.args.args, 1)
-    for candidate in complete_paths(session.load_image(blob), rest[0], blob):
+    for candidate in _complete_paths(session.load_image(blob), rest[0], blob):
         out.write(candidate + "\n")
     return 0
 
 
-def completion_script(shell):
+def _completion_script(shell):
     """The completion script for `shell` (bash, zsh or fish), as text."""
     builders = {"bash": _bash_completion, "zsh": _zsh_completion, "fish": _fish_completion}
     if shell not in builders:
@@ -4550,7 +4568,7 @@ def _command_help(name, grammar, description, *examples):
             "epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
-def build_parser():
+def _build_parser():
     import argparse
     Parser = _parser_class()
     parser = Parser(
@@ -4617,7 +4635,7 @@ def build_parser():
     return parser
 
 
-def cmd_help(parser, topic, out):
+def _cmd_help(parser, topic, out):
     """`starget help [COMMAND]`: the help --help prints, on standard output."""
     if topic is None:
         parser.print_help(out)
@@ -4702,7 +4720,7 @@ def _mode_string(entry):
     return "h" + text[1:] if entry.type == "hardlink" else text
 
 
-def cmd_ls(session, out):
+def _cmd_ls(session, out):
     args = session.args
     index = session.load_image(args.blob)
     entries = index.entries(args.blob)
@@ -4717,14 +4735,14 @@ def cmd_ls(session, out):
             continue
         size = entry.content.size or 0 if entry.content.type == "reg" else 0
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(entry.mtime or 0))
-        link = " -> " + entry.link if entry.type == "symlink" else \
+        link = " -> " + entry.link if entry.type == "symlink" else\
             " link to " + entry.link if entry.type == "hardlink" else ""
         out.write("%s %5s/%-5s %12d %s %s%s\n" % (_mode_string(entry), entry.uid or 0, entry.gid or 0,
                                                  size, when, entry.path, link))
     return 0
 
 
-def directory_sizes(entries):
+def _directory_sizes(entries):
     """{directory: [bytes, files]} of the regular files below each directory (a
     hardlink counts once, as du does)."""
     totals = {"": [0, 0]}
@@ -4745,7 +4763,7 @@ def directory_sizes(entries):
 
 
 def _print_sizes(entries, as_json, out):
-    totals = sorted(directory_sizes(entries).items())
+    totals = sorted(_directory_sizes(entries).items())
     if as_json:
         out.write(json.dumps([{"path": p, "bytes": b, "files": f} for p, (b, f) in totals], indent=1) + "\n")
         return 0
@@ -4754,17 +4772,17 @@ def _print_sizes(entries, as_json, out):
     return 0
 
 
-def cmd_info(session, out):
-    manifest = resolve_manifest(session.client, session.platform)
-    platform = manifest.platform or config_platform(session.client, manifest)
+def _cmd_info(session, out):
+    manifest = _resolve_manifest(session.client, session.platform)
+    platform = manifest.platform or _config_platform(session.client, manifest)
 
     def describe(layer):
         row = {"index": layer.position, "digest": layer.digest, "media_type": layer.media_type,
                "size": layer.size, "format": layer.compression, "toc_digest": layer.toc_digest,
                "toc_entries": None}
         try:
-            toc = fetch_layer_toc(session.client, layer, session.cache)
-            row.update(format="legacy-stargz" if toc.footer_size == LEGACY_FOOTER_SIZE else "estargz",
+            toc = _fetch_layer_toc(session.client, layer, session.cache)
+            row.update(format="legacy-stargz" if toc.footer_size == _LEGACY_FOOTER_SIZE else "estargz",
                        toc_digest=toc.toc_digest, toc_entries=toc.raw_count)
         except StargzError as e:
             if e.code not in (ErrorCode.FORMAT, ErrorCode.UNSUPPORTED, ErrorCode.INTEGRITY):
@@ -4783,7 +4801,7 @@ def cmd_info(session, out):
         out.write("platform:  %s\n" % doc["platform"])
     rows = [("#", "DIGEST", "SIZE", "FORMAT", "ENTRIES", "MEDIA TYPE")]
     for row in layers:
-        rows.append((str(row["index"]), row["digest"][:19], human_size(row["size"]), row["format"],
+        rows.append((str(row["index"]), row["digest"][:19], _human_size(row["size"]), row["format"],
                      "-" if row["toc_entries"] is None else str(row["toc_entries"]), row["media_type"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -4805,11 +4823,11 @@ def _report(stats, verbose):
     messages = [message if path in message else "%s: %s" % (path, message) for path, message in stats.failures]
     if len(messages) > 1:
         for message in messages:
-            sys.stderr.write("starget: error: %s\n" % redact(message))
+            sys.stderr.write("starget: error: %s\n" % _redact(message))
     if verbose:
         files = "1 file" if stats.files == 1 else "%d files" % stats.files
-        log.info("%s, %s written, %d skipped, %d requests, %s fetched, %d retries, %d failed, %.2fs",
-                 files, human_size(stats.bytes), stats.skipped, stats.requests, human_size(stats.fetched),
+        _log.info("%s, %s written, %d skipped, %d requests, %s fetched, %d retries, %d failed, %.2fs",
+                 files, _human_size(stats.bytes), stats.skipped, stats.requests, _human_size(stats.fetched),
                  stats.retries, len(stats.failures), stats.elapsed)
     if stats.failures:
         codes = set(stats.failure_codes)
@@ -4820,7 +4838,7 @@ def _report(stats, verbose):
         _fail(code, "%d entries failed%s" % (len(messages), written))
 
 
-def cmd_get(session, out):
+def _cmd_get(session, out):
     blob, rest = _split_blob(session.args.args, 2)
     pattern, output_dir = _image_path(rest[0]), rest[1] if len(rest) > 1 else "."
     index = session.load_image(blob)
@@ -4829,7 +4847,7 @@ def cmd_get(session, out):
     return 0
 
 
-def cmd_cat(session, out):
+def _cmd_cat(session, out):
     import shutil
     import tempfile
     blob, rest = _split_blob(session.args.args, 1)
@@ -4857,7 +4875,7 @@ def cmd_cat(session, out):
     return 0
 
 
-COMMANDS = {"info": cmd_info, "ls": cmd_ls, "get": cmd_get, "cat": cmd_cat, "__complete": cmd_complete}
+_COMMANDS = {"info": _cmd_info, "ls": _cmd_ls, "get": _cmd_get, "cat": _cmd_cat, "__complete": _cmd_complete}
 
 
 class _Stdout(object):
@@ -4915,7 +4933,7 @@ def main(argv=None, out=None):
     """Run the command line; returns the exit code."""
     given_out = out
     out = _Stdout(sys.stdout if out is None else out)
-    parser = build_parser()
+    parser = _build_parser()
     parser.argv = [_argument_text(a) for a in sys.argv[1:]] if argv is None else list(argv)
     try:
         args = parser.parse_args(parser.argv)
@@ -4923,14 +4941,14 @@ def main(argv=None, out=None):
         return e.code if isinstance(e.code, int) else ErrorCode.USAGE
     given = set(vars(args))     # the flags on the command line (absent ones are SUPPRESSed)
     _fill_options(args, given, dict((o.dest, o.default) for o in _GLOBAL_OPTIONS))
-    restore_logging = configure_logging(args.verbose, args.debug)
+    restore_logging = _configure_logging(args.verbose, args.debug)
     session = None
     try:
         if args.command in ("completion", "help", "version"):     # they need no image and no config
             if args.command == "completion":
-                out.write(completion_script(args.shell))
+                out.write(_completion_script(args.shell))
             elif args.command == "help":
-                cmd_help(parser, args.topic, out)
+                _cmd_help(parser, args.topic, out)
             else:
                 out.write("starget %s\n" % __version__)
             out.flush()
@@ -4938,14 +4956,14 @@ def main(argv=None, out=None):
         config = Config.load()
         _fill_options(args, given, config.flag_defaults())   # config.yaml fills what the flags left
         session = _Session(args, config)
-        code = COMMANDS[args.command](session, out) or 0
+        code = _COMMANDS[args.command](session, out) or 0
         out.flush()      # here, so that a full disk is reported (at exit it would be lost)
         return code
     except StargzError as e:
-        message = " ".join(redact(e.message).split())
+        message = " ".join(_redact(e.message).split())
         sys.stderr.write("starget: error: %s\n" % message)
         if e.cause is not None:
-            log.debug("cause: %r", e.cause)
+            _log.debug("cause: %r", e.cause)
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("\nstarget: interrupted; run the same command again to resume\n")
@@ -4954,9 +4972,9 @@ def main(argv=None, out=None):
         _discard_stdout(sys.stdout if given_out is None else given_out)
         return 0
     except Exception as e:  # a bug: say so in one line, the traceback with --debug
-        log.debug("traceback", exc_info=True)
+        _log.debug("traceback", exc_info=True)
         sys.stderr.write("starget: internal error: %s: %s (re-run with --debug)\n"
-                         % (e.__class__.__name__, redact(e)))
+                         % (e.__class__.__name__, _redact(e)))
         return int(ErrorCode.INTERNAL)
     finally:
         if session is not None:
@@ -4987,7 +5005,7 @@ def _discard_stdout(out):
         pass
 
 
-def console_main():
+def _console_main():
     sys.exit(main())
 
 

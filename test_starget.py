@@ -644,7 +644,7 @@ def sandbox(tmp_path):
 
 
 def _is_leftover(path):
-    return path.endswith(starget.PARTIAL_SUFFIX) or path.endswith(starget.STATE_SUFFIX)
+    return path.endswith(starget._PARTIAL_SUFFIX) or path.endswith(starget._STATE_SUFFIX)
 
 
 def assert_final_tree(out, prefix, errors="", complete=False, files=None):
@@ -668,7 +668,7 @@ def assert_final_tree(out, prefix, errors="", complete=False, files=None):
     for p in missing:
         assert p in errors, "%s is missing but no error names it: %r" % (p, errors)
     for p in leftovers:
-        final = p[:-len(starget.STATE_SUFFIX)] if p.endswith(starget.STATE_SUFFIX) else p[:-len(starget.PARTIAL_SUFFIX)]
+        final = p[:-len(starget._STATE_SUFFIX)] if p.endswith(starget._STATE_SUFFIX) else p[:-len(starget._PARTIAL_SUFFIX)]
         assert final not in present, "%s left next to the finished %s" % (p, final)
     return missing
 
@@ -830,7 +830,7 @@ def test_main_keeps_the_callers_log_handler(api_env, capsys):
         assert logger.handlers == before[0] + [mine]
         assert (logger.level, logger.propagate) == (logging.INFO, before[2])
         del seen[:]
-        starget.log.info("after main")
+        starget._log.info("after main")
         assert seen == ["after main"]
         assert capsys.readouterr().err == ""                          # main's handler is gone
     finally:
@@ -1202,7 +1202,7 @@ def test_credentials_identitytoken_entry(tmp_path):
     environ = {}
     _place(tmp_path, "DOCKER_CONFIG", {"auths": {HOST: {"identitytoken": "refresh-123"}}}, environ)
     cred = starget.Credentials(environ=environ, home=str(tmp_path / "home")).lookup(HOST)
-    assert isinstance(cred, starget.Credential)
+    assert isinstance(cred, starget._Credential)
     assert cred.identity_token == "refresh-123"
     assert cred.username == "<token>"
 
@@ -1648,7 +1648,7 @@ SEED = "defaults:\n  concurrency: 8\nregistries:\n  mirror.internal:5000:\n    p
 
 
 def test_seed_format():
-    assert C.parse_simple_yaml(SEED) == {
+    assert C._parse_simple_yaml(SEED) == {
         "defaults": {"concurrency": 8},
         "registries": {"mirror.internal:5000": {"plain_http": True}},
     }
@@ -1656,7 +1656,7 @@ def test_seed_format():
 
 def test_empty_documents():
     for text in ("", "\n\n", "# only a comment\n", "---\n", "--- # c\n\n", "   \n\t\n"):
-        assert C.parse_simple_yaml(text) == {}
+        assert C._parse_simple_yaml(text) == {}
 
 
 @pytest.mark.parametrize("text, value", [
@@ -1671,11 +1671,11 @@ def test_empty_documents():
     ("C:\\certs\\ca.pem", "C:\\certs\\ca.pem"), ("  spaced  ", "spaced"), ("a'b\"c", "a'b\"c"),
 ])
 def test_scalars(text, value):
-    assert C.parse_simple_yaml("key: %s\n" % text) == {"key": value}
+    assert C._parse_simple_yaml("key: %s\n" % text) == {"key": value}
 
 
 def test_empty_value_is_null():
-    assert C.parse_simple_yaml("a:\nb:   # comment\nc: 1\nd:") == {"a": None, "b": None, "c": 1, "d": None}
+    assert C._parse_simple_yaml("a:\nb:   # comment\nc: 1\nd:") == {"a": None, "b": None, "c": 1, "d": None}
 
 
 def test_keys():
@@ -1688,7 +1688,7 @@ def test_keys():
             "url:with:colons: 6\n"
             "true: 7\n"
             "8: eight\n")
-    assert C.parse_simple_yaml(text) == {
+    assert C._parse_simple_yaml(text) == {
         "mirror.internal:5000": 1, "[::1]:5000": 2, "quoted key": 3, "spaced": 4, "tab": "after",
         "a#b": 5, "url:with:colons": 6, "true": 7, "8": "eight"}
 
@@ -1705,16 +1705,16 @@ def test_nesting_comments_blank_lines_crlf_bom():
             "    back: 2\r\n"
             "  \t \r\n"
             "last: 3\r\n")
-    assert C.parse_simple_yaml(text) == {"top": {"middle": {"inner": 1, "other": "x"}, "back": 2}, "last": 3}
+    assert C._parse_simple_yaml(text) == {"top": {"middle": {"inner": 1, "other": "x"}, "back": 2}, "last": 3}
 
 
 def test_dedent_several_levels_and_indented_root():
-    assert C.parse_simple_yaml("a:\n b:\n   c:\n      d: 1\ne: 2\n") == {"a": {"b": {"c": {"d": 1}}}, "e": 2}
-    assert C.parse_simple_yaml("  a: 1\n  b:\n    c: 2\n") == {"a": 1, "b": {"c": 2}}
+    assert C._parse_simple_yaml("a:\n b:\n   c:\n      d: 1\ne: 2\n") == {"a": {"b": {"c": {"d": 1}}}, "e": 2}
+    assert C._parse_simple_yaml("  a: 1\n  b:\n    c: 2\n") == {"a": 1, "b": {"c": 2}}
 
 
 def test_line_numbers_are_kept():
-    doc = C.parse_simple_yaml("---\n\ndefaults:\n  # c\n  concurrency: 8\nregistries:\n  h:5000:\n    insecure: on\n")
+    doc = C._parse_simple_yaml("---\n\ndefaults:\n  # c\n  concurrency: 8\nregistries:\n  h:5000:\n    insecure: on\n")
     assert doc.lines == {"defaults": 3, "registries": 6}
     assert doc["defaults"].lines == {"concurrency": 5}
     assert doc["registries"]["h:5000"].lines == {"insecure": 8}
@@ -1767,13 +1767,13 @@ def test_line_numbers_are_kept():
     ("a: `x`\n", 1, "reserved"),
 ])
 def test_rejected(text, line, fragment):
-    message = usage_error(C.parse_simple_yaml, text)
+    message = usage_error(C._parse_simple_yaml, text)
     assert message.startswith("config.yaml line %d: " % line), message
     assert fragment in message
 
 
 def test_source_names_the_file():
-    message = usage_error(C.parse_simple_yaml, "a: [1]\n", "/etc/x/config.yaml")
+    message = usage_error(C._parse_simple_yaml, "a: [1]\n", "/etc/x/config.yaml")
     assert message.startswith("/etc/x/config.yaml line 1: ")
 
 
@@ -1823,7 +1823,7 @@ def test_config_full(tmp_path):
     assert config.registry("registry.example.com") == {
         "ca_file": str(tmp_path / "certs" / "ca.pem"), "insecure": False, "auth_type": "bearer"}
     assert config.registry("docker.io") == {"mirror": "mirror.internal:5000"}
-    assert config.registry(starget.DOCKER_HUB) == {"mirror": "mirror.internal:5000"}
+    assert config.registry(starget._DOCKER_HUB) == {"mirror": "mirror.internal:5000"}
     assert config.registry("[::1]:5001") == {"auth_type": "none"}
     assert config.registry("plain.example") == {}
     assert config.registry("unknown.example") == {}
@@ -1883,7 +1883,7 @@ def test_explicit_path_must_exist(tmp_path):
 def test_unreadable_files(tmp_path):
     assert "cannot read" in usage_error(C.Config.load, str(tmp_path), {})       # a directory
     assert "not UTF-8" in usage_error(C.Config.load, write(tmp_path, b"a: \xff\n"), {})
-    big = write(tmp_path, b"# " + b"x" * (C.MAX_CONFIG_SIZE + 1))
+    big = write(tmp_path, b"# " + b"x" * (C._MAX_CONFIG_SIZE + 1))
     assert "larger than" in usage_error(C.Config.load, big, {})
 
 
@@ -1979,7 +1979,7 @@ def test_a_bad_config_value_is_a_usage_error_naming_the_line(api_env, monkeypatc
 
 @pytest.mark.parametrize("flag, key, text, value", EDGE_OPTION_VALUES)
 def test_range_edges_are_accepted_by_the_flag_and_the_file(flag, key, text, value):
-    args = starget.build_parser().parse_args([flag, text, "ls", "img"])
+    args = starget._build_parser().parse_args([flag, text, "ls", "img"])
     assert getattr(args, key) == value             # these keys are spelled as their destinations
     assert C.Config.from_text("defaults:\n  %s: %s\n" % (key, text)).flag_defaults() == {key: value}
 
@@ -2217,7 +2217,7 @@ def test_retry_decide_reads_only_typed_attributes():
 def test_retry_run_attempts_are_bounded_and_counted():
     slept = []
     policy = starget.RetryPolicy(retries=3, base=0.01, max_delay=0.01, sleep=slept.append)
-    stats = starget.TransportStats()
+    stats = starget._TransportStats()
     calls = []
 
     def always_failing():
@@ -2529,7 +2529,7 @@ if given is not None:
            | st.from_regex(r"\A[A-Za-z]{3}, \d{1,2} [A-Za-z]{3} \d{1,6} \d\d:\d\d:\d\d( GMT| [+-]\d{4})?\Z"))
     def test_prop_parse_retry_after(value):
         """A server's Retry-After header (latin-1): seconds >= 0 or None, never a crash."""
-        result = _only_stargz_error(starget.parse_retry_after, value)
+        result = _only_stargz_error(starget._parse_retry_after, value)
         assert result is None or result >= 0
 
 
@@ -2681,7 +2681,7 @@ def test_tls_api_cafile_byte_exact(tls_registry, api_env):
 def test_tls_api_without_ca_is_network_error(tls_registry, api_env):
     client = _tls_client(tls_registry)
     with pytest.raises(starget.StargzError) as ei:
-        starget.resolve_manifest(client)
+        starget._resolve_manifest(client)
     e = ei.value
     assert e.code == starget.ErrorCode.NETWORK
     assert tls_registry.addr in e.message
@@ -2714,7 +2714,7 @@ def test_tls_api_certs_dir_of_other_registry_not_used(tls_registry, api_env):
     shutil.copy(tls_registry.cacert, str(certs / "127.0.0.1:1" / "ca.crt"))
     client = _tls_client(tls_registry, certs_dirs=[str(certs)])
     with pytest.raises(starget.StargzError) as ei:
-        starget.resolve_manifest(client)
+        starget._resolve_manifest(client)
     assert ei.value.code == starget.ErrorCode.NETWORK
 
 
@@ -2861,7 +2861,7 @@ def test_proxy_http_absolute_form(registry_anon, proxy, api_env, var):
 def test_proxy_credentials_in_proxy_url(registry_anon, proxy, api_env):
     url = proxy.url.replace("http://", "http://pu:p%40ss@")
     client = _proxied_client(registry_anon.addr, {"HTTP_PROXY": url})
-    starget.resolve_manifest(client)
+    starget._resolve_manifest(client)
     seen = proxy.seen()
     assert seen and all(h.get("proxy-authorization") == "Basic " + _b64("pu", "p@ss") for m, t, h in seen)
 
@@ -2871,7 +2871,7 @@ def test_proxy_credentials_in_proxy_url(registry_anon, proxy, api_env):
 def test_proxy_no_proxy_bypasses(registry_anon, proxy, api_env, no_proxy):
     client = _proxied_client(registry_anon.addr, {"HTTP_PROXY": proxy.url, "NO_PROXY": no_proxy})
     with pytest.raises(starget.StargzError) as ei:
-        starget.resolve_manifest(client)
+        starget._resolve_manifest(client)
     assert ei.value.code == starget.ErrorCode.NETWORK
     assert "cannot resolve host registry.test" in ei.value.message
     assert proxy.seen() == []
@@ -2881,10 +2881,10 @@ def test_proxy_no_proxy_with_port(registry_anon, proxy, api_env):
     port = registry_anon.addr.rsplit(":", 1)[1]
     client = _proxied_client(registry_anon.addr, {"HTTP_PROXY": proxy.url, "NO_PROXY": "registry.test:%s" % port})
     with pytest.raises(starget.StargzError):
-        starget.resolve_manifest(client)
+        starget._resolve_manifest(client)
     assert proxy.seen() == []
     other = _proxied_client(registry_anon.addr, {"HTTP_PROXY": proxy.url, "NO_PROXY": "registry.test:1"})
-    starget.resolve_manifest(other)
+    starget._resolve_manifest(other)
     assert proxy.seen()
 
 
@@ -2893,7 +2893,7 @@ def test_proxy_loopback_never_proxied(registry_anon, api_env):
                                   retry=starget.RetryPolicy(retries=0))
     client = starget.RegistryClient(registry_anon.image("basic"), transport=transport,
                                     credentials=starget.Credentials(environ={}, home="/nonexistent"))
-    assert starget.resolve_manifest(client).layers
+    assert starget._resolve_manifest(client).layers
 
 
 @pytest.mark.parametrize("verify", ["insecure", "cafile"])
@@ -2912,7 +2912,7 @@ def test_proxy_https_connect(tls_registry, proxy, api_env, verify):
 def test_proxy_connect_credentials(tls_registry, proxy, api_env):
     url = proxy.url.replace("http://", "http://pu:secret@")
     client = _proxied_client(tls_registry.addr, {"HTTPS_PROXY": url}, plain_http=False, insecure=True)
-    starget.resolve_manifest(client)
+    starget._resolve_manifest(client)
     seen = proxy.seen("CONNECT")
     assert seen and all(h.get("proxy-authorization") == "Basic " + _b64("pu", "secret") for m, t, h in seen)
 
@@ -2922,7 +2922,7 @@ def test_proxy_refused_api(api_env):
     client = starget.RegistryClient("registry.test:5000/x/y:1", transport=transport,
                                     credentials=starget.Credentials(environ={}, home="/nonexistent"))
     with pytest.raises(starget.StargzError) as ei:
-        starget.resolve_manifest(client)
+        starget._resolve_manifest(client)
     assert ei.value.code == starget.ErrorCode.NETWORK
     assert "proxy" in ei.value.message and "127.0.0.1:1" in ei.value.message
 
@@ -3091,10 +3091,10 @@ def test_endpoints_are_values_in_resolution_order(tmp_path):
 
 def test_endpoint_fallback_decisions():
     fallback = starget._endpoint_fallback
-    E = starget.Endpoint
+    E = starget._Endpoint
     plain = [E("m", "https", "mirror"), E("m", "http", "plain-http"), E("r", "https", "registry"),
              E("r", "http", "plain-http")]
-    tls = starget.TLSHandshakeError(ErrorCode.NETWORK, "no TLS")
+    tls = starget._TLSHandshakeError(ErrorCode.NETWORK, "no TLS")
     verify = starget.StargzError(ErrorCode.NETWORK, "certificate verify failed")
     missing = starget.StargzError(ErrorCode.NOT_FOUND, "no such image")
     bad = starget.StargzError(ErrorCode.FORMAT, "hostile manifest")
@@ -3157,20 +3157,20 @@ def test_hostile_manifest_is_one_line_error(httpserver, case, manifest, index_ed
         raw = manifest
     else:
         config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
-        doc = {"schemaVersion": 2, "mediaType": starget.MEDIA_OCI_MANIFEST,
+        doc = {"schemaVersion": 2, "mediaType": starget._MEDIA_OCI_MANIFEST,
                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                           "digest": reg.add_blob(repo, config), "size": len(config)},
                "layers": [_basic_layer_descriptor()]}
         doc.update(manifest)
         raw = json.dumps(doc).encode()
     if index_edit is None:
-        reg.add_manifest(repo, raw, starget.MEDIA_OCI_MANIFEST, "latest")
+        reg.add_manifest(repo, raw, starget._MEDIA_OCI_MANIFEST, "latest")
     else:
-        digest = reg.add_manifest(repo, raw, starget.MEDIA_OCI_MANIFEST)
-        index = {"schemaVersion": 2, "mediaType": starget.MEDIA_OCI_INDEX,
-                 "manifests": [{"mediaType": starget.MEDIA_OCI_MANIFEST, "digest": digest, "size": len(raw)}]}
+        digest = reg.add_manifest(repo, raw, starget._MEDIA_OCI_MANIFEST)
+        index = {"schemaVersion": 2, "mediaType": starget._MEDIA_OCI_INDEX,
+                 "manifests": [{"mediaType": starget._MEDIA_OCI_MANIFEST, "digest": digest, "size": len(raw)}]}
         index_edit(index)
-        reg.add_manifest(repo, json.dumps(index).encode(), starget.MEDIA_OCI_INDEX, "latest")
+        reg.add_manifest(repo, json.dumps(index).encode(), starget._MEDIA_OCI_INDEX, "latest")
     rc, out, err = run_cli("--retries", "0", "ls", reg.image(repo), *_plat_args(platform))
     assert rc != 1 and "internal error" not in err, err
     if codes == (0,):
@@ -3203,7 +3203,7 @@ if given is not None:
     @PROP
     @given(st.text(max_size=120))
     def test_prop_parse_www_authenticate_any(text):
-        result = _only_stargz_error(starget.parse_www_authenticate, text)
+        result = _only_stargz_error(starget._parse_www_authenticate, text)
         if result is not None:
             scheme, params = result
             assert isinstance(scheme, str) and isinstance(params, dict)
@@ -3216,7 +3216,7 @@ if given is not None:
                            min_size=1, max_size=4))
     def test_prop_parse_www_authenticate_round_trip(scheme, params):
         header = scheme + " " + ",".join("%s=%s" % (k, _quote(v)) for k, v in params.items())
-        got_scheme, got = starget.parse_www_authenticate(header)
+        got_scheme, got = starget._parse_www_authenticate(header)
         assert got_scheme == scheme.lower()
         assert got == params
 
@@ -3275,23 +3275,23 @@ def _descriptor(digest_char, os_name, arch, variant=None, **extra):
     plat = {"os": os_name, "architecture": arch}
     if variant:
         plat["variant"] = variant
-    desc = {"mediaType": starget.MEDIA_OCI_MANIFEST, "digest": "sha256:" + digest_char * 64, "size": 1,
+    desc = {"mediaType": starget._MEDIA_OCI_MANIFEST, "digest": "sha256:" + digest_char * 64, "size": 1,
             "platform": plat}
     desc.update(extra)
     return desc
 
 
 def test_choose_platform_and_index_entries():
-    doc = {"mediaType": starget.MEDIA_OCI_INDEX, "manifests": [
+    doc = {"mediaType": starget._MEDIA_OCI_INDEX, "manifests": [
         _descriptor("a", "linux", "amd64"), _descriptor("b", "linux", "arm64", "v8"),
         _descriptor("c", "unknown", "unknown"),
         _descriptor("d", "linux", "amd64", annotations={"vnd.docker.reference.type": "attestation-manifest"}),
         {"digest": "not-a-digest"}]}
-    assert starget.is_image_index(doc, "")
-    index = starget.ImageIndexManifest.from_json(doc, "sha256:" + "f" * 64, "")
+    assert starget._is_image_index(doc, "")
+    index = starget._ImageIndexManifest.from_json(doc, "sha256:" + "f" * 64, "")
     assert [str(p) for p in index.platforms] == ["linux/amd64", "linux/arm64/v8"]
-    assert index.media_type == starget.MEDIA_OCI_INDEX
-    pick = starget.choose_platform
+    assert index.media_type == starget._MEDIA_OCI_INDEX
+    pick = starget._choose_platform
     assert pick(index, starget.Platform.parse("linux/arm64"), "img")["digest"] == "sha256:" + "b" * 64
     assert pick(index, starget.Platform("linux", "amd64"), "img")["digest"] == "sha256:" + "a" * 64
     with pytest.raises(StargzError) as ei:
@@ -3303,39 +3303,39 @@ def test_choose_platform_and_index_entries():
 def test_image_manifest_from_json():
     ref = starget.ImageRef.parse("127.0.0.1:5000/x/y:1")
     layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": "sha256:" + "1" * 64,
-             "size": 10, "annotations": {starget.ANNOTATION_TOC_DIGEST: "sha256:" + "2" * 64}}
-    doc = {"mediaType": starget.MEDIA_OCI_MANIFEST, "config": {"digest": "sha256:" + "3" * 64},
+             "size": 10, "annotations": {starget._ANNOTATION_TOC_DIGEST: "sha256:" + "2" * 64}}
+    doc = {"mediaType": starget._MEDIA_OCI_MANIFEST, "config": {"digest": "sha256:" + "3" * 64},
            "layers": [layer, dict(layer, mediaType="application/vnd.oci.image.layer.v1.tar+zstd")]}
-    assert not starget.is_image_index(doc, "")
-    m = starget.ImageManifest.from_json(doc, ref, "sha256:" + "9" * 64, "", b"raw")
+    assert not starget._is_image_index(doc, "")
+    m = starget._ImageManifest.from_json(doc, ref, "sha256:" + "9" * 64, "", b"raw")
     assert [(d.position, d.compression) for d in m.layers] == [(0, "gzip"), (1, "zstd")]
     assert m.layers[0].toc_digest == "sha256:" + "2" * 64 and m.config_digest == "sha256:" + "3" * 64
     for broken in ({"layers": "nope"}, {"layers": [{"digest": "sha256:" + "1" * 64, "size": -1}]},
                    {"layers": [{"digest": "sha256:1", "size": 1}]}):
         with pytest.raises(StargzError) as ei:
-            starget.ImageManifest.from_json(broken, ref, "sha256:" + "9" * 64, "", b"")
+            starget._ImageManifest.from_json(broken, ref, "sha256:" + "9" * 64, "", b"")
         assert ei.value.code == ErrorCode.FORMAT
     with pytest.raises(StargzError) as ei:
-        starget.ImageManifest.from_json({"schemaVersion": 2}, ref, "sha256:" + "9" * 64, "x", b"")
+        starget._ImageManifest.from_json({"schemaVersion": 2}, ref, "sha256:" + "9" * 64, "x", b"")
     assert ei.value.code == ErrorCode.UNSUPPORTED
     for raw in (b"\xff", b"[1]", b"{"):
         with pytest.raises(StargzError) as ei:
-            starget.parse_manifest_json(raw, ref)
+            starget._parse_manifest_json(raw, ref)
         assert ei.value.code == ErrorCode.FORMAT
-    assert str(starget.platform_of_config(b'{"os": "linux", "architecture": "arm", "variant": "v7"}')) \
+    assert str(starget._platform_of_config(b'{"os": "linux", "architecture": "arm", "variant": "v7"}')) \
         == "linux/arm/v7"
-    assert starget.platform_of_config(b"{}") is None
+    assert starget._platform_of_config(b"{}") is None
 
 
 def test_inflate_members_joins_members_and_bounds_output():
     payloads = [os.urandom(3000), b"z" * 300000, b""]
     blob = b"".join(gzip.compress(p) for p in payloads)
     pieces = [blob[i:i + 7] for i in range(0, len(blob), 7)]     # members split anywhere
-    out = list(starget.inflate_members(pieces, max_out=4096))
+    out = list(starget._inflate_members(pieces, max_out=4096))
     assert b"".join(out) == b"".join(payloads)
     assert max(len(o) for o in out) <= 4096
     with pytest.raises(StargzError) as ei:
-        list(starget.inflate_members([gzip.compress(b"abc")[:10] + b"\x00garbage" * 4]))
+        list(starget._inflate_members([gzip.compress(b"abc")[:10] + b"\x00garbage" * 4]))
     assert ei.value.code == ErrorCode.FORMAT and ei.value.damaged
 
 
@@ -3577,12 +3577,12 @@ if given is not None:
         if result is not None:
             off, size = result
             assert isinstance(off, int) and off >= 0
-            assert size in (starget.FOOTER_SIZE, starget.LEGACY_FOOTER_SIZE)
+            assert size in (starget._FOOTER_SIZE, starget._LEGACY_FOOTER_SIZE)
 
     @PROP
     @given(st.integers(0, (1 << 64) - 1), st.binary(max_size=64))
     def test_prop_parse_footer_round_trip(offset, prefix):
-        assert starget.parse_footer(prefix + estargz_footer(offset)) == (offset, starget.FOOTER_SIZE)
+        assert starget.parse_footer(prefix + estargz_footer(offset)) == (offset, starget._FOOTER_SIZE)
 
     @PROP
     @given(st.binary(max_size=300))
@@ -3631,17 +3631,17 @@ if given is not None:
     @given(st.text(max_size=60)
            | st.lists(st.sampled_from(["..", ".", "", "a", "b", "\x00", " ", "..."]), max_size=6).map("/".join))
     def test_prop_normalize_path(name):
-        path = _only_stargz_error(starget.normalize_path, name)
+        path = _only_stargz_error(starget._normalize_path, name)
         if path is not None:
             parts = path.split("/")
             assert "\x00" not in path and not path.startswith("/") and ".." not in parts and "." not in parts
             assert path == "" or "" not in parts
-            assert starget.normalize_path(path) == path
+            assert starget._normalize_path(path) == path
 
     @PROP
     @given(st.binary(max_size=600) | st.binary(max_size=600).map(gzip.compress))
     def test_prop_extract_toc_json(member):
-        _only_stargz_error(starget.extract_toc_json, member)
+        _only_stargz_error(starget._extract_toc_json, member)
 
 
 # =============================================================================
@@ -3780,15 +3780,15 @@ def _reference_merge(layers):
         own = []
         for entry in toc.entries:
             name, parent = entry.name, posixpath.dirname(entry.path)
-            if name == starget.OPAQUE_WHITEOUT:
+            if name == starget._OPAQUE_WHITEOUT:
                 for key in [k for k in merged if parent == "" or k.startswith(parent + "/")]:
                     if key != parent:
                         del merged[key]
-            elif name.startswith(starget.WHITEOUT_PREFIX) and name != starget.WHITEOUT_PREFIX:
-                gone = posixpath.join(parent, name[len(starget.WHITEOUT_PREFIX):])
+            elif name.startswith(starget._WHITEOUT_PREFIX) and name != starget._WHITEOUT_PREFIX:
+                gone = posixpath.join(parent, name[len(starget._WHITEOUT_PREFIX):])
                 for key in [k for k in merged if k == gone or k.startswith(gone + "/")]:
                     del merged[key]
-            elif not name.startswith(starget.WHITEOUT_PREFIX):
+            elif not name.startswith(starget._WHITEOUT_PREFIX):
                 own.append(entry)
         for entry in own:
             old = merged.get(entry.path)
@@ -3878,8 +3878,8 @@ def test_merge_work_is_proportional_to_what_the_whiteouts_remove():
 if given is not None:
     _merge_part = st.sampled_from(["a", "b", "a-b", "b.c", ""])    # "" makes "a//b", "/a" and the root
     _merge_dir = st.lists(_merge_part, max_size=3).map("/".join)
-    _merge_name = st.one_of(_merge_part.map(lambda p: starget.WHITEOUT_PREFIX + p),
-                            st.just(starget.OPAQUE_WHITEOUT), _merge_part)
+    _merge_name = st.one_of(_merge_part.map(lambda p: starget._WHITEOUT_PREFIX + p),
+                            st.just(starget._OPAQUE_WHITEOUT), _merge_part)
     _merge_entry = st.tuples(_merge_dir, _merge_name, st.sampled_from(["dir", "reg", "symlink"])).map(
         lambda t: (t[0] + "/" + t[1] if t[0] else t[1], t[2]))
     _merge_layers = st.lists(st.lists(_merge_entry, max_size=10), min_size=1, max_size=4)
@@ -3908,7 +3908,7 @@ def test_footer_and_small_toc_come_in_one_request_per_layer(registry_anon, layou
 
 
 def test_a_toc_bigger_than_the_tail_read_costs_one_more_request(registry_anon, monkeypatch):
-    monkeypatch.setattr(starget, "TAIL_READ_SIZE", 512)
+    monkeypatch.setattr(starget, "_TAIL_READ_SIZE", 512)
     client = _client(registry_anon, "basic")
     index = starget.open_image(client.ref, client=client, cache=None)
     assert client.transport.stats.requests == 1 + 2
@@ -4130,7 +4130,7 @@ def test_requests_do_not_grow_with_the_number_of_files(registry_anon, tmp_path, 
     payload = sum(c.member_end - c.member_offset for e in job.regular for c in e.content.chunks)
     assert not stats.failures
     assert files > layers_touched
-    assert data_requests <= layers_touched + payload // starget.PART_SIZE + 1
+    assert data_requests <= layers_touched + payload // starget._PART_SIZE + 1
     prefix = "" if pattern == "." else pattern.rstrip("/")
     assert compare_tree(expected_files(layout, "latest"), walk_tree(str(tmp_path)), prefix=prefix) == []
 
@@ -4140,7 +4140,7 @@ def test_plan_coalesces_small_gaps_and_splits_long_runs():
     mib = 1 << 20
     near = [(blob, 100, 200, "near0"), (blob, 300, 400, "near1"), (blob, 300, 400, "near1-again")]
     far = [(blob, 10 * mib, 10 * mib + 50, "far")]
-    ranges = starget.DownloadJob.plan_ranges(near + far, concurrency=4, gap=starget.COALESCE_GAP)
+    ranges = starget.DownloadJob.plan_ranges(near + far, concurrency=4, gap=starget._COALESCE_GAP)
     assert [(m[0].offset, m[-1].end) for _, m in ranges] == [(100, 400), (10 * mib, 10 * mib + 50)]
     assert [m.keys for m in ranges[0][1]] == [["near0"], ["near1", "near1-again"]]   # one member, two chunks
 
@@ -4245,7 +4245,7 @@ def _assert_interrupted_tree(out, prefix):
     want = set(under(prefix))
     for p, a in tree.items():
         if _is_leftover(p):
-            final = p[:-len(starget.STATE_SUFFIX)] if p.endswith(starget.STATE_SUFFIX) else p[:-len(starget.PARTIAL_SUFFIX)]
+            final = p[:-len(starget._STATE_SUFFIX)] if p.endswith(starget._STATE_SUFFIX) else p[:-len(starget._PARTIAL_SUFFIX)]
             assert final in want and BASIC_FILES[final]["type"] == "reg", "stray %s" % p
             assert final not in tree, "%s left next to the finished %s" % (p, final)
             continue
@@ -4265,12 +4265,12 @@ def _chunks_fetched(requests, path):
 
 def test_resume_after_kill_9_skips_verified_chunks(anon_proxy, sandbox):
     chunks = chunk_table(BIG)
-    rc, err, _ = _interrupt(anon_proxy, sandbox.out, BIG, 1300000, BIG + starget.STATE_SUFFIX)
+    rc, err, _ = _interrupt(anon_proxy, sandbox.out, BIG, 1300000, BIG + starget._STATE_SUFFIX)
     assert rc == -signal.SIGKILL
     big = os.path.join(sandbox.out, "data", "big.bin")
     assert not os.path.lexists(big), "a killed run left data/big.bin under its final name"
-    assert os.path.isfile(big + starget.PARTIAL_SUFFIX)
-    done = _state_done(big + starget.STATE_SUFFIX)
+    assert os.path.isfile(big + starget._PARTIAL_SUFFIX)
+    done = _state_done(big + starget._STATE_SUFFIX)
     assert done and set(done) <= set(range(len(chunks))) and len(done) < len(chunks), done
     _assert_interrupted_tree(sandbox.out, BIG)
 
@@ -4292,7 +4292,7 @@ def test_resume_directory_after_kill_9(anon_proxy, sandbox):
     the re-run fetches neither again."""
     two = chunk_table("data/exact-2chunks.bin")
     cut = two[1][1] - chunk_table(BIG)[0][1] + 3000    # into exact-2chunks.bin's 2nd member
-    rc, err, _ = _interrupt(anon_proxy, sandbox.out, "data", cut, "data/exact-2chunks.bin" + starget.STATE_SUFFIX)
+    rc, err, _ = _interrupt(anon_proxy, sandbox.out, "data", cut, "data/exact-2chunks.bin" + starget._STATE_SUFFIX)
     assert rc == -signal.SIGKILL
     _assert_interrupted_tree(sandbox.out, "data")
     assert os.path.isfile(os.path.join(sandbox.out, "data", "big.bin")), "big.bin was complete before the kill"
@@ -4309,14 +4309,14 @@ def test_resume_directory_after_kill_9(anon_proxy, sandbox):
 def test_sigint_exits_130_and_resumes(anon_proxy, sandbox):
     """Ctrl-C during a stalled read: exit 130 promptly, a message about resuming, .partial
     files only; the same command then finishes."""
-    rc, err, took = _interrupt(anon_proxy, sandbox.out, BIG, 1300000, BIG + starget.STATE_SUFFIX,
+    rc, err, took = _interrupt(anon_proxy, sandbox.out, BIG, 1300000, BIG + starget._STATE_SUFFIX,
                                sig=signal.SIGINT)
     assert rc == 130, (rc, err)
     assert "resume" in err.lower() or "again" in err.lower(), err
     assert "Traceback" not in err
     assert took < 10, "exit took %.1fs after SIGINT" % took
     _assert_interrupted_tree(sandbox.out, BIG)
-    assert os.path.isfile(os.path.join(sandbox.out, "data", "big.bin" + starget.PARTIAL_SUFFIX))
+    assert os.path.isfile(os.path.join(sandbox.out, "data", "big.bin" + starget._PARTIAL_SUFFIX))
     rc, out, err = run_cli("--no-progress", "get", anon_proxy.image(), BIG, sandbox.out)
     assert rc == 0, err
     assert_final_tree(sandbox.out, BIG, complete=True)
@@ -4325,9 +4325,9 @@ def test_sigint_exits_130_and_resumes(anon_proxy, sandbox):
 def test_resume_refetches_a_corrupted_verified_chunk(anon_proxy, sandbox):
     """A byte of a chunk the state calls verified is changed on disk before the
     re-run: that chunk is checked again and fetched again, the others are not."""
-    rc, err, _ = _interrupt(anon_proxy, sandbox.out, BIG, 1300000, BIG + starget.STATE_SUFFIX)
-    partial = os.path.join(sandbox.out, "data", "big.bin" + starget.PARTIAL_SUFFIX)
-    done = _state_done(os.path.join(sandbox.out, "data", "big.bin" + starget.STATE_SUFFIX))
+    rc, err, _ = _interrupt(anon_proxy, sandbox.out, BIG, 1300000, BIG + starget._STATE_SUFFIX)
+    partial = os.path.join(sandbox.out, "data", "big.bin" + starget._PARTIAL_SUFFIX)
+    done = _state_done(os.path.join(sandbox.out, "data", "big.bin" + starget._STATE_SUFFIX))
     assert 0 in done and len(done) >= 2, done
     with open(partial, "r+b") as f:
         f.seek(1000)
@@ -4359,10 +4359,10 @@ def test_stale_state_of_another_blob_is_discarded(httpserver, make_proxy, anon_p
     other_digest = sha256_digest(other_blob)
     assert other_digest != BASIC_BLOB
     front = make_proxy("127.0.0.1:%d" % httpserver.port)
-    rc, err, _ = _interrupt(front, sandbox.out, BIG, 1300000, BIG + starget.STATE_SUFFIX, blob=other_digest,
+    rc, err, _ = _interrupt(front, sandbox.out, BIG, 1300000, BIG + starget._STATE_SUFFIX, blob=other_digest,
                             image="%s/fixtures/basic:latest" % front.addr)
     assert rc == -signal.SIGKILL
-    done = _state_done(os.path.join(sandbox.out, "data", "big.bin" + starget.STATE_SUFFIX))
+    done = _state_done(os.path.join(sandbox.out, "data", "big.bin" + starget._STATE_SUFFIX))
     assert done
     mark = anon_proxy.mark()
     rc, out, err = run_cli("--no-progress", "get", anon_proxy.image(), BIG, sandbox.out)
@@ -4379,9 +4379,9 @@ def test_garbage_state_file_is_ignored(anon_proxy, sandbox, junk):
     zero-filled `.partial`: ignored; the result is byte-exact."""
     d = os.path.join(sandbox.out, "data")
     os.makedirs(d)
-    with open(os.path.join(d, "big.bin" + starget.PARTIAL_SUFFIX), "wb") as f:
+    with open(os.path.join(d, "big.bin" + starget._PARTIAL_SUFFIX), "wb") as f:
         f.write(b"\0" * BASIC_FILES[BIG]["size"])
-    with open(os.path.join(d, "big.bin" + starget.STATE_SUFFIX), "wb") as f:
+    with open(os.path.join(d, "big.bin" + starget._STATE_SUFFIX), "wb") as f:
         f.write(junk)
     rc, out, err = run_cli("--no-progress", "get", anon_proxy.image(), BIG, sandbox.out)
     assert rc == 0, err
@@ -4392,7 +4392,7 @@ def test_partial_that_is_a_symlink_is_not_written_through(anon_proxy, sandbox):
     """`etc/passwd.partial` is a symlink to a file outside OUTPUT_DIR: never written through."""
     d = os.path.join(sandbox.out, "etc")
     os.makedirs(d)
-    os.symlink(os.path.join(sandbox.canary, "keep.txt"), os.path.join(d, "passwd" + starget.PARTIAL_SUFFIX))
+    os.symlink(os.path.join(sandbox.canary, "keep.txt"), os.path.join(d, "passwd" + starget._PARTIAL_SUFFIX))
     rc, out, err = run_cli("--no-progress", "get", anon_proxy.image(), TARGET_FILE, sandbox.out)
     assert rc in (0, 9, 10), err
     sandbox.assert_untouched()
@@ -4409,7 +4409,7 @@ def test_state_tmp_that_is_a_symlink_is_not_written_through(registry_anon, sandb
     os.makedirs(d)
     name = os.path.basename(TARGET_CHUNKED)
     assert len(chunk_table(TARGET_CHUNKED)) > 1
-    os.symlink(os.path.join(sandbox.canary, "keep.txt"), os.path.join(d, name + starget.STATE_SUFFIX + ".tmp"))
+    os.symlink(os.path.join(sandbox.canary, "keep.txt"), os.path.join(d, name + starget._STATE_SUFFIX + ".tmp"))
     rc, out, err = run_cli("--no-progress", "get", registry_anon.image("basic"), TARGET_CHUNKED, sandbox.out)
     sandbox.assert_untouched()
     assert rc == 0, err
@@ -4634,7 +4634,7 @@ def test_hostile_entry_names(httpserver, sandbox, case, template):
         return
     files = _minus(BASIC_FILES, TARGET_FILE)
     try:
-        normal = starget.normalize_path(name)
+        normal = starget._normalize_path(name)
     except starget.StargzError:
         normal = None
     if normal and os.path.lexists(os.path.join(sandbox.out, *normal.split("/"))):
@@ -4766,7 +4766,7 @@ def test_hardlink_never_links_through_a_symlink_in_output(httpserver, ws, tmp_pa
     ws.assert_untouched()
 
 
-@pytest.mark.parametrize("suffix", [starget.PARTIAL_SUFFIX, starget.STATE_SUFFIX, starget.STATE_SUFFIX + ".tmp"])
+@pytest.mark.parametrize("suffix", [starget._PARTIAL_SUFFIX, starget._STATE_SUFFIX, starget._STATE_SUFFIX + ".tmp"])
 def test_entry_named_like_a_working_file_is_refused(httpserver, sandbox, suffix):
     """The image has `etc/passwd` and `etc/passwd<suffix>` (a regular file with other
     content), starget's working names for etc/passwd: the second is refused with one
@@ -5715,12 +5715,12 @@ INDEX = FakeIndex([
     ("usr/../etc/ho", ["usr/../etc/hostname", "usr/../etc/hosts"]),
 ])
 def test_complete_paths(prefix, expected):
-    assert P.complete_paths(INDEX, prefix) == expected
+    assert P._complete_paths(INDEX, prefix) == expected
 
 
 def test_complete_paths_of_one_layer():
     index = FakeIndex([_entry("", "dir")], layer=[_entry("only", "dir"), _entry("only/f")])
-    assert P.complete_paths(index, "o", "sha256:ab") == ["only/"]
+    assert P._complete_paths(index, "o", "sha256:ab") == ["only/"]
     assert index.blobs == ["sha256:ab"]
 
 
@@ -5736,19 +5736,19 @@ def test_cmd_complete():
             return FakeIndex([], layer=list(index._view.values()))
 
     out = io.StringIO()
-    assert P.cmd_complete(Session(), out) == 0
+    assert P._cmd_complete(Session(), out) == 0
     assert out.getvalue() == "etc/hostname\netc/hosts\n" and asked == ["sha256:ab"]
     Session.args = argparse.Namespace(args=[""])
     out = io.StringIO()
     Session.load_image = lambda self, blob=None: INDEX
-    P.cmd_complete(Session(), out)
+    P._cmd_complete(Session(), out)
     assert out.getvalue().split("\n")[:2] == [".hidden", "abslib/"]
 
 
 # ---- cli: completion scripts ------------------------------------------------
 
 def test_unknown_shell():
-    assert "unknown shell 'tcsh'" in usage_error(P.completion_script, "tcsh")
+    assert "unknown shell 'tcsh'" in usage_error(P._completion_script, "tcsh")
 
 
 def _split(text, sep=None):
@@ -5809,9 +5809,9 @@ def test_scripts_mention_everything(shell):
     forwarded = {f for o in options if o.forwarded and not o.takes_value for f in o.flags}
     if shell != "fish":
         forwarded |= {f + "=*" for f in value_flags}
-    parser = starget.build_parser()
+    parser = starget._build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    got = _shell_lists(shell, P.completion_script(shell))
+    got = _shell_lists(shell, P._completion_script(shell))
     assert got["flags"] == {f for o in options for f in o.flags} | {"-h", "--help"}
     assert got["value_flags"] == value_flags
     assert got["forwarded"] == forwarded
@@ -5819,7 +5819,7 @@ def test_scripts_mention_everything(shell):
                                if not c.startswith("_") and c not in ("help", "version")}
     assert got["platforms"] == set(next(o for o in options if o.kind == "platform").suggestions)
     assert got["files"] == {f for o in options if o.kind == "file" for f in o.flags}
-    assert not re.search(r"@[A-Z_]+@", P.completion_script(shell))      # every placeholder filled
+    assert not re.search(r"@[A-Z_]+@", P._completion_script(shell))      # every placeholder filled
 
 
 def test_value_flags_are_forwarded():
@@ -5834,7 +5834,7 @@ def _option_strings(parser):
 
 def test_flags_match_the_parser():
     """Every flag starget accepts is completed (a new flag must be added to the tables)."""
-    parser = starget.build_parser()
+    parser = starget._build_parser()
     completed = {f for o in P._GLOBAL_OPTIONS for f in o.flags} | {f for f, _ in P._COMPLETION_HELP_FLAGS}
     assert _option_strings(parser) - {"--version"} == completed
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -5851,7 +5851,7 @@ def test_script_syntax(shell, tmp_path):
     if not shutil.which(shell):
         pytest.skip("%s is not installed" % shell)
     path = tmp_path / ("completion." + shell)
-    path.write_text(P.completion_script(shell))
+    path.write_text(P._completion_script(shell))
     proc = subprocess.run([shell, "-n", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.returncode == 0, proc.stderr.decode()
 
@@ -5921,7 +5921,7 @@ def run_bash(fake, line, wordbreaks=BASH_WORDBREAKS):
     The compopt calls (options readline would apply to the candidates) go to fake.compopt."""
     words = bash_words(line, wordbreaks)
     script = fake.tmp / "completion.bash"
-    script.write_text(P.completion_script("bash"))
+    script.write_text(P._completion_script("bash"))
     fake.compopt = fake.tmp / "compopt"
     program = ("compopt() { local IFS=' '; printf '%%s\\n' \"$*\" >> %s; }\n" % quote(str(fake.compopt))
                + "source %s\nCOMP_WORDBREAKS=%s\nCOMP_WORDS=(%s)\nCOMP_CWORD=%d\nCOMP_LINE=%s\nCOMP_POINT=%d\n"
@@ -6048,7 +6048,7 @@ compdef() { print -r -- "compdef $*"; }
 
 def run_zsh(fake, words):
     script = fake.tmp / "_starget"
-    script.write_text(P.completion_script("zsh"))
+    script.write_text(P._completion_script("zsh"))
     program = ZSH_STUBS + "source %s\nwords=(%s)\nCURRENT=%d\n_starget\n" % (
         quote(str(script)), " ".join(quote(w) for w in words), len(words))
     if fake.log.exists():
@@ -6088,7 +6088,7 @@ def zsh_line_run(fake, line):
     import select
     import time
     script = fake.tmp / "_starget"
-    script.write_text(P.completion_script("zsh"))
+    script.write_text(P._completion_script("zsh"))
     env = dict(fake.env, HOME=str(fake.tmp), TERM="dumb", PS1="$ ")
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child
@@ -6135,7 +6135,7 @@ def test_zsh_completion_of_spaces_and_local_dirs(fake_starget, line, call, path)
 
 def run_fish(fake, line):
     script = fake.tmp / "starget.fish"
-    script.write_text(P.completion_script("fish"))
+    script.write_text(P._completion_script("fish"))
     if fake.log.exists():
         fake.log.unlink()
     proc = subprocess.run(["fish", "--no-config", "-c", "source %s; complete -C%s" % (quote(str(script)), quote(line))],
@@ -6184,7 +6184,7 @@ def test_bash_readline_end_to_end(fake_starget):
     if not shutil.which("bash"):
         pytest.skip("bash is not installed")
     script = fake_starget.tmp / "completion.bash"
-    script.write_text(P.completion_script("bash"))
+    script.write_text(P._completion_script("bash"))
     env = dict(fake_starget.env, INPUTRC="/dev/null", PS1="$ ", TERM="dumb")
 
     def complete(line):
