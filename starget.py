@@ -1304,13 +1304,20 @@ class _Response(object):
             remaining -= len(data)
         return b"".join(parts)
 
+    def pieces(self, length):
+        """The next `length` body bytes, as pieces of at most _READ_SIZE; a body that
+        ends before them is truncated."""
+        while length > 0:
+            data = self.read(min(_READ_SIZE, length))
+            if not data:
+                raise self.truncated(length)
+            length -= len(data)
+            yield data
+
     def skip(self, amount):
         """Read and drop `amount` body bytes (a hole in a coalesced range)."""
-        while amount > 0:
-            data = self.read(min(amount, _READ_SIZE))
-            if not data:
-                raise self.truncated(amount)
-            amount -= len(data)
+        for _ in self.pieces(amount):
+            pass
 
     def close(self):
         """Return the connection to the pool if the body is done, else drop it."""
@@ -2703,16 +2710,6 @@ def _spool_plain_layer(client, layer, directory):
     return toc
 
 
-def _read_extent(response, length):
-    """The body of `response`, `length` bytes, as pieces; a short body is truncated."""
-    while length > 0:
-        data = response.read(min(_READ_SIZE, length))
-        if not data:
-            raise response.truncated(length)
-        length -= len(data)
-        yield data
-
-
 def _spool_blob(client, layer, path):
     """One attempt: the whole blob, hashed and (if gzip) inflated into `path`."""
     hasher = hashlib.sha256()
@@ -2725,7 +2722,7 @@ def _spool_blob(client, layer, path):
     response = client.open_blob(layer.digest, 0, max(0, layer.size - 1))
     try:
         with open(path, "wb") as out:
-            pieces = hashed(_read_extent(response, layer.size))
+            pieces = hashed(response.pieces(layer.size))
             for data in _inflate_members(pieces) if layer.compression == "gzip" else pieces:
                 out.write(data)
     except OSError as e:
@@ -3812,7 +3809,7 @@ class _Fetcher(object):
 
     def _extent(self, response, length):
         """A member's compressed bytes as they arrive; Ctrl-C ends the attempt."""
-        pieces = _read_extent(response, length)
+        pieces = response.pieces(length)
         while True:
             if self.stop.is_set():
                 _fail(ErrorCode.INTERRUPTED, "interrupted")
