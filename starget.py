@@ -2869,27 +2869,45 @@ class ImageIndex(object):
         return self._merged
 
     def _merge(self):
-        merged, children = {}, {}   # children: so removals walk only what they remove
+        merged = {}
+        children = None   # parent -> child paths, so removals walk only what they remove;
+        # built at the first removal: an image without whiteouts never pays for it
         for toc in self.layers:
             if toc is None:
                 _fail(ErrorCode.INTERNAL, "merged view needs every layer's TOC")
-            own = []
+            own, removals = [], []
             for entry in toc.entries:
-                name, parent = entry.name, posixpath.dirname(entry.path)
-                if name == _OPAQUE_WHITEOUT:
-                    _remove_subtree(merged, children, parent, keep_top=True)
-                elif name.startswith(_WHITEOUT_PREFIX):
-                    if name != _WHITEOUT_PREFIX:   # `.wh.` alone names nothing (not the parent)
-                        _remove_subtree(merged, children, posixpath.join(parent, name[len(_WHITEOUT_PREFIX):]))
+                name = entry.path[entry.path.rfind("/") + 1:]
+                if name.startswith(_WHITEOUT_PREFIX):
+                    parent = posixpath.dirname(entry.path)
+                    if name == _OPAQUE_WHITEOUT:
+                        removals.append((parent, True))
+                    elif name != _WHITEOUT_PREFIX:   # `.wh.` alone names nothing (not the parent)
+                        removals.append((posixpath.join(parent, name[len(_WHITEOUT_PREFIX):]), False))
                 else:
                     own.append(entry)
+            if removals and children is None:
+                children = self._children_of(merged)
+            for path, keep_top in removals:
+                _remove_subtree(merged, children, path, keep_top)
             for entry in own:
-                old = merged.get(entry.path)
+                path = entry.path
+                old = merged.get(path)
                 if old is not None and old.type == "dir" and entry.type != "dir":
-                    _remove_subtree(merged, children, entry.path)
-                merged[entry.path] = entry
-                self._link_path(children, entry.path)
-        return dict(sorted(merged.items()))
+                    if children is None:
+                        children = self._children_of(merged)
+                    _remove_subtree(merged, children, path)
+                merged[path] = entry
+                if children is not None:
+                    self._link_path(children, path)
+        return {path: merged[path] for path in sorted(merged)}
+
+    @classmethod
+    def _children_of(cls, merged):
+        children = {}
+        for path in merged:
+            cls._link_path(children, path)
+        return children
 
     @staticmethod
     def _link_path(children, path):
@@ -2908,6 +2926,8 @@ class ImageIndex(object):
 
     def entries(self, blob=None):
         """Every entry but the root, sorted by path."""
+        if blob is None:    # the merged view is sorted already
+            return [e for path, e in self.view().items() if path]
         return [e for path, e in sorted(self.view(blob).items()) if path]
 
     def find_file(self, path, blob=None):
