@@ -2357,6 +2357,48 @@ class LayerTOC(object):
             entry.blob, entry.layer = blob, layer
 
 
+# The parsed form of a TOC, as the cache keeps it: one JSON row per entry, in
+# TOCEntry's argument order, chunks as [file_offset, size, member_offset,
+# inner_offset, digest, member_end]. Loading it is a fraction of parsing the TOC.
+_PARSED_TOC_FORMAT = 1
+_CLEAN_PATH_RE = re.compile(r"(?:(?!\.\.?(?:/|\Z))[^/\x00]+/)*(?!\.\.?(?:/|\Z))[^/\x00]+\Z")
+
+
+def _toc_rows(toc):
+    """A LayerTOC as plain JSON values (see _toc_from_rows)."""
+    rows = [[e.path, e.type, e.size, e.mode, e.uid, e.gid, e.uname, e.gname, e.mtime, e.link, e.digest,
+             e.offset, e.inner_offset, e.dev_major, e.dev_minor, e.xattrs,
+             [[c.file_offset, c.size, c.member_offset, c.inner_offset, c.digest, c.member_end] for c in e.chunks]]
+            for e in toc.entries]
+    return {"toc_offset": toc.toc_offset, "toc_digest": toc.toc_digest, "raw_count": toc.raw_count,
+            "footer_size": toc.footer_size, "prioritized": toc.prioritized, "warnings": toc.warnings,
+            "entries": rows}
+
+
+def _toc_from_rows(doc):
+    """The LayerTOC _toc_rows made. Written by starget, but a file on disk: names and
+    types are checked again (cheaply), and anything off is a FORMAT error."""
+    try:
+        entries, names = [], {}
+        for row in doc["entries"]:
+            path, kind = row[0], row[1]
+            if kind not in _ENTRY_TYPES or not (path == "" or _CLEAN_PATH_RE.match(path)) or len(row) != 17:
+                raise ValueError("entry %r" % (path,))
+            row[16] = [Chunk(*c) for c in row[16]]
+            entry = TOCEntry(*row)
+            if kind == "hardlink":
+                target = names[entry.link].content
+                if target.type != "reg":
+                    raise ValueError("hardlink %r" % path)
+                entry.link_target = target
+            entries.append(entry)
+            names[path] = entry
+        return LayerTOC(entries, doc["toc_offset"], doc["toc_digest"], prioritized=doc["prioritized"],
+                        warnings=doc["warnings"], raw_count=doc["raw_count"], footer_size=doc["footer_size"])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise StargzError(ErrorCode.FORMAT, "not a parsed TOC: %s" % e, e) from e
+
+
 def _int_field(raw, key, name, limit=_MAX_OFFSET):
     value = raw.get(key)
     if value is None:
@@ -2612,15 +2654,43 @@ class TOCCache(object):
         return header["toc_offset"], data, header.get("footer_size", _FOOTER_SIZE)
 
     def put(self, blob, toc_offset, data, footer_size=_FOOTER_SIZE):
-        path = self._path(blob)
+        header = {"blob": blob, "toc_offset": toc_offset, "toc_digest": _sha256_digest(data),
+                  "footer_size": footer_size}
+        self._write(self._path(blob), header, data)
+
+    def _parsed_path(self, blob):
+        return os.path.join(self.directory, "toc", blob.replace(":", "-") + ".parsed.json")
+
+    def get_parsed(self, blob, toc_digest=None):
+        """The LayerTOC a run of this starget version parsed and checked, or None: an
+        entry that is damaged (its digest), foreign (another version or TOC) or odd is
+        ignored, and the TOC is parsed again."""
+        try:
+            with open(self._parsed_path(blob), "rb") as f:
+                header = json.loads(f.readline().decode("utf-8"))
+                body = f.read()
+            if not isinstance(header, dict) or header.get("starget") != __version__ \
+                    or header.get("format") != _PARSED_TOC_FORMAT or header.get("sha256") != _sha256_digest(body) \
+                    or (toc_digest and header.get("toc_digest") != toc_digest):
+                return None
+            return _toc_from_rows(json.loads(body.decode("utf-8")))
+        except (IOError, OSError, ValueError, UnicodeDecodeError, RecursionError, StargzError):
+            return None
+
+    def put_parsed(self, blob, toc):
+        body = json.dumps(_toc_rows(toc), separators=(",", ":")).encode("utf-8")
+        header = {"starget": __version__, "format": _PARSED_TOC_FORMAT, "toc_digest": toc.toc_digest,
+                  "sha256": _sha256_digest(body)}
+        self._write(self._parsed_path(blob), header, body)
+
+    def _write(self, path, header, body):
+        """A header line and a body, under the final name only once complete."""
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             temp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
             with open(temp, "wb") as f:
-                header = {"blob": blob, "toc_offset": toc_offset, "toc_digest": _sha256_digest(data),
-                          "footer_size": footer_size}
                 f.write(json.dumps(header).encode("utf-8") + b"\n")
-                f.write(data)
+                f.write(body)
             os.replace(temp, path)
         except (IOError, OSError) as e:
             _log.debug("cannot write TOC cache %s: %s", path, e)
@@ -2646,6 +2716,11 @@ def _fetch_layer_toc(client, layer, cache=None):
     expected = layer.toc_digest
     if expected is not None and not _DIGEST_RE.match(str(expected)):
         _fail(ErrorCode.FORMAT, "layer %s has a malformed TOC digest annotation" % layer.digest)
+    parsed = cache.get_parsed(layer.digest, expected) if cache else None
+    if parsed is not None:      # a warm run: no JSON parsed, nothing validated twice
+        _log.debug("parsed TOC of %s from the cache", layer.digest)
+        parsed.set_origin(layer.digest, layer.position)
+        return parsed
     cached = cache.get(layer.digest, expected) if cache else None
     if cached is not None:
         toc_offset, data, footer_size = cached
@@ -2660,6 +2735,8 @@ def _fetch_layer_toc(client, layer, cache=None):
     except StargzError as e:
         raise _reworded(e, "layer %s: %s" % (layer.digest, e.message)) from e
     toc.footer_size = footer_size
+    if cache:
+        cache.put_parsed(layer.digest, toc)
     return toc
 
 

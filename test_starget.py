@@ -3938,19 +3938,76 @@ def test_warm_ls_from_the_command_line_makes_no_blob_request(registry_anon, tmp_
     assert rc == 0 and len(_blob_requests(err3)) == 3
 
 
+def _damage(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:-10] + b"x" * 10)
+
+
 def test_a_corrupt_cache_entry_is_ignored_and_refetched(registry_anon, tmp_path):
+    """The cache keeps the TOC and its parsed form: a damaged parsed form falls back to
+    the TOC (parsed again, nothing fetched); both damaged, the TOC is fetched again."""
     cache = starget.TOCCache(str(tmp_path / "cache"))
     client = _client(registry_anon, "basic")
     starget.open_image(client.ref, client=client, cache=cache)
-    [entry] = os.listdir(str(tmp_path / "cache" / "toc"))
-    path = tmp_path / "cache" / "toc" / entry
-    data = path.read_bytes()
-    path.write_bytes(data[:-10] + b"x" * 10)
+    toc_dir = tmp_path / "cache" / "toc"
+    [raw] = [toc_dir / n for n in os.listdir(str(toc_dir)) if not n.endswith(".parsed.json")]
+    [parsed] = [toc_dir / n for n in os.listdir(str(toc_dir)) if n.endswith(".parsed.json")]
+    _damage(parsed)
     again = _client(registry_anon, "basic")
     index = starget.open_image(again.ref, client=again, cache=cache)
-    assert again.transport.stats.requests == 2             # manifest + the TOC again
+    assert again.transport.stats.requests == 1             # the manifest only
+    assert index.find_file("bin/busybox") is not None
+    _damage(parsed)
+    _damage(raw)
+    third = _client(registry_anon, "basic")
+    index = starget.open_image(third.ref, client=third, cache=cache)
+    assert third.transport.stats.requests == 2             # manifest + the TOC again
     assert index.find_file("bin/busybox") is not None
 
+
+def test_a_warm_run_parses_no_toc(registry_anon, tmp_path, monkeypatch):
+    """A warm run loads the parsed, checked form: parse_toc is not called, and the view
+    is the same as a cold run's, entry for entry."""
+    cache = starget.TOCCache(str(tmp_path / "cache"))
+    client = _client(registry_anon, "layers")
+    cold = starget.open_image(client.ref, client=client, cache=cache)
+    want = [e.to_json() for e in cold.entries()]
+    want_chunks = [(e.path, [(c.file_offset, c.size, c.member_offset, c.member_end, c.digest)
+                             for c in e.chunks]) for e in cold.entries()]
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("a warm run parsed a TOC")
+    monkeypatch.setattr(starget, "parse_toc", no_parsing)
+    again = _client(registry_anon, "layers")
+    warm = starget.open_image(again.ref, client=again, cache=cache)
+    assert [e.to_json() for e in warm.entries()] == want
+    assert [(e.path, [(c.file_offset, c.size, c.member_offset, c.member_end, c.digest) for c in e.chunks])
+            for e in warm.entries()] == want_chunks
+
+
+def test_a_foreign_or_unsafe_parsed_cache_entry_is_ignored(registry_anon, tmp_path, monkeypatch):
+    """Another starget version's parsed form, or one naming a path with '..', is not
+    trusted: the TOC is parsed again from the cached TOC."""
+    cache = starget.TOCCache(str(tmp_path / "cache"))
+    client = _client(registry_anon, "basic")
+    starget.open_image(client.ref, client=client, cache=cache)
+    toc_dir = tmp_path / "cache" / "toc"
+    [parsed] = [toc_dir / n for n in os.listdir(str(toc_dir)) if n.endswith(".parsed.json")]
+    header, body = parsed.read_bytes().split(b"\n", 1)
+    doc = json.loads(body)
+    doc["entries"][1][0] = "../../etc/evil"
+    body = json.dumps(doc).encode()
+    meta = json.loads(header)
+    meta["sha256"] = "sha256:" + hashlib.sha256(body).hexdigest()
+    parsed.write_bytes(json.dumps(meta).encode() + b"\n" + body)
+    calls = []
+    real = starget.parse_toc
+    monkeypatch.setattr(starget, "parse_toc", lambda *a, **k: calls.append(1) or real(*a, **k))
+    index = starget.open_image(client.ref, client=_client(registry_anon, "basic"), cache=cache)
+    assert calls == [1] and all(".." not in e.path for e in index.entries())
+    monkeypatch.setattr(starget, "__version__", "0.0.0-other")
+    starget.open_image(client.ref, client=_client(registry_anon, "basic"), cache=cache)
+    assert calls == [1, 1]
 
 # =============================================================================
 # download
