@@ -2357,46 +2357,73 @@ class LayerTOC(object):
             entry.blob, entry.layer = blob, layer
 
 
-# The parsed form of a TOC, as the cache keeps it: one JSON row per entry, in
-# TOCEntry's argument order, chunks as [file_offset, size, member_offset,
-# inner_offset, digest, member_end]. Loading it is a fraction of parsing the TOC.
-_PARSED_TOC_FORMAT = 1
+# The parsed form of a TOC, as the cache keeps it: one JSON list per TOCEntry field
+# (columns, in its argument order), so that loading builds the entries with `map`
+# over flat lists instead of a Python loop over nested rows. A regular file's usual
+# single chunk (the entry's own payload) is only its member's end.
+_PARSED_TOC_FORMAT = 2
+_ROW_FIELDS = ("path", "type", "size", "mode", "uid", "gid", "uname", "gname", "mtime", "link", "digest",
+               "offset", "inner_offset", "dev_major", "dev_minor", "xattrs")
 _CLEAN_PATH_RE = re.compile(r"(?:(?!\.\.?(?:/|\Z))[^/\x00]+/)*(?!\.\.?(?:/|\Z))[^/\x00]+\Z")
 
 
 def _toc_rows(toc):
     """A LayerTOC as plain JSON values (see _toc_from_rows)."""
-    rows = [[e.path, e.type, e.size, e.mode, e.uid, e.gid, e.uname, e.gname, e.mtime, e.link, e.digest,
-             e.offset, e.inner_offset, e.dev_major, e.dev_minor, e.xattrs,
-             [[c.file_offset, c.size, c.member_offset, c.inner_offset, c.digest, c.member_end] for c in e.chunks]]
-            for e in toc.entries]
-    return {"toc_offset": toc.toc_offset, "toc_digest": toc.toc_digest, "raw_count": toc.raw_count,
-            "footer_size": toc.footer_size, "prioritized": toc.prioritized, "warnings": toc.warnings,
-            "entries": rows}
+    entries = toc.entries
+    doc = {name: [getattr(e, name) for e in entries] for name in _ROW_FIELDS}
+    ends, chunked = [], {}
+    for i, e in enumerate(entries):
+        chunks = e.chunks
+        c = chunks[0] if len(chunks) == 1 else None
+        if c is not None and c.member_end is not None and (c.file_offset, c.size, c.member_offset, c.inner_offset,
+                                                          c.digest) == (0, e.size, e.offset, e.inner_offset, e.digest):
+            ends.append(c.member_end)
+        else:
+            ends.append(None)
+            if chunks:
+                chunked[str(i)] = [[c.file_offset, c.size, c.member_offset, c.inner_offset, c.digest, c.member_end]
+                                   for c in chunks]
+    doc.update(member_ends=ends, chunked=chunked, toc_offset=toc.toc_offset, toc_digest=toc.toc_digest,
+               raw_count=toc.raw_count, footer_size=toc.footer_size, prioritized=toc.prioritized,
+               warnings=toc.warnings)
+    return doc
 
 
 def _toc_from_rows(doc):
     """The LayerTOC _toc_rows made. Written by starget, but a file on disk: names and
     types are checked again (cheaply), and anything off is a FORMAT error."""
     try:
-        entries, names = [], {}
-        for row in doc["entries"]:
-            path, kind = row[0], row[1]
-            if kind not in _ENTRY_TYPES or not (path == "" or _CLEAN_PATH_RE.match(path)) or len(row) != 17:
-                raise ValueError("entry %r" % (path,))
-            row[16] = [Chunk(*c) for c in row[16]]
-            entry = TOCEntry(*row)
-            if kind == "hardlink":
-                target = names[entry.link].content
-                if target.type != "reg":
-                    raise ValueError("hardlink %r" % path)
-                entry.link_target = target
-            entries.append(entry)
-            names[path] = entry
+        columns = [doc[name] for name in _ROW_FIELDS]
+        paths, kinds = columns[0], columns[1]
+        if any(len(column) != len(paths) for column in columns) or not set(kinds) <= set(_ENTRY_TYPES) \
+                or not all(path == "" or _CLEAN_PATH_RE.match(path) for path in paths):
+            raise ValueError("unsafe or inconsistent entries")
+        entries = list(map(TOCEntry, *columns))
+        for entry, end in zip(entries, doc["member_ends"]):
+            if end is not None:
+                entry.chunks = [Chunk(0, entry.size, entry.offset, entry.inner_offset, entry.digest, end)]
+        for i, rows in doc["chunked"].items():
+            entries[int(i)].chunks = [Chunk(*row) for row in rows]
+        _link_hardlinks(entries)
         return LayerTOC(entries, doc["toc_offset"], doc["toc_digest"], prioritized=doc["prioritized"],
                         warnings=doc["warnings"], raw_count=doc["raw_count"], footer_size=doc["footer_size"])
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         raise StargzError(ErrorCode.FORMAT, "not a parsed TOC: %s" % e, e) from e
+
+
+def _link_hardlinks(entries):
+    """Point each hardlink at the earlier regular file it names (as parse_toc did)."""
+    names, named = {}, 0      # names: path -> the latest entry among entries[:named]
+    for i, entry in enumerate(entries):
+        if entry.type != "hardlink":
+            continue
+        for earlier in entries[named:i]:
+            names[earlier.path] = earlier
+        named = i
+        target = names[entry.link].content
+        if target.type != "reg":
+            raise ValueError("hardlink %r" % entry.path)
+        entry.link_target = target
 
 
 def _int_field(raw, key, name, limit=_MAX_OFFSET):

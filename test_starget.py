@@ -3995,7 +3995,7 @@ def test_a_foreign_or_unsafe_parsed_cache_entry_is_ignored(registry_anon, tmp_pa
     [parsed] = [toc_dir / n for n in os.listdir(str(toc_dir)) if n.endswith(".parsed.json")]
     header, body = parsed.read_bytes().split(b"\n", 1)
     doc = json.loads(body)
-    doc["entries"][1][0] = "../../etc/evil"
+    doc["path"][1] = "../../etc/evil"
     body = json.dumps(doc).encode()
     meta = json.loads(header)
     meta["sha256"] = "sha256:" + hashlib.sha256(body).hexdigest()
