@@ -4565,6 +4565,20 @@ def _command_help(name, grammar, description, *examples):
             "epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
+def _words_after_flags(parse_known_args):
+    """A parser's parse_known_args that keeps the words after a flag (`ls IMAGE -l etc/`)
+    for its nargs="*" positional: argparse fills that one, empty, at IMAGE and
+    would call the later words unrecognized. Unknown flags stay unknown."""
+    def parse(args=None, namespace=None):
+        namespace, extras = parse_known_args(args, namespace)
+        words = [w for w in extras if not w.startswith("-")]
+        if words and "--" not in extras:
+            namespace.args = list(namespace.args) + words
+            extras = [w for w in extras if w.startswith("-")]
+        return namespace, extras
+    return parse
+
+
 def _build_parser():
     import argparse
     Parser = _parser_class()
@@ -4588,9 +4602,14 @@ def _build_parser():
     info.add_argument("image", metavar="IMAGE")
     info.add_argument("--json", action="store_true", help="one JSON object")
 
-    ls = add("ls", help="list the files of the image (or of one layer)")
-    ls.add_argument("image", metavar="IMAGE")
-    ls.add_argument("blob", metavar="BLOB", nargs="?", help="a layer digest (sha256:... or a unique prefix)")
+    ls = add("ls", help="list files: ls IMAGE [BLOB] [PATH]", **_command_help(
+        "ls", "IMAGE [BLOB] [PATH]",
+        "List the entries PATH selects (default: the whole image), sorted by path.",
+        "ls ghcr.io/example/tools:1.4 etc/               # etc and everything below it",
+        "ls -l ghcr.io/example/tools:1.4 sha256:9a6b7b10 bin/sh"))
+    ls.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
+    ls.add_argument("args", metavar="[BLOB] [PATH]", nargs="*", help=argparse.SUPPRESS)
+    ls.parse_known_args = _words_after_flags(ls.parse_known_args)
     ls.add_argument("-l", "--long", action="store_true", help="type, mode, owner, size, time, link target")
     ls.add_argument("--json", action="store_true", help="one JSON array")
     ls.add_argument("--sizes", action="store_true", help="bytes and files per directory, like du")
@@ -4717,10 +4736,22 @@ def _mode_string(entry):
     return "h" + text[1:] if entry.type == "hardlink" else text
 
 
+def _ls_arguments(values):
+    """ls's [BLOB] [PATH] -> (blob or None, pattern): a first word starting with
+    `sha256:` is a BLOB, alone too (`ls IMAGE sha256:9a6b` lists that layer)."""
+    blob = values[0] if values and values[0].startswith("sha256:") else None
+    rest = values[1:] if blob else list(values)
+    if len(rest) > 1:
+        _fail(ErrorCode.USAGE, "wrong number of arguments (see starget ls --help)")
+    return blob, _image_path(rest[0]) if rest else "."
+
+
 def _cmd_ls(session, out):
     args = session.args
-    index = session.load_image(args.blob)
-    entries = index.entries(args.blob)
+    blob, pattern = _ls_arguments(args.args)
+    index = session.load_image(blob)
+    # filter_files returns the whole image (`.`) in view order: ls promises path order
+    entries = sorted(index.filter_files(pattern, blob), key=lambda e: e.path)
     if args.sizes:
         return _print_sizes(entries, args.json, out)
     if args.json:

@@ -5182,6 +5182,61 @@ def test_e2e_ls_blob_restriction(registry_anon, short):
         assert all(e["layer"] == i and e["blob"] == layer["digest"] for e in data)
 
 
+def _below(files, *tops):
+    """The paths of `files` that are one of `tops` or under one of them, sorted."""
+    return sorted(p for p in files if any(p == t or p.startswith(t + "/") for t in tops))
+
+
+# PATH -> what it selects in `basic`, as `get` would: (directories, other entries)
+LS_PATHS = [("etc/", ["etc"], []), ("etc", ["etc"], []), ("etc/os-release", [], ["etc/os-release"]),
+            ("/bin/sh", [], ["bin/sh"]), ("lib", [], ["lib"]), ("lib/", ["usr/lib"], ["lib"]),
+            ("lib/libfoo.so", [], ["lib", "usr/lib/libfoo.so"])]
+
+
+@pytest.mark.parametrize("pattern,dirs,others", LS_PATHS, ids=[p for p, _, _ in LS_PATHS])
+def test_e2e_ls_path_selects_like_get(registry_anon, pattern, dirs, others):
+    """`ls IMAGE PATH` lists what `get IMAGE PATH` would write, in path order, in
+    every form; `etc/` used to be taken for a layer digest."""
+    files = expected_files("basic", "latest")
+    want = sorted(set(_below(files, *dirs)) | set(others))
+    image = registry_anon.image("basic")
+    rc, out, err = run_cli("ls", image, pattern)
+    assert (rc, err) == (0, "") and out.splitlines() == want, (rc, err, out)
+    rc, out, err = run_cli("ls", image, "-l", pattern)          # a flag between IMAGE and PATH
+    assert rc == 0, err
+    assert [re.match(r".* \d\d:\d\d (.+?)(?: -> .*)?$", line).group(1) for line in out.splitlines()] == want
+    data = _ls_json("ls", "--json", image, pattern)
+    assert project_ls(data) == expected_ls({p: files[p] for p in want})
+    sizes = {d["path"]: (d["bytes"], d["files"]) for d in _ls_json("ls", "--sizes", "--json", image, pattern)}
+    regs = [p for p in want if files[p]["type"] == "reg"]
+    assert sizes[""] == (sum(files[p]["size"] for p in regs), len(regs))
+    assert set(sizes) - {""} == {p for p in want if files[p]["type"] == "dir"} | {
+        "/".join(p.split("/")[:n]) for p in regs for n in range(1, p.count("/") + 1)}
+
+
+def test_e2e_ls_blob_and_path(registry_anon):
+    layer = expected_ref("basic", "latest")["layers"][0]
+    files = expected_files("basic", "latest")
+    for blob in (layer["digest"], layer["digest"][:15]):
+        rc, out, err = run_cli("ls", registry_anon.image("basic"), blob, "bin/")
+        assert (rc, err) == (0, ""), err
+        assert out.splitlines() == _below(files, "bin")
+    data = _ls_json("ls", "--json", registry_anon.image("basic"), layer["digest"][:15])   # BLOB alone
+    assert [e["path"] for e in data] == sorted(files)
+
+
+@pytest.mark.parametrize("args", [["IMG", "no/such"], ["IMG", "etc/os-release/"], ["IMG", "sha256:9a", "nope"]])
+def test_e2e_ls_path_not_found(registry_anon, args):
+    rc, out, err = run_cli("ls", *[registry_anon.image("basic") if a == "IMG" else a for a in args])
+    assert_one_line_error(rc, err, 3)
+    assert out == ""
+
+
+def test_e2e_ls_too_many_words(registry_anon):
+    rc, out, err = run_cli("ls", registry_anon.image("basic"), "etc/", "bin/")
+    assert "ls --help" in assert_one_line_error(rc, err, 2)
+
+
 def test_e2e_global_flags_after_command(registry_anon):
     plat = "linux/arm64/v8"
     files = expected_files("multiarch", "latest", plat)
@@ -5283,7 +5338,7 @@ def test_help_never_lists_the_hidden_command():
 
 
 @pytest.mark.parametrize("command,grammar", [("get", "IMAGE [BLOB] PATH [OUTPUT_DIR]"),
-                                             ("cat", "IMAGE [BLOB] PATH")])
+                                             ("cat", "IMAGE [BLOB] PATH"), ("ls", "IMAGE [BLOB] [PATH]")])
 def test_command_help_tells_the_grammar(command, grammar):
     """argparse's nargs usage (`[[BLOB] PATH ...]`) is not what the commands accept."""
     rc, out, err = run_cli(command, "--help")
@@ -5296,7 +5351,8 @@ def test_command_help_tells_the_grammar(command, grammar):
 
 
 @pytest.mark.parametrize("args", [["get", "IMG", "", "OUT"], ["get", "IMG", ""], ["cat", "IMG", ""],
-                                  ["cat", "IMG", "sha256:abc", ""]])
+                                  ["cat", "IMG", "sha256:abc", ""], ["ls", "IMG", ""],
+                                  ["ls", "IMG", "sha256:abc", ""]])
 def test_empty_path_is_a_usage_error(registry_anon, ws, args):
     """`get IMAGE "$UNSET" OUT` must not download the whole image."""
     args = [registry_anon.image("basic") if a == "IMG" else ws.out if a == "OUT" else a for a in args]
