@@ -4869,6 +4869,9 @@ def _report(stats, verbose):
 def _cmd_get(session, out):
     blob, rest = _split_blob(session.args.args, 2)
     pattern, output_dir = _image_path(rest[0]), rest[1] if len(rest) > 1 else "."
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):   # before any request
+        _fail(ErrorCode.USAGE, "OUTPUT_DIR %s is not a directory (to write one file elsewhere: "
+                               "starget cat IMAGE PATH > FILE)" % output_dir)
     index = session.load_image(blob)
     stats = _downloader(session).download(index, pattern, output_dir, blob)
     _report(stats, session.args.verbose)

@@ -5362,6 +5362,18 @@ def test_empty_path_is_a_usage_error(registry_anon, ws, args):
     ws.assert_out_empty()
 
 
+def test_get_into_an_existing_file_says_use_cat(registry_anon, tmp_path):
+    """`get IMAGE FILE afile` used to fail late with `cannot create afile: File exists`."""
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"keep")
+    rc, out, err = run_cli("-d", "get", registry_anon.image("basic"), "etc/os-release", "afile", cwd=str(tmp_path))
+    line = assert_one_line_error(rc, err, 2)
+    assert line == ("starget: error: OUTPUT_DIR afile is not a directory "
+                    "(to write one file elsewhere: starget cat IMAGE PATH > FILE)"), line
+    assert "> GET" not in err            # refused before anything is fetched
+    assert afile.read_bytes() == b"keep" and sorted(os.listdir(str(tmp_path))) == ["afile"]
+
+
 def test_verbose_summary_says_1_file(registry_anon, ws):
     rc, out, err = run_cli("-v", "--no-progress", "get", registry_anon.image("basic"), "etc/os-release", ws.out)
     assert rc == 0, err
