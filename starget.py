@@ -4878,6 +4878,21 @@ def _cmd_get(session, out):
     return 0
 
 
+def _dangling_link(view, path):
+    """The symlink of `path`'s chain of final links whose target is missing, or None
+    (`path` itself is missing, or a directory on the way is): what cat names."""
+    at = _resolve_in(view, path, follow_last=False)
+    for _ in range(41):       # _resolve_in refused longer chains already
+        link = view.get(at)
+        if link is None or link.type != "symlink":
+            return None
+        target = link.link if link.link.startswith("/") else posixpath.join(posixpath.dirname(at), link.link)
+        at = _resolve_in(view, target, follow_last=False)
+        if at != "" and at not in view:
+            return link
+    return None
+
+
 def _cmd_cat(session, out):
     import shutil
     import tempfile
@@ -4888,6 +4903,9 @@ def _cmd_cat(session, out):
     path = _resolve_in(view, rest[0], follow_last=True)
     entry = view.get(path)
     if entry is None:
+        link = _dangling_link(view, rest[0])
+        if link is not None:
+            _fail(ErrorCode.NOT_FOUND, "dangling symlink: %s -> %s" % (link.path, link.link))
         _fail(ErrorCode.NOT_FOUND, "no such file in the image: %s" % rest[0])
     if entry.type not in ("reg", "hardlink"):
         _fail(ErrorCode.USAGE, "%s is a %s, not a regular file" % (rest[0], entry.type))

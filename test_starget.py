@@ -5450,8 +5450,26 @@ def test_cat_binary_and_symlinks(registry_anon, path, target):
 
 def test_cat_dangling_symlink_not_found(registry_anon):
     rc, out, err = run_cli("cat", registry_anon.image("basic"), "bin/dangling", binary=True)
-    assert_one_line_error(rc, err, 3)
+    line = assert_one_line_error(rc, err, 3)
+    assert line == "starget: error: dangling symlink: bin/dangling -> ../nonexistent/target", line
     assert out == b""
+    rc, out, err = run_cli("cat", registry_anon.image("basic"), "lib/nosuchfile", binary=True)
+    line = assert_one_line_error(rc, err, 3)        # lib is a good link: the file is what is missing
+    assert line == "starget: error: no such file in the image: lib/nosuchfile", line
+
+
+@pytest.mark.parametrize("path,dangling", [
+    ("a", "b"), ("b", "b"), ("abs", "b"), ("dir/up", "b"), ("good", None), ("gone", None),
+    ("dir/none", None), ("viadir", "b"), ("toroot", None), ("ldir", None), ("viald", "viald")])
+def test_dangling_link_names_the_link_whose_target_is_missing(path, dangling):
+    """a -> b -> missing: b dangles, not a; a missing file behind good links dangles nothing."""
+    links = {"a": "b", "b": "missing/x", "abs": "/b", "dir/up": "../b", "good": "dir/file",
+             "viadir": "dir/up", "toroot": "/", "ldir": "dir", "viald": "ldir/x"}
+    entries = [starget.TOCEntry("dir", "dir"), starget.TOCEntry("dir/file", "reg", size=0)]
+    entries += [starget.TOCEntry(name, "symlink", link=target) for name, target in sorted(links.items())]
+    view = starget.ImageIndex([starget.LayerTOC(entries, blob="sha256:" + "0" * 64, layer=0)]).view()
+    link = starget._dangling_link(view, path)
+    assert (link.path if link else None) == dangling
 
 
 def test_cat_with_blob(registry_anon):
