@@ -5014,8 +5014,9 @@ def main(argv=None, out=None):
         if e.cause is not None:
             _log.debug("cause: %r", e.cause)
         return e.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("\nstarget: interrupted; run the same command again to resume\n")
+    except KeyboardInterrupt:      # only get leaves partial files that a re-run resumes
+        resume = "; run the same command again to resume" if args.command == "get" else ""
+        sys.stderr.write("\nstarget: interrupted%s\n" % resume)
         return int(ErrorCode.INTERRUPTED)
     except BrokenPipeError:     # the reader went away (`starget ls IMAGE | head`): not an error
         _discard_stdout(sys.stdout if given_out is None else given_out)

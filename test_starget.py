@@ -5472,6 +5472,18 @@ def test_dangling_link_names_the_link_whose_target_is_missing(path, dangling):
     assert (link.path if link else None) == dangling
 
 
+@pytest.mark.parametrize("command,args,hint", [("cat", ["etc/os-release"], False), ("ls", [], False),
+                                               ("info", [], False), ("get", ["etc/", "out"], True)])
+def test_ctrl_c_offers_to_resume_only_a_get(api_env, monkeypatch, capsys, command, args, hint):
+    """Ctrl-C exits 130; only get has partial files for a re-run to resume."""
+    def interrupted(session, out):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(starget._COMMANDS, command, interrupted)
+    assert starget.main([command, "127.0.0.1:1/x/y"] + args) == 130
+    err = capsys.readouterr().err
+    assert "starget: interrupted" in err and ("resume" in err) == hint, err
+
+
 def test_cat_with_blob(registry_anon):
     m = expected_ref("basic", "latest")
     rc, out, err = run_cli("cat", registry_anon.image("basic"), m["layers"][0]["digest"][:15], "bin/busybox",
