@@ -4819,22 +4819,37 @@ def _cmd_info(session, out):
         return row
 
     layers = _map_parallel(describe, manifest.layers, session.args.concurrency)   # as open_image does
+    index = manifest.index
     doc = {"reference": str(manifest.ref), "digest": manifest.digest, "media_type": manifest.media_type,
-           "platform": str(platform) if platform else None, "layers": layers}
+           "platform": str(platform) if platform else None, "layers": layers,
+           "index": {"digest": index.digest, "media_type": index.media_type,
+                     "platforms": [str(p) for p in index.platforms]} if index is not None else None}
     if session.args.json:
         out.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         return 0
-    out.write("image:     %s\ndigest:    %s\ntype:      %s\n" % (doc["reference"], doc["digest"], doc["media_type"]))
+    _print_info(doc, out)
+    return 0
+
+
+def _print_info(doc, out):
+    """info's text: the index (a multi-platform image), the chosen manifest, its layers."""
+    lines = [("image", doc["reference"])]
+    if doc["index"] is not None:
+        lines += [("index", doc["index"]["digest"]), ("index type", doc["index"]["media_type"]),
+                  ("platforms", ", ".join(doc["index"]["platforms"]))]
+    lines += [("digest", doc["digest"]), ("type", doc["media_type"])]
     if doc["platform"]:
-        out.write("platform:  %s\n" % doc["platform"])
+        lines.append(("platform", doc["platform"]))
+    width = max(len(label) for label, _ in lines) + 3     # the colon and two spaces
+    for label, value in lines:
+        out.write("%s%s\n" % ((label + ":").ljust(width), value))
     rows = [("#", "DIGEST", "SIZE", "FORMAT", "ENTRIES", "MEDIA TYPE")]
-    for row in layers:
+    for row in doc["layers"]:
         rows.append((str(row["index"]), row["digest"][:19], _human_size(row["size"]), row["format"],
                      "-" if row["toc_entries"] is None else str(row["toc_entries"]), row["media_type"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
-    return 0
 
 
 def _downloader(session):

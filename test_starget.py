@@ -5156,6 +5156,44 @@ def test_e2e_info_plain(registry_anon):
         assert l["digest"][:19] in out      # (digests may be shortened to 12 hex digits)
 
 
+MULTIARCH = expected_fixture("multiarch")["refs"]["latest"]
+
+
+def _index_platforms(layout, digest):
+    """`os/arch[/variant]` of each manifest of an index blob, in its order."""
+    plats = [m["platform"] for m in json.loads(blob_bytes(layout, digest))["manifests"]]
+    return ["/".join([p["os"], p["architecture"]] + ([p["variant"]] if p.get("variant") else [])) for p in plats]
+
+
+@pytest.mark.parametrize("platform", sorted(MULTIARCH["manifests"]))
+def test_e2e_info_of_an_index_shows_it(registry_anon, platform):
+    """A multi-platform image: the index, the platforms it offers, then the chosen
+    manifest as for a single one."""
+    chosen = MULTIARCH["manifests"][platform]
+    platforms = _index_platforms("multiarch", MULTIARCH["digest"])
+    assert sorted(platforms) == sorted(MULTIARCH["manifests"])
+    info = json.loads(run_cli("--platform", platform, "info", "--json", registry_anon.image("multiarch"))[1])
+    assert info["index"] == {"digest": MULTIARCH["digest"], "media_type": MULTIARCH["media_type"],
+                             "platforms": platforms}
+    assert (info["digest"], info["platform"]) == (chosen["digest"], platform)
+    rc, out, err = run_cli("--platform", platform, "info", registry_anon.image("multiarch"))
+    assert (rc, err) == (0, ""), err
+    head = [line.split(None, 1) for line in out.splitlines()[:7]]
+    assert head == [["image:", info["reference"]], ["index:", MULTIARCH["digest"]],
+                    ["index", "type:  " + MULTIARCH["media_type"]], ["platforms:", ", ".join(platforms)],
+                    ["digest:", chosen["digest"]], ["type:", chosen["media_type"]], ["platform:", platform]], out
+
+
+def test_e2e_info_of_a_single_manifest_has_no_index(registry_anon):
+    m = expected_ref("basic", "latest")
+    info = json.loads(run_cli("info", "--json", registry_anon.image("basic"))[1])
+    assert info["index"] is None and info["digest"] == m["digest"]
+    rc, out, err = run_cli("info", registry_anon.image("basic"))
+    assert rc == 0, err
+    assert out.startswith("image:     %s\ndigest:    %s\n" % (info["reference"], m["digest"])), out
+    assert "index" not in out and "platforms:" not in out
+
+
 def test_e2e_ls_plain_and_long(registry_anon):
     files = expected_files("basic", "latest")
     rc, out, err = run_cli("ls", registry_anon.image("basic"))
