@@ -4689,6 +4689,20 @@ def _command_help(name, grammar, description, *examples):
             "epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
+def _words_after_flags(parse_known_args):
+    """A parser's parse_known_args that keeps the words after a flag (`ls IMAGE -l etc/`)
+    for its nargs="*" positional: argparse fills that one, empty, at IMAGE and
+    would call the later words unrecognized. Unknown flags stay unknown."""
+    def parse(args=None, namespace=None):
+        namespace, extras = parse_known_args(args, namespace)
+        words = [w for w in extras if not w.startswith("-")]
+        if words and "--" not in extras:
+            namespace.args = list(namespace.args) + words
+            extras = [w for w in extras if w.startswith("-")]
+        return namespace, extras
+    return parse
+
+
 def _build_parser():
     import argparse
     Parser = _parser_class()
@@ -4712,9 +4726,14 @@ def _build_parser():
     info.add_argument("image", metavar="IMAGE")
     info.add_argument("--json", action="store_true", help="one JSON object")
 
-    ls = add("ls", help="list the files of the image (or of one layer)")
-    ls.add_argument("image", metavar="IMAGE")
-    ls.add_argument("blob", metavar="BLOB", nargs="?", help="a layer digest (sha256:... or a unique prefix)")
+    ls = add("ls", help="list files: ls IMAGE [BLOB] [PATH]", **_command_help(
+        "ls", "IMAGE [BLOB] [PATH]",
+        "List the entries PATH selects (default: the whole image), sorted by path.",
+        "ls ghcr.io/example/tools:1.4 etc/               # etc and everything below it",
+        "ls -l ghcr.io/example/tools:1.4 sha256:9a6b7b10 bin/sh"))
+    ls.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
+    ls.add_argument("args", metavar="[BLOB] [PATH]", nargs="*", help=argparse.SUPPRESS)
+    ls.parse_known_args = _words_after_flags(ls.parse_known_args)
     ls.add_argument("-l", "--long", action="store_true", help="type, mode, owner, size, time, link target")
     ls.add_argument("--json", action="store_true", help="one JSON array")
     ls.add_argument("--sizes", action="store_true", help="bytes and files per directory, like du")
@@ -4841,10 +4860,22 @@ def _mode_string(entry):
     return "h" + text[1:] if entry.type == "hardlink" else text
 
 
+def _ls_arguments(values):
+    """ls's [BLOB] [PATH] -> (blob or None, pattern): a first word starting with
+    `sha256:` is a BLOB, alone too (`ls IMAGE sha256:9a6b` lists that layer)."""
+    blob = values[0] if values and values[0].startswith("sha256:") else None
+    rest = values[1:] if blob else list(values)
+    if len(rest) > 1:
+        _fail(ErrorCode.USAGE, "wrong number of arguments (see starget ls --help)")
+    return blob, _image_path(rest[0]) if rest else "."
+
+
 def _cmd_ls(session, out):
     args = session.args
-    index = session.load_image(args.blob)
-    entries = index.entries(args.blob)
+    blob, pattern = _ls_arguments(args.args)
+    index = session.load_image(blob)
+    # filter_files returns the whole image (`.`) in view order: ls promises path order
+    entries = sorted(index.filter_files(pattern, blob), key=lambda e: e.path)
     if args.sizes:
         return _print_sizes(entries, args.json, out)
     if args.json:
@@ -4912,22 +4943,37 @@ def _cmd_info(session, out):
         return row
 
     layers = _map_parallel(describe, manifest.layers, session.args.concurrency)   # as open_image does
+    index = manifest.index
     doc = {"reference": str(manifest.ref), "digest": manifest.digest, "media_type": manifest.media_type,
-           "platform": str(platform) if platform else None, "layers": layers}
+           "platform": str(platform) if platform else None, "layers": layers,
+           "index": {"digest": index.digest, "media_type": index.media_type,
+                     "platforms": [str(p) for p in index.platforms]} if index is not None else None}
     if session.args.json:
         out.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
         return 0
-    out.write("image:     %s\ndigest:    %s\ntype:      %s\n" % (doc["reference"], doc["digest"], doc["media_type"]))
+    _print_info(doc, out)
+    return 0
+
+
+def _print_info(doc, out):
+    """info's text: the index (a multi-platform image), the chosen manifest, its layers."""
+    lines = [("image", doc["reference"])]
+    if doc["index"] is not None:
+        lines += [("index", doc["index"]["digest"]), ("index type", doc["index"]["media_type"]),
+                  ("platforms", ", ".join(doc["index"]["platforms"]))]
+    lines += [("digest", doc["digest"]), ("type", doc["media_type"])]
     if doc["platform"]:
-        out.write("platform:  %s\n" % doc["platform"])
+        lines.append(("platform", doc["platform"]))
+    width = max(len(label) for label, _ in lines) + 3     # the colon and two spaces
+    for label, value in lines:
+        out.write("%s%s\n" % ((label + ":").ljust(width), value))
     rows = [("#", "DIGEST", "SIZE", "FORMAT", "ENTRIES", "MEDIA TYPE")]
-    for row in layers:
+    for row in doc["layers"]:
         rows.append((str(row["index"]), row["digest"][:19], _human_size(row["size"]), row["format"],
                      "-" if row["toc_entries"] is None else str(row["toc_entries"]), row["media_type"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
-    return 0
 
 
 def _downloader(session):
@@ -4962,10 +5008,28 @@ def _report(stats, verbose):
 def _cmd_get(session, out):
     blob, rest = _split_blob(session.args.args, 2)
     pattern, output_dir = _image_path(rest[0]), rest[1] if len(rest) > 1 else "."
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):   # before any request
+        _fail(ErrorCode.USAGE, "OUTPUT_DIR %s is not a directory (to write one file elsewhere: "
+                               "starget cat IMAGE PATH > FILE)" % output_dir)
     index = session.load_image(blob)
     stats = _downloader(session).download(index, pattern, output_dir, blob)
     _report(stats, session.args.verbose)
     return 0
+
+
+def _dangling_link(view, path):
+    """The symlink of `path`'s chain of final links whose target is missing, or None
+    (`path` itself is missing, or a directory on the way is): what cat names."""
+    at = _resolve_in(view, path, follow_last=False)
+    for _ in range(41):       # _resolve_in refused longer chains already
+        link = view.get(at)
+        if link is None or link.type != "symlink":
+            return None
+        target = link.link if link.link.startswith("/") else posixpath.join(posixpath.dirname(at), link.link)
+        at = _resolve_in(view, target, follow_last=False)
+        if at != "" and at not in view:
+            return link
+    return None
 
 
 def _cmd_cat(session, out):
@@ -4978,6 +5042,9 @@ def _cmd_cat(session, out):
     path = _resolve_in(view, rest[0], follow_last=True)
     entry = view.get(path)
     if entry is None:
+        link = _dangling_link(view, rest[0])
+        if link is not None:
+            _fail(ErrorCode.NOT_FOUND, "dangling symlink: %s -> %s" % (link.path, link.link))
         _fail(ErrorCode.NOT_FOUND, "no such file in the image: %s" % rest[0])
     if entry.type not in ("reg", "hardlink"):
         _fail(ErrorCode.USAGE, "%s is a %s, not a regular file" % (rest[0], entry.type))
@@ -5086,8 +5153,9 @@ def main(argv=None, out=None):
         if e.cause is not None:
             _log.debug("cause: %r", e.cause)
         return e.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("\nstarget: interrupted; run the same command again to resume\n")
+    except KeyboardInterrupt:      # only get leaves partial files that a re-run resumes
+        resume = "; run the same command again to resume" if args.command == "get" else ""
+        sys.stderr.write("\nstarget: interrupted%s\n" % resume)
         return int(ErrorCode.INTERRUPTED)
     except BrokenPipeError:     # the reader went away (`starget ls IMAGE | head`): not an error
         _discard_stdout(sys.stdout if given_out is None else given_out)

@@ -5213,6 +5213,44 @@ def test_e2e_info_plain(registry_anon):
         assert l["digest"][:19] in out      # (digests may be shortened to 12 hex digits)
 
 
+MULTIARCH = expected_fixture("multiarch")["refs"]["latest"]
+
+
+def _index_platforms(layout, digest):
+    """`os/arch[/variant]` of each manifest of an index blob, in its order."""
+    plats = [m["platform"] for m in json.loads(blob_bytes(layout, digest))["manifests"]]
+    return ["/".join([p["os"], p["architecture"]] + ([p["variant"]] if p.get("variant") else [])) for p in plats]
+
+
+@pytest.mark.parametrize("platform", sorted(MULTIARCH["manifests"]))
+def test_e2e_info_of_an_index_shows_it(registry_anon, platform):
+    """A multi-platform image: the index, the platforms it offers, then the chosen
+    manifest as for a single one."""
+    chosen = MULTIARCH["manifests"][platform]
+    platforms = _index_platforms("multiarch", MULTIARCH["digest"])
+    assert sorted(platforms) == sorted(MULTIARCH["manifests"])
+    info = json.loads(run_cli("--platform", platform, "info", "--json", registry_anon.image("multiarch"))[1])
+    assert info["index"] == {"digest": MULTIARCH["digest"], "media_type": MULTIARCH["media_type"],
+                             "platforms": platforms}
+    assert (info["digest"], info["platform"]) == (chosen["digest"], platform)
+    rc, out, err = run_cli("--platform", platform, "info", registry_anon.image("multiarch"))
+    assert (rc, err) == (0, ""), err
+    head = [line.split(None, 1) for line in out.splitlines()[:7]]
+    assert head == [["image:", info["reference"]], ["index:", MULTIARCH["digest"]],
+                    ["index", "type:  " + MULTIARCH["media_type"]], ["platforms:", ", ".join(platforms)],
+                    ["digest:", chosen["digest"]], ["type:", chosen["media_type"]], ["platform:", platform]], out
+
+
+def test_e2e_info_of_a_single_manifest_has_no_index(registry_anon):
+    m = expected_ref("basic", "latest")
+    info = json.loads(run_cli("info", "--json", registry_anon.image("basic"))[1])
+    assert info["index"] is None and info["digest"] == m["digest"]
+    rc, out, err = run_cli("info", registry_anon.image("basic"))
+    assert rc == 0, err
+    assert out.startswith("image:     %s\ndigest:    %s\n" % (info["reference"], m["digest"])), out
+    assert "index" not in out and "platforms:" not in out
+
+
 def test_e2e_ls_plain_and_long(registry_anon):
     files = expected_files("basic", "latest")
     rc, out, err = run_cli("ls", registry_anon.image("basic"))
@@ -5237,6 +5275,61 @@ def test_e2e_ls_blob_restriction(registry_anon, short):
                 and not e["path"].rsplit("/", 1)[-1].startswith(".wh.")}
         assert {p for p in paths if not p.rsplit("/", 1)[-1].startswith(".wh.")} == want
         assert all(e["layer"] == i and e["blob"] == layer["digest"] for e in data)
+
+
+def _below(files, *tops):
+    """The paths of `files` that are one of `tops` or under one of them, sorted."""
+    return sorted(p for p in files if any(p == t or p.startswith(t + "/") for t in tops))
+
+
+# PATH -> what it selects in `basic`, as `get` would: (directories, other entries)
+LS_PATHS = [("etc/", ["etc"], []), ("etc", ["etc"], []), ("etc/os-release", [], ["etc/os-release"]),
+            ("/bin/sh", [], ["bin/sh"]), ("lib", [], ["lib"]), ("lib/", ["usr/lib"], ["lib"]),
+            ("lib/libfoo.so", [], ["lib", "usr/lib/libfoo.so"])]
+
+
+@pytest.mark.parametrize("pattern,dirs,others", LS_PATHS, ids=[p for p, _, _ in LS_PATHS])
+def test_e2e_ls_path_selects_like_get(registry_anon, pattern, dirs, others):
+    """`ls IMAGE PATH` lists what `get IMAGE PATH` would write, in path order, in
+    every form; `etc/` used to be taken for a layer digest."""
+    files = expected_files("basic", "latest")
+    want = sorted(set(_below(files, *dirs)) | set(others))
+    image = registry_anon.image("basic")
+    rc, out, err = run_cli("ls", image, pattern)
+    assert (rc, err) == (0, "") and out.splitlines() == want, (rc, err, out)
+    rc, out, err = run_cli("ls", image, "-l", pattern)          # a flag between IMAGE and PATH
+    assert rc == 0, err
+    assert [re.match(r".* \d\d:\d\d (.+?)(?: -> .*)?$", line).group(1) for line in out.splitlines()] == want
+    data = _ls_json("ls", "--json", image, pattern)
+    assert project_ls(data) == expected_ls({p: files[p] for p in want})
+    sizes = {d["path"]: (d["bytes"], d["files"]) for d in _ls_json("ls", "--sizes", "--json", image, pattern)}
+    regs = [p for p in want if files[p]["type"] == "reg"]
+    assert sizes[""] == (sum(files[p]["size"] for p in regs), len(regs))
+    assert set(sizes) - {""} == {p for p in want if files[p]["type"] == "dir"} | {
+        "/".join(p.split("/")[:n]) for p in regs for n in range(1, p.count("/") + 1)}
+
+
+def test_e2e_ls_blob_and_path(registry_anon):
+    layer = expected_ref("basic", "latest")["layers"][0]
+    files = expected_files("basic", "latest")
+    for blob in (layer["digest"], layer["digest"][:15]):
+        rc, out, err = run_cli("ls", registry_anon.image("basic"), blob, "bin/")
+        assert (rc, err) == (0, ""), err
+        assert out.splitlines() == _below(files, "bin")
+    data = _ls_json("ls", "--json", registry_anon.image("basic"), layer["digest"][:15])   # BLOB alone
+    assert [e["path"] for e in data] == sorted(files)
+
+
+@pytest.mark.parametrize("args", [["IMG", "no/such"], ["IMG", "etc/os-release/"], ["IMG", "sha256:9a", "nope"]])
+def test_e2e_ls_path_not_found(registry_anon, args):
+    rc, out, err = run_cli("ls", *[registry_anon.image("basic") if a == "IMG" else a for a in args])
+    assert_one_line_error(rc, err, 3)
+    assert out == ""
+
+
+def test_e2e_ls_too_many_words(registry_anon):
+    rc, out, err = run_cli("ls", registry_anon.image("basic"), "etc/", "bin/")
+    assert "ls --help" in assert_one_line_error(rc, err, 2)
 
 
 def test_e2e_global_flags_after_command(registry_anon):
@@ -5340,7 +5433,7 @@ def test_help_never_lists_the_hidden_command():
 
 
 @pytest.mark.parametrize("command,grammar", [("get", "IMAGE [BLOB] PATH [OUTPUT_DIR]"),
-                                             ("cat", "IMAGE [BLOB] PATH")])
+                                             ("cat", "IMAGE [BLOB] PATH"), ("ls", "IMAGE [BLOB] [PATH]")])
 def test_command_help_tells_the_grammar(command, grammar):
     """argparse's nargs usage (`[[BLOB] PATH ...]`) is not what the commands accept."""
     rc, out, err = run_cli(command, "--help")
@@ -5353,7 +5446,8 @@ def test_command_help_tells_the_grammar(command, grammar):
 
 
 @pytest.mark.parametrize("args", [["get", "IMG", "", "OUT"], ["get", "IMG", ""], ["cat", "IMG", ""],
-                                  ["cat", "IMG", "sha256:abc", ""]])
+                                  ["cat", "IMG", "sha256:abc", ""], ["ls", "IMG", ""],
+                                  ["ls", "IMG", "sha256:abc", ""]])
 def test_empty_path_is_a_usage_error(registry_anon, ws, args):
     """`get IMAGE "$UNSET" OUT` must not download the whole image."""
     args = [registry_anon.image("basic") if a == "IMG" else ws.out if a == "OUT" else a for a in args]
@@ -5361,6 +5455,18 @@ def test_empty_path_is_a_usage_error(registry_anon, ws, args):
     line = assert_one_line_error(rc, err, 2)
     assert "empty PATH: use . or / for the whole image" in line
     ws.assert_out_empty()
+
+
+def test_get_into_an_existing_file_says_use_cat(registry_anon, tmp_path):
+    """`get IMAGE FILE afile` used to fail late with `cannot create afile: File exists`."""
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"keep")
+    rc, out, err = run_cli("-d", "get", registry_anon.image("basic"), "etc/os-release", "afile", cwd=str(tmp_path))
+    line = assert_one_line_error(rc, err, 2)
+    assert line == ("starget: error: OUTPUT_DIR afile is not a directory "
+                    "(to write one file elsewhere: starget cat IMAGE PATH > FILE)"), line
+    assert "> GET" not in err            # refused before anything is fetched
+    assert afile.read_bytes() == b"keep" and sorted(os.listdir(str(tmp_path))) == ["afile"]
 
 
 def test_verbose_summary_says_1_file(registry_anon, ws):
@@ -5439,8 +5545,38 @@ def test_cat_binary_and_symlinks(registry_anon, path, target):
 
 def test_cat_dangling_symlink_not_found(registry_anon):
     rc, out, err = run_cli("cat", registry_anon.image("basic"), "bin/dangling", binary=True)
-    assert_one_line_error(rc, err, 3)
+    line = assert_one_line_error(rc, err, 3)
+    assert line == "starget: error: dangling symlink: bin/dangling -> ../nonexistent/target", line
     assert out == b""
+    rc, out, err = run_cli("cat", registry_anon.image("basic"), "lib/nosuchfile", binary=True)
+    line = assert_one_line_error(rc, err, 3)        # lib is a good link: the file is what is missing
+    assert line == "starget: error: no such file in the image: lib/nosuchfile", line
+
+
+@pytest.mark.parametrize("path,dangling", [
+    ("a", "b"), ("b", "b"), ("abs", "b"), ("dir/up", "b"), ("good", None), ("gone", None),
+    ("dir/none", None), ("viadir", "b"), ("toroot", None), ("ldir", None), ("viald", "viald")])
+def test_dangling_link_names_the_link_whose_target_is_missing(path, dangling):
+    """a -> b -> missing: b dangles, not a; a missing file behind good links dangles nothing."""
+    links = {"a": "b", "b": "missing/x", "abs": "/b", "dir/up": "../b", "good": "dir/file",
+             "viadir": "dir/up", "toroot": "/", "ldir": "dir", "viald": "ldir/x"}
+    entries = [starget.TOCEntry("dir", "dir"), starget.TOCEntry("dir/file", "reg", size=0)]
+    entries += [starget.TOCEntry(name, "symlink", link=target) for name, target in sorted(links.items())]
+    view = starget.ImageIndex([starget.LayerTOC(entries, blob="sha256:" + "0" * 64, layer=0)]).view()
+    link = starget._dangling_link(view, path)
+    assert (link.path if link else None) == dangling
+
+
+@pytest.mark.parametrize("command,args,hint", [("cat", ["etc/os-release"], False), ("ls", [], False),
+                                               ("info", [], False), ("get", ["etc/", "out"], True)])
+def test_ctrl_c_offers_to_resume_only_a_get(api_env, monkeypatch, capsys, command, args, hint):
+    """Ctrl-C exits 130; only get has partial files for a re-run to resume."""
+    def interrupted(session, out):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(starget._COMMANDS, command, interrupted)
+    assert starget.main([command, "127.0.0.1:1/x/y"] + args) == 130
+    err = capsys.readouterr().err
+    assert "starget: interrupted" in err and ("resume" in err) == hint, err
 
 
 def test_cat_with_blob(registry_anon):
