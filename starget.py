@@ -135,7 +135,11 @@ class _TLSHandshakeError(StargzError):
 
 
 def _fail(code, message, cause=None, **attributes):
-    raise StargzError(code, message, cause, **attributes)
+    """Raise a StargzError; a `cause` becomes its __cause__ (as `raise ... from`)."""
+    error = StargzError(code, message, cause, **attributes)
+    if cause is not None:
+        raise error from cause
+    raise error
 
 
 def _reworded(error, message):
@@ -464,7 +468,7 @@ class Credentials(object):
         except (IOError, OSError):
             return None
         except ValueError as e:
-            _fail(ErrorCode.USAGE, "cannot parse credentials file %s: %s" % (path, e))
+            _fail(ErrorCode.USAGE, "cannot parse credentials file %s: %s" % (path, e), e)
         if not isinstance(config, dict):
             _fail(ErrorCode.USAGE, "credentials file %s is not a JSON object" % path)
         return config
@@ -506,8 +510,8 @@ class Credentials(object):
         if entry.get("auth"):
             try:
                 user, password = base64.b64decode(entry["auth"]).decode("utf-8").split(":", 1)
-            except (ValueError, TypeError, UnicodeDecodeError):
-                _fail(ErrorCode.USAGE, "malformed 'auth' value in %s (want base64 of user:password)" % path)
+            except (ValueError, TypeError, UnicodeDecodeError) as e:
+                _fail(ErrorCode.USAGE, "malformed 'auth' value in %s (want base64 of user:password)" % path, e)
             return _Credential(user, password, source=source)
         if entry.get("username"):
             return _Credential(entry["username"], entry.get("password"), source=source)
@@ -541,8 +545,8 @@ class Credentials(object):
         try:
             data = json.loads(text)
             user, secret = data["Username"], data["Secret"]
-        except (ValueError, KeyError, TypeError):
-            _fail(ErrorCode.AUTH, "credential helper %s returned malformed output for %s" % (program, registry))
+        except (ValueError, KeyError, TypeError) as e:
+            _fail(ErrorCode.AUTH, "credential helper %s returned malformed output for %s" % (program, registry), e)
         source = "credential helper %s" % program
         if user == "<token>":
             return _Credential(user, None, identity_token=secret, source=source)
@@ -1158,8 +1162,8 @@ class _URL(object):
         self.scheme, self.host, self.text = parts.scheme, parts.hostname, text
         try:
             self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            _fail(ErrorCode.NETWORK, "invalid port in URL %s" % _redact(text))
+        except ValueError as e:
+            _fail(ErrorCode.NETWORK, "invalid port in URL %s" % _redact(text), e)
         self.path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
 
     @property
