@@ -2195,8 +2195,6 @@ def parse_footer(tail):
             match = _FOOTER_PAYLOAD_RE.match(footer[12:34])
             if match and footer[34:] == b"\x01\x00\x00\xff\xff" + b"\x00" * 8:
                 return int(match.group(1), 16), _LEGACY_FOOTER_SIZE
-    if tail.endswith(_ZSTD_CHUNKED_MAGIC):
-        _fail(ErrorCode.UNSUPPORTED, "zstd:chunked layer: not supported (starget reads gzip eStargz only)")
     raise _NotEStargzError(ErrorCode.FORMAT, "not eStargz: the layer has no eStargz or stargz footer")
 
 
@@ -2243,6 +2241,92 @@ def _inflate_members(pieces, max_out=1 << 20):
                 data, inflater = inflater.unused_data, zlib.decompressobj(31)
             elif not out:
                 break
+
+
+# -- zstd:chunked: a TOC in zstd skippable frames, payloads as zstd frames ------
+
+_ZSTD_SKIPPABLE_MAGIC = b"\x50\x2a\x4d\x18"
+_ZSTD_CHUNKED_FOOTER_SIZE = 48       # a skippable frame: magic, LE32 40, 4 x LE64, "GnUlInUx"
+_ZSTD_ANNOTATION_PREFIXES = ("io.github.containers.zstd-chunked.", "io.containers.zstd-chunked.")
+_ZSTD_DECODER_HINT = "use Python 3.14 or later, or install one: pip install backports.zstd"
+
+
+def _zstd_module(what):
+    """The interpreter's zstd decoder, imported only when a zstd layer is read:
+    compression.zstd (3.14+), else the backports.zstd package (the same API)."""
+    try:
+        from compression import zstd
+        return zstd
+    except ImportError:
+        pass
+    try:
+        from backports import zstd
+        return zstd
+    except ImportError:
+        _fail(ErrorCode.UNSUPPORTED, "%s is zstd-compressed and this Python has no zstd decoder: %s"
+              % (what, _ZSTD_DECODER_HINT))
+
+
+def _zstd_annotation(annotations, name):
+    """`manifest-position` or `manifest-checksum`, under either writer's prefix."""
+    for prefix in _ZSTD_ANNOTATION_PREFIXES:
+        value = annotations.get(prefix + name)
+        if value is not None:
+            return value
+    return None
+
+
+def parse_zstd_chunked_position(text):
+    """`offset:length:uncompressedLength:type` -> a tuple of four ints, or FORMAT."""
+    parts = text.split(":") if isinstance(text, str) else []
+    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 16 for p in parts):
+        _fail(ErrorCode.FORMAT, "malformed zstd:chunked manifest position %r" % (text,))
+    return tuple(int(p) for p in parts)
+
+
+def parse_zstd_chunked_footer(tail):
+    """(toc offset, compressed length, uncompressed length, type) from a blob's last
+    48 bytes, or FORMAT if they are not a zstd:chunked footer."""
+    footer = bytes(tail[-_ZSTD_CHUNKED_FOOTER_SIZE:])
+    if len(footer) != _ZSTD_CHUNKED_FOOTER_SIZE or footer[:4] != _ZSTD_SKIPPABLE_MAGIC \
+            or footer[4:8] != b"\x28\x00\x00\x00" or footer[-8:] != _ZSTD_CHUNKED_MAGIC:
+        raise _NotEStargzError(ErrorCode.FORMAT, "not zstd:chunked: the layer has no zstd:chunked footer")
+    return tuple(int.from_bytes(footer[i:i + 8], "little") for i in (8, 16, 24, 32))
+
+
+def _decompress_zstd_toc(data, uncompressed_length, zstd):
+    """The TOC JSON from its zstd frame, never more than the declared (and bounded) size."""
+    if uncompressed_length > _MAX_TOC_JSON_SIZE:
+        _fail(ErrorCode.FORMAT, "zstd:chunked TOC is too large (%d bytes)" % uncompressed_length)
+    try:
+        out = zstd.ZstdDecompressor().decompress(bytes(data), uncompressed_length + 1)
+    except zstd.ZstdError as e:
+        raise StargzError(ErrorCode.FORMAT, "zstd:chunked TOC is not valid zstd: %s" % e, e, damaged=True) from e
+    if len(out) != uncompressed_length:
+        _fail(ErrorCode.FORMAT, "zstd:chunked TOC holds %d bytes, not the %d its position says"
+              % (len(out), uncompressed_length), damaged=True)
+    return out
+
+
+def _inflate_zstd_frames(pieces, zstd, max_out=1 << 20):
+    """_inflate_members for zstd: concatenated zstd frames arriving as `pieces`."""
+    decompressor = zstd.ZstdDecompressor()
+    try:
+        for data in pieces:
+            while True:
+                out = decompressor.decompress(data, max_out)
+                if out:
+                    yield out
+                if decompressor.eof:   # the next frame continues the stream
+                    data, decompressor = decompressor.unused_data, zstd.ZstdDecompressor()
+                    if not data:
+                        break
+                elif decompressor.needs_input:
+                    break
+                else:
+                    data = b""         # more output is waiting for the same input
+    except zstd.ZstdError as e:
+        raise StargzError(ErrorCode.FORMAT, "corrupt zstd data: %s" % e, e, damaged=True) from e
 
 
 _RFC3339_RE = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.\d+)?(Z|z|[+-]\d\d:\d\d)?\Z")
@@ -2727,16 +2811,18 @@ class TOCCache(object):
             _log.debug("cannot write TOC cache %s: %s", path, e)
 
 
+# The `format` info shows for a layer read lazily, told apart by its footer's size.
+_LAYER_FORMATS = {_FOOTER_SIZE: "estargz", _LEGACY_FOOTER_SIZE: "legacy-stargz",
+                  _ZSTD_CHUNKED_FOOTER_SIZE: "zstd:chunked"}
+
+
 def _check_lazy_readable(layer):
     """Refuse, before any byte is read, a layer whose media type cannot be read lazily."""
     compression = layer.compression
-    if compression == "zstd":
-        _fail(ErrorCode.UNSUPPORTED, "layer %s is zstd-compressed (%s): not supported; starget reads gzip eStargz"
-              % (layer.digest, layer.media_type))
     if compression == "none":
         raise _NotEStargzError(ErrorCode.UNSUPPORTED, "layer %s has media type %s: not a gzip layer, cannot be read "
                               "lazily" % (layer.digest, layer.media_type))
-    if compression != "gzip":
+    if compression not in ("gzip", "zstd"):
         _fail(ErrorCode.UNSUPPORTED, "layer %s has media type %s: not a gzip layer, cannot be read lazily"
               % (layer.digest, layer.media_type or "(none)"))
 
@@ -2774,6 +2860,8 @@ def _fetch_layer_toc(client, layer, cache=None):
 def _read_toc_from_blob(client, layer):
     """(toc offset, TOC JSON bytes, footer size), checked against the manifest's TOC
     digest: one attempt (damaged bytes are `damaged`, so the caller fetches again)."""
+    if layer.compression == "zstd":
+        return _read_zstd_chunked_toc(client, layer)
     size = layer.size
     if size < _LEGACY_FOOTER_SIZE:
         _fail(ErrorCode.FORMAT, "not eStargz: layer %s is only %d bytes" % (layer.digest, size))
@@ -2801,6 +2889,40 @@ def _read_toc_from_blob(client, layer):
         _fail(ErrorCode.INTEGRITY, "layer %s: TOC digest %s does not match the manifest annotation %s; "
               "refusing the layer" % (layer.digest, _sha256_digest(data), expected), damaged=True)
     return toc_offset, data, footer_size
+
+
+def _read_zstd_chunked_toc(client, layer):
+    """The same for a zstd:chunked layer: one request where the manifest-position
+    annotation says where the TOC is, else the 48-byte footer first. The offset
+    returned is where the TOC's skippable frame starts: the payloads end there."""
+    zstd = _zstd_module("layer %s" % layer.digest)
+    position = _zstd_annotation(layer.annotations, "manifest-position")
+    try:
+        if position is not None:
+            offset, length, uncompressed, _ = parse_zstd_chunked_position(position)
+        elif layer.size < _ZSTD_CHUNKED_FOOTER_SIZE:
+            raise _NotEStargzError(ErrorCode.FORMAT, "not zstd:chunked: only %d bytes" % layer.size)
+        else:
+            tail = client.read_blob(layer.digest, layer.size - _ZSTD_CHUNKED_FOOTER_SIZE, layer.size - 1)
+            offset, length, uncompressed, _ = parse_zstd_chunked_footer(tail)
+    except StargzError as e:
+        message = "layer %s (%s): %s" % (layer.digest, layer.media_type, e.message)
+        if isinstance(e, _NotEStargzError):
+            message += "; it is a plain tar+zstd layer: pass --fallback-stream to read it whole (slow)"
+        raise _reworded(e, message) from e
+    if offset < 8 or not 0 < length <= _MAX_TOC_MEMBER_SIZE or offset + length > layer.size:
+        _fail(ErrorCode.FORMAT, "layer %s: the zstd:chunked TOC at %d+%d lies outside the blob of %d bytes"
+              % (layer.digest, offset, length, layer.size))
+    compressed = client.read_blob(layer.digest, offset, offset + length - 1)
+    checksum = _zstd_annotation(layer.annotations, "manifest-checksum")
+    if checksum and _sha256_digest(compressed) != checksum:
+        _fail(ErrorCode.INTEGRITY, "layer %s: zstd:chunked TOC does not match its manifest-checksum %s"
+              % (layer.digest, checksum), damaged=True)
+    data = _decompress_zstd_toc(compressed, uncompressed, zstd)
+    if layer.toc_digest and _sha256_digest(data) != layer.toc_digest:
+        _fail(ErrorCode.INTEGRITY, "layer %s: TOC digest %s does not match the manifest annotation %s; "
+              "refusing the layer" % (layer.digest, _sha256_digest(data), layer.toc_digest), damaged=True)
+    return offset - 8, data, _ZSTD_CHUNKED_FOOTER_SIZE
 
 
 _TAR_TYPES = {b"0": "reg", b"\x00": "reg", b"7": "reg", b"1": "hardlink", b"2": "symlink",
@@ -4938,7 +5060,7 @@ def _cmd_info(session, out):
                "toc_entries": None}
         try:
             toc = _fetch_layer_toc(session.client, layer, session.cache)
-            row.update(format="legacy-stargz" if toc.footer_size == _LEGACY_FOOTER_SIZE else "estargz",
+            row.update(format=_LAYER_FORMATS.get(toc.footer_size, "estargz"),
                        toc_digest=toc.toc_digest, toc_entries=toc.raw_count)
         except StargzError as e:
             if e.code not in (ErrorCode.FORMAT, ErrorCode.UNSUPPORTED, ErrorCode.INTEGRITY):
