@@ -2276,7 +2276,7 @@ def _zstd_annotation(annotations, name):
     return None
 
 
-def parse_zstd_chunked_position(text):
+def _parse_zstd_chunked_position(text):
     """`offset:length:uncompressedLength:type` -> a tuple of four ints, or FORMAT."""
     parts = text.split(":") if isinstance(text, str) else []
     if len(parts) != 4 or not all(p.isdigit() and len(p) <= 16 for p in parts):
@@ -2284,7 +2284,7 @@ def parse_zstd_chunked_position(text):
     return tuple(int(p) for p in parts)
 
 
-def parse_zstd_chunked_footer(tail):
+def _parse_zstd_chunked_footer(tail):
     """(toc offset, compressed length, uncompressed length, type) from a blob's last
     48 bytes, or FORMAT if they are not a zstd:chunked footer."""
     footer = bytes(tail[-_ZSTD_CHUNKED_FOOTER_SIZE:])
@@ -2434,6 +2434,7 @@ class LayerTOC(object):
         self.footer_size = footer_size
         self.blob, self.layer = blob, layer
         self.prioritized, self.warnings = list(prioritized), list(warnings)
+        self.compression = "gzip"      # how its payloads are compressed: gzip or zstd
 
     def __len__(self):
         return len(self.entries)
@@ -2837,6 +2838,7 @@ def _fetch_layer_toc(client, layer, cache=None):
     if parsed is not None:      # a warm run: no JSON parsed, nothing validated twice
         _log.debug("parsed TOC of %s from the cache", layer.digest)
         parsed.set_origin(layer.digest, layer.position)
+        parsed.compression = layer.compression
         return parsed
     cached = cache.get(layer.digest, expected) if cache else None
     if cached is not None:
@@ -2851,7 +2853,7 @@ def _fetch_layer_toc(client, layer, cache=None):
         toc = parse_toc(data, toc_offset, blob=layer.digest, layer=layer.position)
     except StargzError as e:
         raise _reworded(e, "layer %s: %s" % (layer.digest, e.message)) from e
-    toc.footer_size = footer_size
+    toc.footer_size, toc.compression = footer_size, layer.compression
     if cache:
         cache.put_parsed(layer.digest, toc)
     return toc
@@ -2899,12 +2901,12 @@ def _read_zstd_chunked_toc(client, layer):
     position = _zstd_annotation(layer.annotations, "manifest-position")
     try:
         if position is not None:
-            offset, length, uncompressed, _ = parse_zstd_chunked_position(position)
+            offset, length, uncompressed, _ = _parse_zstd_chunked_position(position)
         elif layer.size < _ZSTD_CHUNKED_FOOTER_SIZE:
             raise _NotEStargzError(ErrorCode.FORMAT, "not zstd:chunked: only %d bytes" % layer.size)
         else:
             tail = client.read_blob(layer.digest, layer.size - _ZSTD_CHUNKED_FOOTER_SIZE, layer.size - 1)
-            offset, length, uncompressed, _ = parse_zstd_chunked_footer(tail)
+            offset, length, uncompressed, _ = _parse_zstd_chunked_footer(tail)
     except StargzError as e:
         message = "layer %s (%s): %s" % (layer.digest, layer.media_type, e.message)
         if isinstance(e, _NotEStargzError):
@@ -3966,15 +3968,27 @@ def _spooled(spool, length, path):
         yield data
 
 
+def _decoders_of(index):
+    """blob -> the decompressor of its members, for the layers that are not gzip. The
+    zstd decoder is imported at the first use, so that an image with a zstd:chunked
+    layer still gives its gzip layers' files on a Python without one."""
+    def zstd_frames(blob):
+        def decompress(pieces):
+            return _inflate_zstd_frames(pieces, _zstd_module("layer %s" % blob))
+        return decompress
+    return {toc.blob: zstd_frames(toc.blob) for toc in index.layers if toc is not None and toc.compression == "zstd"}
+
+
 class _Fetcher(object):
     """One run's fetching: each planned range is one request through the retry loop,
     each of its members inflated as it streams, each chunk checked against its
     digest and handed to `deliver(sink)`. What cannot be had fails only the files
     it feeds, through `fail(file, error)`; Ctrl-C sets `stop`, which ends workers."""
 
-    def __init__(self, client, retry, verify, stop, stats, deliver, fail):
+    def __init__(self, client, retry, verify, stop, stats, deliver, fail, decoders=None):
         self.client, self.retry, self.verify, self.stop, self.stats = client, retry, verify, stop, stats
         self.deliver, self.fail = deliver, fail
+        self.decoders = decoders or {}   # blob -> its members' decompressor, if not gzip
         self._lock = threading.Lock()
         self._mismatches = {}   # (id(file), index) -> how often that chunk came out wrong
 
@@ -4029,14 +4043,15 @@ class _Fetcher(object):
             position = start
             for member in members:
                 response.skip(member.offset - position)
-                refetch = self._inflate_member(response, member) or refetch
+                refetch = self._inflate_member(response, member, self.decoders.get(blob, _inflate_members)) \
+                    or refetch
                 position = member.end
         finally:
             response.close()
         if refetch:
             _fail(ErrorCode.INTEGRITY, "a chunk did not match its digest: fetching it again", damaged=True)
 
-    def _inflate_member(self, response, member):
+    def _inflate_member(self, response, member, decompress):
         """Inflate one member as it streams, handing each wanted chunk its bytes, and
         stop once they are complete; the rest of its extent is read, not inflated,
         so that the next member lines up. True when a chunk deserves one more fetch."""
@@ -4045,14 +4060,14 @@ class _Fetcher(object):
         extent = self._extent(response, member.end - member.offset)
         broken = None
         try:
-            produced = _pour(_inflate_members(extent), sinks, 0, need, self.verify)
+            produced = _pour(decompress(extent), sinks, 0, need, self.verify)
             if produced < need:
                 broken = "the member at offset %d holds %d bytes, fewer than the TOC declares (%d)" % (
                     member.offset, produced, need)
         except StargzError as e:
             if not e.damaged:   # the connection broke, or Ctrl-C: this attempt is over
                 raise
-            broken = "corrupt gzip data in the member at offset %d: %s" % (member.offset, e.cause)
+            broken = "corrupt data in the member at offset %d: %s" % (member.offset, e.cause)
         for _ in extent:    # the next members of the range are fine: keep reading
             pass
         return self._settle(sinks, broken, refetch=True)
@@ -4123,7 +4138,7 @@ class _Run(object):
         self.progress = None
         self.writer = _TreeWriter(_Destination(job.output_dir), downloader.policy, downloader.verify, self.stats)
         self.fetcher = _Fetcher(client, downloader.retry, downloader.verify, self.stop, self.stats,
-                                self._chunk_verified, self.writer.fail)
+                                self._chunk_verified, self.writer.fail, _decoders_of(job.index))
 
     def execute(self):
         started = time.time()

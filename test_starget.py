@@ -129,9 +129,18 @@ def _image_variants():
 
 
 def _readable(manifest):
-    return all(l.get("estargz") and l.get("compression") == "gzip" for l in manifest["layers"])
+    """Every layer lazily readable: eStargz (gzip) or zstd:chunked (with a zstd decoder)."""
+    return all(l.get("estargz") and (l.get("compression") == "gzip" or (l.get("compression") == "zstd" and ZSTD))
+               for l in manifest["layers"])
 
 
+try:
+    from compression import zstd as ZSTD     # noqa: F401  (Python 3.14+)
+except ImportError:
+    try:
+        from backports import zstd as ZSTD   # noqa: F401  (the test extra installs it on 3.9-3.13)
+    except ImportError:
+        ZSTD = None
 ALL_VARIANTS = _image_variants()
 READABLE = [(lay, ref, plat) for lay, ref, plat, m in ALL_VARIANTS if _readable(m)]
 READABLE_IDS = ["%s:%s%s" % (lay, ref, "@" + plat if plat else "") for lay, ref, plat in READABLE]
@@ -3373,12 +3382,28 @@ def test_parse_footer_plain_gzip_is_format_error(layout):
 
 
 @pytest.mark.parametrize("layout", ZSTD_LAYOUTS)
-def test_parse_footer_zstd_is_unsupported(layout):
+def test_zstd_chunked_footer_and_position(layout):
+    """The 48-byte footer and the manifest-position annotation say the same thing, and
+    the eStargz footer parser refuses the blob (it is not gzip)."""
     m = expected_ref(layout, _first_ref(layout))
-    blob = blob_bytes(layout, m["layers"][0]["digest"])
-    with pytest.raises(starget.StargzError) as ei:
-        starget.parse_footer(blob[-51:])
-    assert ei.value.code == starget.ErrorCode.UNSUPPORTED
+    for layer in m["layers"]:
+        if layer.get("compression") != "zstd":
+            continue
+        blob = blob_bytes(layout, layer["digest"])
+        footer = layer["footer"]
+        got = starget._parse_zstd_chunked_footer(blob[-48:])
+        assert got == (footer["toc_offset"], footer["toc_compressed_size"], footer["toc_uncompressed_size"], 1)
+        position = starget._zstd_annotation(layer["annotations"], "manifest-position")
+        assert starget._parse_zstd_chunked_position(position) == got
+        with pytest.raises(starget.StargzError) as ei:
+            starget.parse_footer(blob[-51:])
+        assert ei.value.code == starget.ErrorCode.FORMAT
+    for bad in (b"\x00" * 48, b"GnUlInUx" * 6):
+        with pytest.raises(starget.StargzError):
+            starget._parse_zstd_chunked_footer(bad)
+    for text in ("1:2:3", "a:b:c:d", "1:2:3:4:5", None):
+        with pytest.raises(starget.StargzError):
+            starget._parse_zstd_chunked_position(text)
 
 
 @pytest.mark.parametrize("pos", [0, 1, 2, 3, 10, 11, 12, 13, 14, 15, 16, 20, 31, 32, 37])
@@ -5144,24 +5169,35 @@ def test_e2e_plain_gzip_is_not_estargz(registry_anon, ws, layout):
     ws.assert_out_empty()
 
 
+@pytest.mark.skipif(ZSTD is None, reason="no zstd decoder (backports.zstd is in the test extra)")
+def test_e2e_mixed_layers_with_fallback(registry_anon, ws):
+    """Plain tar+gzip base (read whole with --fallback-stream), an eStargz layer and a
+    zstd:chunked layer in one image: the merged tree comes out byte for byte."""
+    rc, out, err = run_cli("--fallback-stream", "--no-progress", "get", registry_anon.image("mixed"), ".", ws.out)
+    assert rc == 0, err
+    assert compare_tree(expected_files("mixed", "latest"), ws.tree()) == []
+
+
 @pytest.mark.parametrize("layout", ZSTD_LAYOUTS)
-def test_e2e_zstd_is_unsupported(registry_anon, ws, layout):
-    rc, out, err = run_cli("get", registry_anon.image(layout, _first_ref(layout)), ".", ws.out)
-    line = assert_one_line_error(rc, err, 7)
-    assert "zstd" in line.lower() and ("unsupported" in line.lower() or "not supported" in line.lower())
-    ws.assert_out_empty()
-
-
-@pytest.mark.parametrize("layout", PLAIN_GZIP_LAYOUTS + ZSTD_LAYOUTS)
-def test_e2e_ls_refuses_unreadable_layers(registry_anon, layout):
-    rc, out, err = run_cli("ls", registry_anon.image(layout, _first_ref(layout)))
-    assert_one_line_error(rc, err, (6, 7))
+def test_e2e_zstd_without_a_decoder_says_what_to_install(registry_anon, ws, layout):
+    """No compression.zstd, no backports.zstd: exit 7 with one line naming the fix."""
+    block = ("import sys, runpy; sys.modules['compression'] = None; sys.modules['compression.zstd'] = None; "
+             "sys.modules['backports'] = None; sys.modules['backports.zstd'] = None; "
+             "sys.argv = ['starget'] + sys.argv[1:]; runpy.run_path(%r, run_name='__main__')" % STARGET)
+    image = registry_anon.image(layout, _first_ref(layout))
+    args = ["get", image, "."] if layout != "mixed" else ["--fallback-stream", "get", image, "."]
+    p = subprocess.run([sys.executable, "-c", block] + args + [ws.out], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True, env=hermetic_env(), timeout=120)
+    line = assert_one_line_error(p.returncode, p.stderr, 7)
+    assert "backports.zstd" in line and "3.14" in line
+    if layout != "mixed":
+        ws.assert_out_empty()
 
 
 def _format_of(layer):
     kind = (layer.get("footer") or {}).get("kind")
     if layer.get("compression") == "zstd":
-        return "zstd"
+        return "zstd:chunked"
     if not layer.get("estargz"):
         return "gzip"
     return {"estargz": "estargz", "legacy-stargz": "legacy-stargz"}[kind]
