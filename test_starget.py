@@ -54,6 +54,7 @@ Run:  bash .ci/test                      (installs what is missing, then runs th
 import argparse
 import base64
 import email.utils
+import errno
 import gzip
 import hashlib
 import http.client
@@ -5017,6 +5018,83 @@ def test_content_digest_mismatch(httpserver, sandbox, case):
     assert bad in err
     missing = assert_final_tree(sandbox.out, parent, err)
     assert missing == [bad]
+    sandbox.assert_untouched()
+
+
+# ---- download: systemic failures end the run with one line -------------------
+
+_SUMMARY_LINE = re.compile(r"^starget: (\d+ of \d+ files? written|nothing written) before the error; "
+                           r"re-run the same command to resume$")
+
+
+def _assert_stopped_with(rc, err, code):
+    """Exit `code`, one error line for the cause, one summary line, nothing else."""
+    assert rc == code, (rc, err)
+    assert "Traceback" not in err, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(error_lines(err)) == 1, "expected ONE error line: %r" % err
+    others = [l for l in lines if l not in error_lines(err) and not re.match(r"starget: (warning|info|debug): ", l)]
+    assert len(others) == 1 and _SUMMARY_LINE.match(others[0]), "not one summary line: %r" % err
+    return error_lines(err)[0], others[0]
+
+
+def _refuse_writes_under(monkeypatch, root, number, calls):
+    """os.mkdir, and os.open for writing, raise OSError(number) under `root`, as a
+    read-only file system does: as root a chmod 0555 stops nothing. `calls` counts them."""
+    def refusing(real, writes):
+        def call(path, *args, **kw):
+            if os.path.abspath(str(path)).startswith(root + os.sep) and writes(args):
+                calls.append(path)
+                raise OSError(number, os.strerror(number), path)
+            return real(path, *args, **kw)
+        return call
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+    monkeypatch.setattr(os, "mkdir", refusing(os.mkdir, lambda args: True))
+    monkeypatch.setattr(os, "open", refusing(os.open, lambda args: bool(args and args[0] & write_flags)))
+
+
+def _refuse_pwrite(monkeypatch, number, calls):
+    """Every os.pwrite fails with `number` (ENOSPC: the file system is full)."""
+    def pwrite(fd, data, offset):
+        calls.append(fd)
+        raise OSError(number, os.strerror(number))
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+@pytest.mark.parametrize("number", ["EROFS", "EACCES", "ENOSPC"])
+def test_unwritable_destination_stops_with_one_line(registry_anon, download_env, monkeypatch, capsys, number):
+    """A destination nothing can be written to (read-only, not permitted, full): one
+    error line for the cause, one summary line, exit 10; the run stops at the first
+    failure instead of trying (and reporting) every entry."""
+    sandbox = Workspace(download_env / "ws")     # next to download_env's cache, which is written
+    calls = []
+    number = getattr(errno, number)
+    if number == errno.ENOSPC:
+        _refuse_pwrite(monkeypatch, number, calls)
+    else:
+        _refuse_writes_under(monkeypatch, sandbox.out, number, calls)
+    rc = starget.main(["--no-progress", "get", registry_anon.image("basic"), ".", sandbox.out])
+    err = capsys.readouterr().err
+    line, summary = _assert_stopped_with(rc, err, 10)
+    assert os.strerror(number) in line, line
+    regular = [p for p, e in BASIC_FILES.items() if e["type"] in ("reg", "hardlink")]
+    assert 1 <= len(calls) <= 4 < len(regular), "%d writes tried after the first failed" % len(calls)
+    monkeypatch.undo()
+    assert_final_tree(sandbox.out, "", err + "".join(BASIC_FILES))   # what is there is exact
+    sandbox.assert_untouched()
+
+
+def test_registry_gone_mid_run_stops_with_one_line(anon_proxy, sandbox):
+    """Every payload read dropped once the TOCs were read (the registry gone), no
+    retries: one error line for the cause and one summary line, exit 5 (a network
+    error), not one line per file and exit 11."""
+    fault = anon_proxy.add("reset", path=BASIC_BLOB, where=payload_of_basic, times=None, cut=0)
+    rc, out, err = run_cli("--retries", "0", "--no-progress", "get", anon_proxy.image(), ".", sandbox.out)
+    assert fault.fired >= 1, fault
+    line, summary = _assert_stopped_with(rc, err, 5)
+    assert "reset" in line.lower(), line
+    missing = assert_final_tree(sandbox.out, "", err + "".join(BASIC_FILES))
+    assert missing, "every file is there although every payload read failed"
     sandbox.assert_untouched()
 
 
