@@ -5098,6 +5098,41 @@ def test_registry_gone_mid_run_stops_with_one_line(anon_proxy, sandbox):
     sandbox.assert_untouched()
 
 
+def test_credentials_rejected_mid_run_stops_with_one_line(anon_proxy, sandbox):
+    """Every payload read answered 403 once the TOCs were read: one error line, exit 4."""
+    fault = anon_proxy.add("status", path=BASIC_BLOB, where=payload_of_basic, status=403, times=None)
+    rc, out, err = run_cli("--retries", "0", "--no-progress", "get", anon_proxy.image(), ".", sandbox.out)
+    assert fault.fired >= 1, fault
+    line, summary = _assert_stopped_with(rc, err, 4)
+    assert "403" in line, line
+    sandbox.assert_untouched()
+
+
+def _os_error(number):
+    return OSError(number, os.strerror(number))
+
+
+@pytest.mark.parametrize("error, systemic", [
+    (StargzError(ErrorCode.IO, "m", _os_error(errno.EROFS)), True),
+    (StargzError(ErrorCode.IO, "m", _os_error(errno.ENOSPC)), True),
+    (StargzError(ErrorCode.IO, "m", _os_error(errno.EDQUOT)), True),
+    (StargzError(ErrorCode.IO, "m", _os_error(errno.EACCES)), True),
+    (StargzError(ErrorCode.IO, "m", _os_error(errno.EPERM)), True),
+    (StargzError(ErrorCode.IO, "m", _os_error(errno.EISDIR)), False),
+    (StargzError(ErrorCode.IO, "Read-only file system"), False),     # the text is not read
+    (StargzError(ErrorCode.NETWORK, "m", ConnectionRefusedError(errno.ECONNREFUSED, "x"), transient=True), True),
+    (StargzError(ErrorCode.NETWORK, "m", socket.timeout("timed out"), transient=True), True),
+    (StargzError(ErrorCode.NETWORK, "HTTP 500", transient=True), False),     # one range's server error
+    (StargzError(ErrorCode.NETWORK, "bad Content-Range"), False),
+    (StargzError(ErrorCode.AUTH, "denied"), True),
+    (StargzError(ErrorCode.INTEGRITY, "m", _os_error(errno.EROFS)), False),
+    (StargzError(ErrorCode.UNSAFE, "m"), False),
+    (StargzError(ErrorCode.FORMAT, "m"), False),
+])
+def test_is_systemic(error, systemic):
+    assert starget._is_systemic(error) is systemic
+
+
 # =============================================================================
 # cli
 # =============================================================================
