@@ -3248,12 +3248,19 @@ class DownloadJob(object):
 
 
 class _Progress(object):
-    """A one-line progress bar on stderr, only on a terminal."""
+    """A one-line progress bar, only on a terminal (stderr): redrawn at most every
+    INTERVAL seconds, fit to the terminal's width, ended by one summary line. The
+    stream, the clock and the width (a function of the stream) may be given."""
 
-    def __init__(self, total, files, enabled):
+    INTERVAL = 0.1
+
+    def __init__(self, total, files, enabled, files_done=0, stream=None, clock=time.monotonic, width=None):
         self.total, self.files, self.enabled = total, files, enabled
-        self.done = self.files_done = 0
-        self.start = self.last = time.time()
+        self.done, self.files_done = 0, files_done
+        self.stream = sys.stderr if stream is None else stream
+        self.clock, self.width = clock, width or _terminal_width
+        self.start = self.last = clock()
+        self.shown = 0      # the length of the line on the screen
         self.lock = threading.Lock()
 
     def add(self, nbytes=0, files=0):
@@ -3262,22 +3269,65 @@ class _Progress(object):
         with self.lock:
             self.done += nbytes
             self.files_done += files
-            now = time.time()
-            if now - self.last >= 0.1:
+            now = self.clock()
+            if now - self.last >= self.INTERVAL:
                 self.last = now
                 self._draw(now)
 
-    def _draw(self, now):
-        rate = self.done / max(now - self.start, 1e-6)
-        sys.stderr.write("\r%s / %s  %s/s  %d/%d files " % (
-            _human_size(self.done), _human_size(self.total), _human_size(rate), self.files_done, self.files))
-        sys.stderr.flush()
+    def _draw(self, now, final=False):
+        width = self.width(self.stream)
+        line = _progress_line(self.done, self.total, self.files_done, self.files, now - self.start, width, final)
+        # Spaces over what a longer line left, not ESC [K: NO_COLOR allows no escapes.
+        pad = max(0, min(self.shown, width - 1) - len(line))
+        self.stream.write("\r" + line + " " * pad + ("\n" if final else ""))
+        self.shown = len(line)
+        self.stream.flush()
 
-    def finish(self):
+    def finish(self, files_done=None):
+        """The last line: what was done, in how long; `files_done` as counted at the end."""
         if self.enabled:
             with self.lock:
-                self._draw(time.time())
-                sys.stderr.write("\n")
+                self.files_done = self.files_done if files_done is None else files_done
+                self._draw(self.clock(), final=True)
+
+
+def _terminal_width(stream):
+    """The columns of the terminal `stream` is on; shutil.get_terminal_size asks
+    stdout, which may be a file (`starget get ... > log`) while stderr is the terminal."""
+    import shutil
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        columns = 0
+    return columns or shutil.get_terminal_size().columns
+
+
+def _duration(seconds):
+    seconds = int(seconds + 0.5)
+    if seconds >= 3600:
+        return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+    return "%d:%02d" % (seconds // 60, seconds % 60)
+
+
+def _progress_line(done, total, files_done, files, elapsed, width, final=False):
+    """The progress line: percentage, bytes, speed, ETA (or, when `final`, the time
+    taken) and files, in at most `width - 1` columns, as a full-width line wraps on
+    some terminals. What does not fit goes, bytes first; percentage and files stay."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    if final:
+        timing = "in %s" % _duration(elapsed)
+    else:
+        timing = "ETA %s" % _duration((total - done) / rate) if rate > 0 and done < total else ""
+    parts = [("%3d%%" % (min(100, 100 * done // total) if total else 100), 0),
+             ("%s / %s" % (_human_size(done), _human_size(total)), 3),
+             ("%s/s" % _human_size(rate), 2), (timing, 1),
+             ("%d/%d file%s" % (files_done, files, "" if files == 1 else "s"), 0)]
+    for drop in (3, 2, 1, 0):
+        line = "  ".join(text for text, rank in parts if text)
+        if len(line) <= width - 1:
+            return line
+        parts = [(text, rank) for text, rank in parts if rank != drop]
+    return line[:max(0, width - 1)]
 
 
 def _human_size(n):
@@ -3951,7 +4001,7 @@ class _Run(object):
         made_dirs = writer.make_dirs(job.dirs)
         files = writer.prepare_files(job.regular)
         self.progress = _Progress(sum(f.source.size - sum(f.chunks[i].size for i in f.done) for f in files),
-                                  len(files), self.downloader.progress_enabled)
+                                  stats.planned, self.downloader.progress_enabled, stats.files + stats.kept)
         try:
             try:
                 self._fetch(files)
@@ -3963,7 +4013,7 @@ class _Run(object):
                 writer.make_symlinks(job.symlinks)
                 writer.make_specials(job.specials)
         finally:
-            self.progress.finish()
+            self.progress.finish(stats.files + stats.kept)   # the count the summary gives
         writer.finish_dirs(made_dirs)
         after = self.client.transport.stats.as_dict()
         stats.requests = after["requests"] - before["requests"]
@@ -4887,10 +4937,13 @@ def _report(stats, verbose):
         for message in messages:
             sys.stderr.write("starget: error: %s\n" % _redact(message))
     if verbose:
-        files = "1 file" if stats.files == 1 else "%d files" % stats.files
+        # Files written and files found complete, as the progress line counts them.
+        count = stats.files + stats.kept
+        files = ("1 file" if count == 1 else "%d files" % count) + (
+            " (%d already present)" % stats.kept if stats.kept else "")
         _log.info("%s, %s written, %d skipped, %d requests, %s fetched, %d retries, %d failed, %.2fs",
-                 files, _human_size(stats.bytes), stats.skipped, stats.requests, _human_size(stats.fetched),
-                 stats.retries, len(stats.failures), stats.elapsed)
+                 files, _human_size(stats.bytes), stats.skipped - stats.kept, stats.requests,
+                 _human_size(stats.fetched), stats.retries, len(stats.failures), stats.elapsed)
     if stats.fatal is not None:
         # One line for the cause, not one per entry it would fail; then how far it got.
         written = stats.files + stats.kept

@@ -5133,6 +5133,102 @@ def test_is_systemic(error, systemic):
     assert starget._is_systemic(error) is systemic
 
 
+# ---- download: the progress line ----------------------------------------------
+
+@pytest.mark.parametrize("width", [40, 120])
+def test_progress_line_fits_the_width(width):
+    for args in [(0, 0, 0, 0, 0.0), (5 << 20, 20 << 20, 3, 27, 2.0), (1023 << 30, 1024 << 30, 99999, 100000, 7.5),
+                 (20 << 20, 20 << 20, 27, 27, 4.0)]:
+        line = starget._progress_line(*args, width=width)
+        assert 0 < len(line) <= width - 1, (width, line)
+        assert "%" in line and "files" in line, line
+
+
+def test_progress_line_says_what_and_how_fast():
+    line = starget._progress_line(5 << 20, 20 << 20, 3, 27, 2.0, 120)
+    assert line.startswith(" 25%"), line
+    assert "5.0 MiB / 20.0 MiB" in line and "2.5 MiB/s" in line and "3/27 files" in line, line
+    assert "ETA 0:06" in line, line      # 15 MiB to go at 2.5 MiB/s
+    narrow = starget._progress_line(5 << 20, 20 << 20, 3, 27, 2.0, 40)
+    assert " 25%" in narrow and "3/27 files" in narrow, narrow     # the parts that stay
+    final = starget._progress_line(20 << 20, 20 << 20, 27, 27, 4.0, 120, final=True)
+    assert "ETA" not in final and "100%" in final and "27/27 files" in final, final
+
+
+def test_progress_line_zero_total_and_one_file():
+    line = starget._progress_line(0, 0, 0, 1, 0.0, 80)
+    assert "100%" in line and "0/1 file" in line and "files" not in line, line
+    assert "ETA" not in line
+    assert "1/1 file" in starget._progress_line(0, 0, 1, 1, 0.0, 80, final=True)
+    assert "0/2 files" in starget._progress_line(0, 10, 0, 2, 1.0, 80)
+
+
+class _FakeClock(object):
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def _drawn_lines(text):
+    """What the terminal shows, line by line: each \\r redraw and each \\n-ended line."""
+    return [piece for line in text.split("\n") for piece in line.split("\r") if piece]
+
+
+def test_progress_redraw_clears_and_fits():
+    stream, clock = io.StringIO(), _FakeClock()
+    width = [120]
+    progress = starget._Progress(20 << 30, 1000, True, stream=stream, clock=clock, width=lambda s: width[0])
+    clock.now += 1
+    progress.add(10 << 30)                   # a long line: big numbers, an ETA
+    for _ in range(50):                      # within the interval: not drawn again
+        progress.add(1)
+    assert stream.getvalue().count("\r") == 1, repr(stream.getvalue())
+    long_line = stream.getvalue()
+    clock.now += 10
+    progress.add(10 << 30, files=1000)       # done: no ETA, a shorter line
+    second = stream.getvalue()[len(long_line):]
+    assert second.startswith("\r") and len(second) == len(long_line), (long_line, second)   # spaces over the rest
+    assert "\x1b" not in stream.getvalue()   # NO_COLOR allows no escapes: spaces, not ESC [K
+    width[0] = 40
+    clock.now += 1
+    progress.add(0)
+    progress.finish(files_done=1000)
+    text = stream.getvalue()
+    assert text.endswith("\n") and text.count("\n") == 1, repr(text)
+    assert all(len(line) <= 119 for line in _drawn_lines(text)), _drawn_lines(text)
+    assert all(len(line.rstrip()) <= 39 for line in _drawn_lines(text)[-2:]), _drawn_lines(text)
+    assert "1000/1000 files" in _drawn_lines(text)[-1]
+
+
+def test_progress_is_silent_when_disabled():
+    stream = io.StringIO()
+    progress = starget._Progress(100, 1, False, stream=stream, clock=_FakeClock(), width=lambda s: 80)
+    progress.add(100, files=1)
+    progress.finish()
+    assert stream.getvalue() == ""
+
+
+def test_progress_and_summary_count_the_same_files(registry_anon, download_env, monkeypatch, capsys):
+    """On a terminal the last progress line and the -v summary give one file count:
+    files written plus files already present, links included; "1 file", not "1 files"."""
+    out = str(download_env / "out")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    for run in range(2):        # written, then all of them already present
+        assert starget.main(["-v", "get", registry_anon.image("basic"), "bin", out]) == 0
+        err = capsys.readouterr().err
+        shown = re.findall(r"(\d+)/(\d+) files?\b", err.split("\r")[-1])
+        summary = re.search(r"info: (\d+) files?(?: \((\d+) already present\))?, ", err)
+        assert shown and summary, repr(err)
+        assert shown[-1][0] == shown[-1][1] == summary.group(1), (run, shown, summary.group(0))
+        assert (summary.group(2) is not None) == (run == 1), summary.group(0)
+    assert starget.main(["-v", "get", registry_anon.image("basic"), TARGET_FILE, str(download_env / "one")]) == 0
+    err = capsys.readouterr().err
+    assert "1/1 file" in err and "1/1 files" not in err and "info: 1 file, " in err, repr(err)
+
+
 # =============================================================================
 # cli
 # =============================================================================
