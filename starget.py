@@ -3725,8 +3725,7 @@ class _TreeWriter(object):
         if specials and not self.policy.special_files:
             message = "skipped %d device node%s and FIFO%s (pass --devices, as root, to create them)" % (
                 len(specials), "" if len(specials) == 1 else "s", "" if len(specials) == 1 else "s")
-            _log.warning("%s", message)
-            self.stats.warnings.append(message)
+            self.stats.warnings.append(message)     # logged by the run, after the progress line
             self.stats.add("skipped", len(specials))
             return
         kinds = {"char": stat.S_IFCHR, "block": stat.S_IFBLK}
@@ -4014,6 +4013,8 @@ class _Run(object):
                 writer.make_specials(job.specials)
         finally:
             self.progress.finish(stats.files + stats.kept)   # the count the summary gives
+        for message in stats.warnings:      # below the progress line, not into it
+            _log.warning("%s", message)
         writer.finish_dirs(made_dirs)
         after = self.client.transport.stats.as_dict()
         stats.requests = after["requests"] - before["requests"]

@@ -5229,6 +5229,17 @@ def test_progress_and_summary_count_the_same_files(registry_anon, download_env, 
     assert "1/1 file" in err and "1/1 files" not in err and "info: 1 file, " in err, repr(err)
 
 
+def test_warnings_go_below_the_progress_line(registry_anon, download_env, monkeypatch, capsys):
+    """The device-node warning is written after the progress line's end, not into it."""
+    monkeypatch.setattr(starget._Progress, "INTERVAL", 0.0)     # every update drawn
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert starget.main(["get", registry_anon.image("basic"), ".", str(download_env / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" in err and "skipped 3 device nodes" in err, repr(err)
+    assert all(line.startswith("starget: ") for line in err.split("\n")[1:] if line), repr(err)
+    assert not re.search(r"[^\n]starget: warning", err), repr(err)
+
+
 # =============================================================================
 # cli
 # =============================================================================
