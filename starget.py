@@ -3314,12 +3314,40 @@ class ExtractionPolicy(object):
         return mode if self.keep_setid else mode & ~0o6000
 
 
+def _is_systemic(error):
+    """Whether `error` would hit every remaining file alike, so that going on only
+    repeats it: the destination refuses writes (read-only, full, over quota, not
+    permitted), the registry stays unreachable after the retry loop (a refused,
+    reset or timed-out connection: an OSError below a transient network error), or
+    the credentials are rejected. A digest mismatch, an unsafe name, a malformed
+    entry, a 5xx for one range or an IO error of one path (EISDIR) fail one file.
+    Decided by the error's code, flags and errno, never by its text."""
+    import errno
+    if error.code == ErrorCode.AUTH:
+        return True
+    if error.code == ErrorCode.NETWORK:
+        return error.transient and isinstance(error.cause, OSError)
+    names = ("EROFS", "ENOSPC", "EDQUOT", "EACCES", "EPERM")
+    return (error.code == ErrorCode.IO and isinstance(error.cause, OSError)
+            and error.cause.errno in set(getattr(errno, name, None) for name in names) - {None})
+
+
+def _io_error(what, error):
+    """The IO error for the OSError `error` while doing `what`, keeping it as the
+    cause: its errno is what _is_systemic reads."""
+    return StargzError(ErrorCode.IO, "%s: %s" % (what, _describe_os_error(error)), error)
+
+
 class DownloadStats(object):
-    """What a download did; `failures` lists (path, message)."""
+    """What a download did; `failures` lists (path, message). `fatal` is the
+    systemic failure (see _is_systemic) that stopped the run, or None; `planned`
+    counts the files the run was to write, `kept` those found complete already."""
 
     def __init__(self):
         self.files = self.bytes = self.skipped = self.requests = self.retries = self.fetched = 0
+        self.planned = self.kept = 0
         self.failures, self.failure_codes, self.warnings = [], [], []
+        self.fatal = None
         self.elapsed = 0.0
         self._lock = threading.Lock()
 
@@ -3332,10 +3360,17 @@ class DownloadStats(object):
             self.failures.append((path, message))
             self.failure_codes.append(code)
 
+    def stop_with(self, error):
+        """Record the systemic failure that ends the run; only the first is its cause."""
+        with self._lock:
+            if self.fatal is None:
+                self.fatal = error
+
     def as_dict(self):
         return {"files": self.files, "bytes": self.bytes, "skipped": self.skipped, "requests": self.requests,
                 "retries": self.retries, "fetched": self.fetched, "elapsed": round(self.elapsed, 3),
-                "failures": [{"path": p, "error": m} for p, m in self.failures]}
+                "failures": [{"path": p, "error": m} for p, m in self.failures],
+                "kept": self.kept, "fatal": None if self.fatal is None else self.fatal.message}
 
 
 # -- planner -------------------------------------------------------------------
@@ -3465,12 +3500,19 @@ class DownloadJob(object):
 
 
 class _Progress(object):
-    """A one-line progress bar on stderr, only on a terminal."""
+    """A one-line progress bar, only on a terminal (stderr): redrawn at most every
+    INTERVAL seconds, fit to the terminal's width, ended by one summary line. The
+    stream, the clock and the width (a function of the stream) may be given."""
 
-    def __init__(self, total, files, enabled):
+    INTERVAL = 0.1
+
+    def __init__(self, total, files, enabled, files_done=0, stream=None, clock=time.monotonic, width=None):
         self.total, self.files, self.enabled = total, files, enabled
-        self.done = self.files_done = 0
-        self.start = self.last = time.time()
+        self.done, self.files_done = 0, files_done
+        self.stream = sys.stderr if stream is None else stream
+        self.clock, self.width = clock, width or _terminal_width
+        self.start = self.last = clock()
+        self.shown = 0      # the length of the line on the screen
         self.lock = threading.Lock()
 
     def add(self, nbytes=0, files=0):
@@ -3479,22 +3521,65 @@ class _Progress(object):
         with self.lock:
             self.done += nbytes
             self.files_done += files
-            now = time.time()
-            if now - self.last >= 0.1:
+            now = self.clock()
+            if now - self.last >= self.INTERVAL:
                 self.last = now
                 self._draw(now)
 
-    def _draw(self, now):
-        rate = self.done / max(now - self.start, 1e-6)
-        sys.stderr.write("\r%s / %s  %s/s  %d/%d files " % (
-            _human_size(self.done), _human_size(self.total), _human_size(rate), self.files_done, self.files))
-        sys.stderr.flush()
+    def _draw(self, now, final=False):
+        width = self.width(self.stream)
+        line = _progress_line(self.done, self.total, self.files_done, self.files, now - self.start, width, final)
+        # Spaces over what a longer line left, not ESC [K: NO_COLOR allows no escapes.
+        pad = max(0, min(self.shown, width - 1) - len(line))
+        self.stream.write("\r" + line + " " * pad + ("\n" if final else ""))
+        self.shown = len(line)
+        self.stream.flush()
 
-    def finish(self):
+    def finish(self, files_done=None):
+        """The last line: what was done, in how long; `files_done` as counted at the end."""
         if self.enabled:
             with self.lock:
-                self._draw(time.time())
-                sys.stderr.write("\n")
+                self.files_done = self.files_done if files_done is None else files_done
+                self._draw(self.clock(), final=True)
+
+
+def _terminal_width(stream):
+    """The columns of the terminal `stream` is on; shutil.get_terminal_size asks
+    stdout, which may be a file (`starget get ... > log`) while stderr is the terminal."""
+    import shutil
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        columns = 0
+    return columns or shutil.get_terminal_size().columns
+
+
+def _duration(seconds):
+    seconds = int(seconds + 0.5)
+    if seconds >= 3600:
+        return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+    return "%d:%02d" % (seconds // 60, seconds % 60)
+
+
+def _progress_line(done, total, files_done, files, elapsed, width, final=False):
+    """The progress line: percentage, bytes, speed, ETA (or, when `final`, the time
+    taken) and files, in at most `width - 1` columns, as a full-width line wraps on
+    some terminals. What does not fit goes, bytes first; percentage and files stay."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    if final:
+        timing = "in %s" % _duration(elapsed)
+    else:
+        timing = "ETA %s" % _duration((total - done) / rate) if rate > 0 and done < total else ""
+    parts = [("%3d%%" % (min(100, 100 * done // total) if total else 100), 0),
+             ("%s / %s" % (_human_size(done), _human_size(total)), 3),
+             ("%s/s" % _human_size(rate), 2), (timing, 1),
+             ("%d/%d file%s" % (files_done, files, "" if files == 1 else "s"), 0)]
+    for drop in (3, 2, 1, 0):
+        line = "  ".join(text for text, rank in parts if text)
+        if len(line) <= width - 1:
+            return line
+        parts = [(text, rank) for text, rank in parts if rank != drop]
+    return line[:max(0, width - 1)]
 
 
 def _human_size(n):
@@ -3721,9 +3806,20 @@ class _TreeWriter(object):
     `written` maps id(entry) to the final path of each file this run wrote or
     verified: the only files a hardlink may point to."""
 
-    def __init__(self, dest, policy, verify, stats):
+    def __init__(self, dest, policy, verify, stats, stop=None):
         self.dest, self.policy, self.verify, self.stats = dest, policy, verify, stats
+        self.stop = stop or threading.Event()
         self.written = {}
+
+    def failed(self, path, error):
+        """The one place a failure is counted. A systemic one (_is_systemic) would
+        fail every entry still to come: it is recorded once, as the run's cause, and
+        sets `stop`, so that no new work starts; any other fails `path` only."""
+        if _is_systemic(error):
+            self.stats.stop_with(error)
+            self.stop.set()
+        else:
+            self.stats.fail(path, error.message, error.code)
 
     # -- directories -----------------------------------------------------------
     def make_dirs(self, dirs):
@@ -3731,6 +3827,8 @@ class _TreeWriter(object):
         found as real directories: only these get their attributes at the end."""
         made = []
         for entry in dirs:
+            if self.stop.is_set():
+                break
             try:
                 path = self.dest.prepare(entry.path)
                 try:
@@ -3745,9 +3843,9 @@ class _TreeWriter(object):
                     _fail(ErrorCode.UNSAFE, "refusing to write into %s: it exists and is not a directory" % path)
                 made.append((entry, path))
             except StargzError as e:
-                self.stats.fail(entry.path, e.message, e.code)
+                self.failed(entry.path, e)
             except OSError as e:
-                self.stats.fail(entry.path, "cannot create directory: %s" % _describe_os_error(e))
+                self.failed(entry.path, _io_error("cannot create directory %s" % (e.filename or entry.path), e))
         return made
 
     def finish_dirs(self, made):
@@ -3765,12 +3863,15 @@ class _TreeWriter(object):
         left it; files found complete are skipped (or finished) here."""
         files = []
         for entry in entries:
+            if self.stop.is_set():
+                break
             try:
                 file = _PartialFile(entry, self.dest.prepare(entry.path))
                 if os.path.isdir(file.final) and not os.path.islink(file.final):
                     _fail(ErrorCode.IO, "%s exists and is a directory" % file.final)
                 if file.already_final():
                     self.stats.add("skipped")
+                    self.stats.add("kept")
                     self.apply_metadata(file.final, entry)
                     self.written[id(entry)] = file.final
                     continue
@@ -3779,24 +3880,27 @@ class _TreeWriter(object):
                 if file.complete:
                     self.finish(file, None)
             except StargzError as e:
-                self.stats.fail(entry.path, e.message, e.code)
+                self.failed(entry.path, e)
             except OSError as e:
-                self.stats.fail(entry.path, "cannot write: %s" % _describe_os_error(e))
+                self.failed(entry.path, _io_error("cannot write %s" % (e.filename or entry.path), e))
         return files
 
     def finish(self, file, progress):
         """All chunks verified: check the whole file, set its attributes, rename it."""
+        error = None
         with file.lock:
             if file.finished or file.failed is not None:
                 return
             try:
                 self._commit(file)
             except StargzError as e:
-                file.failed, code = e.message, e.code
+                error = e
             except OSError as e:
-                file.failed, code = "cannot write %s: %s" % (file.final, _describe_os_error(e)), ErrorCode.IO
-        if file.failed is not None:
-            self.stats.fail(file.path, file.failed, code)
+                error = _io_error("cannot write %s" % file.final, e)
+            if error is not None:
+                file.failed = error.message
+        if error is not None:
+            self.failed(file.path, error)
             return
         self.stats.add("files")
         self.stats.add("bytes", file.source.size or 0)
@@ -3827,7 +3931,7 @@ class _TreeWriter(object):
     def fail(self, file, error):
         """`file` cannot be had: counted once, whatever failed first."""
         if file.fail(error.message):
-            self.stats.fail(file.path, error.message, error.code)
+            self.failed(file.path, error)
 
     # -- links and special files -------------------------------------------------
     def _replace_with(self, entry, make):
@@ -3842,8 +3946,10 @@ class _TreeWriter(object):
             self.stats.add("files")
             return path
         except StargzError as e:
-            self.stats.fail(entry.path, e.message, e.code)
-        except (OSError, OverflowError, ValueError) as e:
+            self.failed(entry.path, e)
+        except OSError as e:
+            self.failed(entry.path, _io_error("cannot create %s %s" % (entry.type, e.filename or entry.path), e))
+        except (OverflowError, ValueError) as e:
             self.stats.fail(entry.path, "cannot create %s: %s" % (entry.type, _describe_os_error(e)))
         return None
 
@@ -3871,8 +3977,7 @@ class _TreeWriter(object):
         if specials and not self.policy.special_files:
             message = "skipped %d device node%s and FIFO%s (pass --devices, as root, to create them)" % (
                 len(specials), "" if len(specials) == 1 else "s", "" if len(specials) == 1 else "s")
-            _log.warning("%s", message)
-            self.stats.warnings.append(message)
+            self.stats.warnings.append(message)     # logged by the run, after the progress line
             self.stats.add("skipped", len(specials))
             return
         kinds = {"char": stat.S_IFCHR, "block": stat.S_IFBLK}
@@ -3932,7 +4037,7 @@ class _ChunkSink(object):
         try:
             os.pwrite(self.file.ensure_open(), piece, self.chunk.file_offset + (low - self.start))
         except OSError as e:   # this file cannot be written; the others of the range go on
-            self.write_error = "cannot write %s: %s" % (self.file.partial, _describe_os_error(e))
+            self.write_error = _io_error("cannot write %s" % self.file.partial, e)
             return
         self.hasher.update(piece)
         self.written += len(piece)
@@ -3983,7 +4088,8 @@ class _Fetcher(object):
     """One run's fetching: each planned range is one request through the retry loop,
     each of its members inflated as it streams, each chunk checked against its
     digest and handed to `deliver(sink)`. What cannot be had fails only the files
-    it feeds, through `fail(file, error)`; Ctrl-C sets `stop`, which ends workers."""
+    it feeds, through `fail(file, error)`; Ctrl-C or a systemic failure sets `stop`,
+    which ends workers."""
 
     def __init__(self, client, retry, verify, stop, stats, deliver, fail, decoders=None):
         self.client, self.retry, self.verify, self.stop, self.stats = client, retry, verify, stop, stats
@@ -4095,7 +4201,7 @@ class _Fetcher(object):
             self.fail(file, e)
             return
         except OSError as e:
-            self.fail(file, StargzError(ErrorCode.IO, "cannot read the spooled layer: %s" % _describe_os_error(e)))
+            self.fail(file, _io_error("cannot read the spooled layer", e))
             return
         self._settle([sink], None, refetch=False)   # a local copy: reading it again cannot mend it
 
@@ -4107,7 +4213,7 @@ class _Fetcher(object):
         for sink in sinks:
             problem = sink.mismatch or (broken if sink.written < sink.chunk.size else None)
             if sink.write_error:
-                self.fail(sink.file, StargzError(ErrorCode.IO, sink.write_error))
+                self.fail(sink.file, sink.write_error)
             elif problem is None:
                 self.deliver(sink)
             elif refetch and self._count_mismatch(sink) == 1:
@@ -4128,15 +4234,17 @@ class _Fetcher(object):
 
 class _Run(object):
     """One run of a DownloadJob and all its state: the client, the stats, the
-    progress bar, the stop event (Ctrl-C), the tree writer (which knows the files
-    written) and the fetcher (which counts mismatches)."""
+    progress bar, the stop event (Ctrl-C, or a systemic failure: see _is_systemic),
+    the tree writer (which knows the files written) and the fetcher (which counts
+    mismatches)."""
 
     def __init__(self, downloader, job, client):
         self.job, self.client, self.downloader = job, client, downloader
         self.stats = DownloadStats()
         self.stop = threading.Event()
         self.progress = None
-        self.writer = _TreeWriter(_Destination(job.output_dir), downloader.policy, downloader.verify, self.stats)
+        self.writer = _TreeWriter(_Destination(job.output_dir), downloader.policy, downloader.verify, self.stats,
+                                  self.stop)
         self.fetcher = _Fetcher(client, downloader.retry, downloader.verify, self.stop, self.stats,
                                 self._chunk_verified, self.writer.fail, _decoders_of(job.index))
 
@@ -4152,19 +4260,26 @@ class _Run(object):
             _log.warning("%s", reason)
             stats.fail(path, reason, ErrorCode.UNSAFE)
         writer.dest.check_free_space(job.regular)
+        stats.planned = len(job.regular) + len(job.hardlinks) + len(job.symlinks) + (
+            len(job.specials) if writer.policy.special_files else 0)
         made_dirs = writer.make_dirs(job.dirs)
         files = writer.prepare_files(job.regular)
         self.progress = _Progress(sum(f.source.size - sum(f.chunks[i].size for i in f.done) for f in files),
-                                  len(files), self.downloader.progress_enabled)
+                                  stats.planned, self.downloader.progress_enabled, stats.files + stats.kept)
         try:
-            self._fetch(files)
+            try:
+                self._fetch(files)
+            finally:
+                for file in files:
+                    file.close()
+            if not self.stop.is_set():   # after a systemic failure nothing new is started
+                writer.make_hardlinks(job.hardlinks)
+                writer.make_symlinks(job.symlinks)
+                writer.make_specials(job.specials)
         finally:
-            for file in files:
-                file.close()
-            self.progress.finish()
-        writer.make_hardlinks(job.hardlinks)
-        writer.make_symlinks(job.symlinks)
-        writer.make_specials(job.specials)
+            self.progress.finish(stats.files + stats.kept)   # the count the summary gives
+        for message in stats.warnings:      # below the progress line, not into it
+            _log.warning("%s", message)
         writer.finish_dirs(made_dirs)
         after = self.client.transport.stats.as_dict()
         stats.requests = after["requests"] - before["requests"]
@@ -4177,7 +4292,7 @@ class _Run(object):
         """Spooled files are copied first; the others' missing chunks are planned
         into ranges and fetched in parallel."""
         for file in files:
-            if file.source.spool and not file.finished:
+            if file.source.spool and not file.finished and not self.stop.is_set():
                 self.fetcher.copy_from_spool(file)
         wanted = [(file.source.blob, chunk.member_offset, chunk.member_end, (file, i))
                   for file in files if not file.finished and not file.source.spool
@@ -5127,16 +5242,27 @@ def _downloader(session):
 
 
 def _report(stats, verbose):
-    """The summary of a download: one error line per failed file, then the verdict."""
+    """The summary of a download: one error line per failed file, then the verdict;
+    a systemic failure (stats.fatal) is one line for its cause and one for what was written."""
     messages = [message if path in message else "%s: %s" % (path, message) for path, message in stats.failures]
-    if len(messages) > 1:
+    if len(messages) > 1 or (messages and stats.fatal is not None):
         for message in messages:
             sys.stderr.write("starget: error: %s\n" % _redact(message))
     if verbose:
-        files = "1 file" if stats.files == 1 else "%d files" % stats.files
+        # Files written and files found complete, as the progress line counts them.
+        count = stats.files + stats.kept
+        files = ("1 file" if count == 1 else "%d files" % count) + (
+            " (%d already present)" % stats.kept if stats.kept else "")
         _log.info("%s, %s written, %d skipped, %d requests, %s fetched, %d retries, %d failed, %.2fs",
-                 files, _human_size(stats.bytes), stats.skipped, stats.requests, _human_size(stats.fetched),
-                 stats.retries, len(stats.failures), stats.elapsed)
+                 files, _human_size(stats.bytes), stats.skipped - stats.kept, stats.requests,
+                 _human_size(stats.fetched), stats.retries, len(stats.failures), stats.elapsed)
+    if stats.fatal is not None:
+        # One line for the cause, not one per entry it would fail; then how far it got.
+        written = stats.files + stats.kept
+        sys.stderr.write("starget: %s before the error; re-run the same command to resume\n" % (
+            "%d of %d file%s written" % (written, stats.planned, "" if stats.planned == 1 else "s")
+            if written else "nothing written"))
+        _fail(stats.fatal.code, stats.fatal.message, stats.fatal.cause)
     if stats.failures:
         codes = set(stats.failure_codes)
         code = codes.pop() if len(codes) == 1 and not stats.files else ErrorCode.PARTIAL

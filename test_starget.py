@@ -54,6 +54,7 @@ Run:  bash .ci/test                      (installs what is missing, then runs th
 import argparse
 import base64
 import email.utils
+import errno
 import gzip
 import hashlib
 import http.client
@@ -5100,6 +5101,225 @@ def test_content_digest_mismatch(httpserver, sandbox, case):
     missing = assert_final_tree(sandbox.out, parent, err)
     assert missing == [bad]
     sandbox.assert_untouched()
+
+
+# ---- download: systemic failures end the run with one line -------------------
+
+_SUMMARY_LINE = re.compile(r"^starget: (\d+ of \d+ files? written|nothing written) before the error; "
+                           r"re-run the same command to resume$")
+
+
+def _assert_stopped_with(rc, err, code):
+    """Exit `code`, one error line for the cause, one summary line, nothing else."""
+    assert rc == code, (rc, err)
+    assert "Traceback" not in err, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(error_lines(err)) == 1, "expected ONE error line: %r" % err
+    others = [l for l in lines if l not in error_lines(err) and not re.match(r"starget: (warning|info|debug): ", l)]
+    assert len(others) == 1 and _SUMMARY_LINE.match(others[0]), "not one summary line: %r" % err
+    return error_lines(err)[0], others[0]
+
+
+def _refuse_writes_under(monkeypatch, root, number, calls):
+    """os.mkdir, and os.open for writing, raise OSError(number) under `root`, as a
+    read-only file system does: as root a chmod 0555 stops nothing. `calls` counts them."""
+    def refusing(real, writes):
+        def call(path, *args, **kw):
+            if os.path.abspath(str(path)).startswith(root + os.sep) and writes(args):
+                calls.append(path)
+                raise OSError(number, os.strerror(number), path)
+            return real(path, *args, **kw)
+        return call
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+    monkeypatch.setattr(os, "mkdir", refusing(os.mkdir, lambda args: True))
+    monkeypatch.setattr(os, "open", refusing(os.open, lambda args: bool(args and args[0] & write_flags)))
+
+
+def _refuse_pwrite(monkeypatch, number, calls):
+    """Every os.pwrite fails with `number` (ENOSPC: the file system is full)."""
+    def pwrite(fd, data, offset):
+        calls.append(fd)
+        raise OSError(number, os.strerror(number))
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+@pytest.mark.parametrize("number", ["EROFS", "EACCES", "ENOSPC"])
+def test_unwritable_destination_stops_with_one_line(registry_anon, download_env, monkeypatch, capsys, number):
+    """A destination nothing can be written to (read-only, not permitted, full): one
+    error line for the cause, one summary line, exit 10; the run stops at the first
+    failure instead of trying (and reporting) every entry."""
+    sandbox = Workspace(download_env / "ws")     # next to download_env's cache, which is written
+    calls = []
+    number = getattr(errno, number)
+    if number == errno.ENOSPC:
+        _refuse_pwrite(monkeypatch, number, calls)
+    else:
+        _refuse_writes_under(monkeypatch, sandbox.out, number, calls)
+    rc = starget.main(["--no-progress", "get", registry_anon.image("basic"), ".", sandbox.out])
+    err = capsys.readouterr().err
+    line, summary = _assert_stopped_with(rc, err, 10)
+    assert os.strerror(number) in line, line
+    regular = [p for p, e in BASIC_FILES.items() if e["type"] in ("reg", "hardlink")]
+    assert 1 <= len(calls) <= 4 < len(regular), "%d writes tried after the first failed" % len(calls)
+    monkeypatch.undo()
+    assert_final_tree(sandbox.out, "", err + "".join(BASIC_FILES))   # what is there is exact
+    sandbox.assert_untouched()
+
+
+def test_registry_gone_mid_run_stops_with_one_line(anon_proxy, sandbox):
+    """Every payload read dropped once the TOCs were read (the registry gone), no
+    retries: one error line for the cause and one summary line, exit 5 (a network
+    error), not one line per file and exit 11."""
+    fault = anon_proxy.add("reset", path=BASIC_BLOB, where=payload_of_basic, times=None, cut=0)
+    rc, out, err = run_cli("--retries", "0", "--no-progress", "get", anon_proxy.image(), ".", sandbox.out)
+    assert fault.fired >= 1, fault
+    line, summary = _assert_stopped_with(rc, err, 5)
+    assert "reset" in line.lower(), line
+    missing = assert_final_tree(sandbox.out, "", err + "".join(BASIC_FILES))
+    assert missing, "every file is there although every payload read failed"
+    sandbox.assert_untouched()
+
+
+def test_credentials_rejected_mid_run_stops_with_one_line(anon_proxy, sandbox):
+    """Every payload read answered 403 once the TOCs were read: one error line, exit 4."""
+    fault = anon_proxy.add("status", path=BASIC_BLOB, where=payload_of_basic, status=403, times=None)
+    rc, out, err = run_cli("--retries", "0", "--no-progress", "get", anon_proxy.image(), ".", sandbox.out)
+    assert fault.fired >= 1, fault
+    line, summary = _assert_stopped_with(rc, err, 4)
+    assert "403" in line, line
+    sandbox.assert_untouched()
+
+
+def _os_error(number):
+    return OSError(number, os.strerror(number))
+
+
+@pytest.mark.parametrize("error, systemic", [
+    (StargzError(ErrorCode.IO, "m", _os_error(errno.EROFS)), True),
+    (StargzError(ErrorCode.IO, "m", _os_error(errno.ENOSPC)), True),
+    (StargzError(ErrorCode.IO, "m", _os_error(errno.EDQUOT)), True),
+    (StargzError(ErrorCode.IO, "m", _os_error(errno.EACCES)), True),
+    (StargzError(ErrorCode.IO, "m", _os_error(errno.EPERM)), True),
+    (StargzError(ErrorCode.IO, "m", _os_error(errno.EISDIR)), False),
+    (StargzError(ErrorCode.IO, "Read-only file system"), False),     # the text is not read
+    (StargzError(ErrorCode.NETWORK, "m", ConnectionRefusedError(errno.ECONNREFUSED, "x"), transient=True), True),
+    (StargzError(ErrorCode.NETWORK, "m", socket.timeout("timed out"), transient=True), True),
+    (StargzError(ErrorCode.NETWORK, "HTTP 500", transient=True), False),     # one range's server error
+    (StargzError(ErrorCode.NETWORK, "bad Content-Range"), False),
+    (StargzError(ErrorCode.AUTH, "denied"), True),
+    (StargzError(ErrorCode.INTEGRITY, "m", _os_error(errno.EROFS)), False),
+    (StargzError(ErrorCode.UNSAFE, "m"), False),
+    (StargzError(ErrorCode.FORMAT, "m"), False),
+])
+def test_is_systemic(error, systemic):
+    assert starget._is_systemic(error) is systemic
+
+
+# ---- download: the progress line ----------------------------------------------
+
+@pytest.mark.parametrize("width", [40, 120])
+def test_progress_line_fits_the_width(width):
+    for args in [(0, 0, 0, 0, 0.0), (5 << 20, 20 << 20, 3, 27, 2.0), (1023 << 30, 1024 << 30, 99999, 100000, 7.5),
+                 (20 << 20, 20 << 20, 27, 27, 4.0)]:
+        line = starget._progress_line(*args, width=width)
+        assert 0 < len(line) <= width - 1, (width, line)
+        assert "%" in line and "files" in line, line
+
+
+def test_progress_line_says_what_and_how_fast():
+    line = starget._progress_line(5 << 20, 20 << 20, 3, 27, 2.0, 120)
+    assert line.startswith(" 25%"), line
+    assert "5.0 MiB / 20.0 MiB" in line and "2.5 MiB/s" in line and "3/27 files" in line, line
+    assert "ETA 0:06" in line, line      # 15 MiB to go at 2.5 MiB/s
+    narrow = starget._progress_line(5 << 20, 20 << 20, 3, 27, 2.0, 40)
+    assert " 25%" in narrow and "3/27 files" in narrow, narrow     # the parts that stay
+    final = starget._progress_line(20 << 20, 20 << 20, 27, 27, 4.0, 120, final=True)
+    assert "ETA" not in final and "100%" in final and "27/27 files" in final, final
+
+
+def test_progress_line_zero_total_and_one_file():
+    line = starget._progress_line(0, 0, 0, 1, 0.0, 80)
+    assert "100%" in line and "0/1 file" in line and "files" not in line, line
+    assert "ETA" not in line
+    assert "1/1 file" in starget._progress_line(0, 0, 1, 1, 0.0, 80, final=True)
+    assert "0/2 files" in starget._progress_line(0, 10, 0, 2, 1.0, 80)
+
+
+class _FakeClock(object):
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def _drawn_lines(text):
+    """What the terminal shows, line by line: each \\r redraw and each \\n-ended line."""
+    return [piece for line in text.split("\n") for piece in line.split("\r") if piece]
+
+
+def test_progress_redraw_clears_and_fits():
+    stream, clock = io.StringIO(), _FakeClock()
+    width = [120]
+    progress = starget._Progress(20 << 30, 1000, True, stream=stream, clock=clock, width=lambda s: width[0])
+    clock.now += 1
+    progress.add(10 << 30)                   # a long line: big numbers, an ETA
+    for _ in range(50):                      # within the interval: not drawn again
+        progress.add(1)
+    assert stream.getvalue().count("\r") == 1, repr(stream.getvalue())
+    long_line = stream.getvalue()
+    clock.now += 10
+    progress.add(10 << 30, files=1000)       # done: no ETA, a shorter line
+    second = stream.getvalue()[len(long_line):]
+    assert second.startswith("\r") and len(second) == len(long_line), (long_line, second)   # spaces over the rest
+    assert "\x1b" not in stream.getvalue()   # NO_COLOR allows no escapes: spaces, not ESC [K
+    width[0] = 40
+    clock.now += 1
+    progress.add(0)
+    progress.finish(files_done=1000)
+    text = stream.getvalue()
+    assert text.endswith("\n") and text.count("\n") == 1, repr(text)
+    assert all(len(line) <= 119 for line in _drawn_lines(text)), _drawn_lines(text)
+    assert all(len(line.rstrip()) <= 39 for line in _drawn_lines(text)[-2:]), _drawn_lines(text)
+    assert "1000/1000 files" in _drawn_lines(text)[-1]
+
+
+def test_progress_is_silent_when_disabled():
+    stream = io.StringIO()
+    progress = starget._Progress(100, 1, False, stream=stream, clock=_FakeClock(), width=lambda s: 80)
+    progress.add(100, files=1)
+    progress.finish()
+    assert stream.getvalue() == ""
+
+
+def test_progress_and_summary_count_the_same_files(registry_anon, download_env, monkeypatch, capsys):
+    """On a terminal the last progress line and the -v summary give one file count:
+    files written plus files already present, links included; "1 file", not "1 files"."""
+    out = str(download_env / "out")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    for run in range(2):        # written, then all of them already present
+        assert starget.main(["-v", "get", registry_anon.image("basic"), "bin", out]) == 0
+        err = capsys.readouterr().err
+        shown = re.findall(r"(\d+)/(\d+) files?\b", err.split("\r")[-1])
+        summary = re.search(r"info: (\d+) files?(?: \((\d+) already present\))?, ", err)
+        assert shown and summary, repr(err)
+        assert shown[-1][0] == shown[-1][1] == summary.group(1), (run, shown, summary.group(0))
+        assert (summary.group(2) is not None) == (run == 1), summary.group(0)
+    assert starget.main(["-v", "get", registry_anon.image("basic"), TARGET_FILE, str(download_env / "one")]) == 0
+    err = capsys.readouterr().err
+    assert "1/1 file" in err and "1/1 files" not in err and "info: 1 file, " in err, repr(err)
+
+
+def test_warnings_go_below_the_progress_line(registry_anon, download_env, monkeypatch, capsys):
+    """The device-node warning is written after the progress line's end, not into it."""
+    monkeypatch.setattr(starget._Progress, "INTERVAL", 0.0)     # every update drawn
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert starget.main(["get", registry_anon.image("basic"), ".", str(download_env / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" in err and "skipped 3 device nodes" in err, repr(err)
+    assert all(line.startswith("starget: ") for line in err.split("\n")[1:] if line), repr(err)
+    assert not re.search(r"[^\n]starget: warning", err), repr(err)
 
 
 # =============================================================================
