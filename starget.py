@@ -62,6 +62,7 @@ __all__ = [
 
 import base64
 import hashlib
+import io
 import json
 import logging
 import os
@@ -459,7 +460,7 @@ class Credentials(object):
     @staticmethod
     def _load(path):
         try:
-            with open(path, "rb") as f:
+            with io.open(path, "rb") as f:
                 config = json.loads(f.read().decode("utf-8"))
         except (IOError, OSError):
             return None
@@ -927,7 +928,7 @@ class Config(object):
             path = os.path.join(home, _CONFIG_DIR_NAME, _CONFIG_FILE_NAME)
         path = os.path.expanduser(path)
         try:
-            with open(path, "rb") as f:
+            with io.open(path, "rb") as f:
                 data = f.read(_MAX_CONFIG_SIZE + 1)
         except (FileNotFoundError, NotADirectoryError) as e:
             if named_by is None:     # the default file is optional
@@ -2669,7 +2670,7 @@ class TOCCache(object):
     def get(self, blob, toc_digest=None):
         """(toc_offset, json bytes, footer size) or None; a corrupt or mismatching entry is ignored."""
         try:
-            with open(self._path(blob), "rb") as f:
+            with io.open(self._path(blob), "rb") as f:
                 header = json.loads(f.readline().decode("utf-8"))
                 data = f.read()
         except (IOError, OSError, ValueError, UnicodeDecodeError):
@@ -2693,7 +2694,7 @@ class TOCCache(object):
         entry that is damaged (its digest), foreign (another version or TOC) or odd is
         ignored, and the TOC is parsed again."""
         try:
-            with open(self._parsed_path(blob), "rb") as f:
+            with io.open(self._parsed_path(blob), "rb") as f:
                 header = json.loads(f.readline().decode("utf-8"))
                 body = f.read()
             if not isinstance(header, dict) or header.get("starget") != __version__ \
@@ -2715,7 +2716,7 @@ class TOCCache(object):
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             temp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
-            with open(temp, "wb") as f:
+            with io.open(temp, "wb") as f:
                 f.write(json.dumps(header).encode("utf-8") + b"\n")
                 f.write(body)
             os.replace(temp, path)
@@ -2825,7 +2826,7 @@ def _spool_blob(client, layer, path):
 
     response = client.open_blob(layer.digest, 0, max(0, layer.size - 1))
     try:
-        with open(path, "wb") as out:
+        with io.open(path, "wb") as out:
             pieces = hashed(response.pieces(layer.size))
             for data in _inflate_members(pieces) if layer.compression == "gzip" else pieces:
                 out.write(data)
@@ -3947,7 +3948,7 @@ class _Fetcher(object):
         spooled tar, through the same sink and checks as a fetched chunk."""
         sink = _ChunkSink(file, 0)
         try:
-            with open(file.source.spool, "rb") as spool:
+            with io.open(file.source.spool, "rb") as spool:
                 spool.seek(sink.start)
                 _pour(_spooled(spool, sink.stop - sink.start, file.path), [sink], sink.start, sink.stop, self.verify)
         except StargzError as e:
@@ -5055,7 +5056,7 @@ def _cmd_cat(session, out):
         stream = getattr(out, "buffer", out)
         local = os.path.join(scratch, *_local_name(path).split("/"))
         os.chmod(local, 0o600)   # the image's mode may not let us read our own copy
-        with open(local, "rb") as f:
+        with io.open(local, "rb") as f:
             shutil.copyfileobj(f, stream)
         stream.flush()
     finally:
