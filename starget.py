@@ -3042,6 +3042,12 @@ class ImageIndex(object):
         view = self.view(blob)
         return view.get(_resolve_in(view, path, follow_last=False))
 
+    def open(self, path, blob=None):
+        """The regular file at `path` (a final symlink followed inside the image) as a
+        read-only, seekable binary file object that fetches only the chunks it reads:
+        see _ImageFile. NOT_FOUND for a missing path or one that is not a file."""
+        return _open_in(self, path, blob)
+
     def filter_files(self, pattern, blob=None):
         """Entries selected by a pattern: `.` or `/` everything; `dir/` or `dir` a whole
         directory; `file` one entry. A trailing slash follows a final symlink, as a shell
@@ -4078,6 +4084,263 @@ class Downloader(object):
     def run(self, job):
         """Run `job` with this Downloader's client, else the index's; returns DownloadStats."""
         return _Run(self, job, self.client or job.index.client).execute()
+
+# =============================================================================
+# file objects (read an image's file without downloading it)
+# =============================================================================
+#
+# ImageIndex.open and open() return an _ImageFile: a read-only, seekable raw file
+# whose bytes are fetched a chunk at a time when first read, each request through
+# the one retry loop, each chunk checked against its digest before any of its bytes
+# is returned, and the last few chunks kept, so that reading a region again costs
+# nothing. One object per thread: objects share only the client (its pool is safe).
+
+_FILE_READ_AHEAD = 64 << 10    # the next chunk comes along when its member is this small
+_FILE_CACHE_CHUNKS = 4         # verified chunks an open file keeps, and their bytes at most
+_FILE_CACHE_BYTES = 16 << 20   # (the chunk being read is kept, whatever its size)
+_FILE_MEMORY = 4 << 20         # a bigger chunk waits in a temporary file, not in memory
+
+
+class _Span(object):
+    """What is verified as one: a chunk, or the whole file when a chunk has no digest."""
+
+    __slots__ = ("offset", "size", "chunks", "digest")
+
+    def __init__(self, offset, size, chunks, digest):
+        self.offset, self.size, self.chunks, self.digest = offset, size, chunks, digest
+
+
+class _SpanSink(object):
+    """Keeps one chunk's slice of its member's inflated bytes, at its place in the span."""
+
+    __slots__ = ("store", "start", "stop", "at")
+
+    def __init__(self, chunk, span, store):
+        self.store, self.start = store, chunk.inner_offset or 0
+        self.stop, self.at = self.start + chunk.size, chunk.file_offset - span.offset
+
+    def feed(self, produced, data, verify=True):
+        low, high = max(self.start, produced), min(self.stop, produced + len(data))
+        if low < high:
+            self.store.seek(self.at + low - self.start)
+            self.store.write(data[low - produced:high - produced])
+
+
+class _ImageFile(io.RawIOBase):
+    """A regular file of an image as a read-only, seekable binary file (ImageIndex.open).
+
+    Reads fetch only the chunks that hold the bytes asked for (and the next one when
+    it comes cheaply). A file whose chunks have no digests of their own is verified
+    as a whole: its first read fetches and checks all of it before returning a byte;
+    a file with no digest at all (nothing to check against) is returned as it comes,
+    as `get` writes it. A --fallback-stream file is read from its spooled layer,
+    whose digest was checked when it was spooled."""
+
+    def __init__(self, client, entry, name, owns_client=False):
+        super().__init__()
+        source = entry.content
+        self.name, self._client, self._owns_client = name, client, owns_client
+        self._blob, self._size, self._spool_path = source.blob, source.size or 0, source.spool
+        self._spool_offset = source.chunks[0].inner_offset if source.spool and source.chunks else 0
+        self._spool = None
+        chunks = [] if source.spool else source.chunks
+        if all(c.digest for c in chunks):
+            self._spans = [_Span(c.file_offset, c.size, [c], c.digest) for c in chunks]
+        else:
+            self._spans = [_Span(0, self._size, list(chunks), source.digest)]
+        self._starts = [span.offset for span in self._spans]
+        self._position = 0
+        self._cache = {}   # span index -> its verified bytes (a file), least recently read first
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        self._check_open()
+        return self._position
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        self._check_open()
+        if not isinstance(offset, int):
+            raise TypeError("an integer is required, not %s" % type(offset).__name__)
+        bases = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}
+        if whence not in bases:
+            raise ValueError("invalid whence (%r)" % (whence,))
+        if bases[whence] + offset < 0:
+            raise ValueError("negative seek position %d" % (bases[whence] + offset))
+        self._position = bases[whence] + offset
+        return self._position
+
+    def readinto(self, buffer):
+        """Fill `buffer` from the current position (short only at the end of the file)."""
+        self._check_open()
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view) and self._position < self._size:
+            data = self._read_at(self._position, len(view) - done)
+            view[done:done + len(data)] = data
+            done += len(data)
+            self._position += len(data)
+        return done
+
+    def readall(self):
+        return self.read(max(0, self._size - self._position))
+
+    def close(self):
+        """Drop the cached chunks; the transport too when open() made it for this file."""
+        if not self.closed:
+            for store in self._cache.values():
+                store.close()
+            self._cache.clear()
+            if self._spool is not None:
+                self._spool.close()
+            if self._owns_client:
+                self._client.transport.close()
+        super().close()
+
+    def _check_open(self):
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+
+    def _read_at(self, position, n):
+        """Up to `n` bytes at `position` (< size), from one span or the spool."""
+        if self._spool_path is not None:
+            return self._read_spool(position, n)
+        import bisect
+        i = bisect.bisect_right(self._starts, position) - 1
+        span = self._spans[i]
+        store = self._span_bytes(i)
+        store.seek(position - span.offset)
+        data = store.read(min(n, span.offset + span.size - position))
+        if not data:
+            _fail(ErrorCode.INTERNAL, "%s: no bytes at %d" % (self.name, position))
+        return data
+
+    def _read_spool(self, position, n):
+        try:
+            if self._spool is None:
+                self._spool = io.open(self._spool_path, "rb")
+            self._spool.seek(self._spool_offset + position)
+            data = self._spool.read(min(n, self._size - position))
+        except OSError as e:
+            raise StargzError(ErrorCode.IO, "cannot read the spooled layer: %s" % _describe_os_error(e), e) from e
+        if not data:
+            _fail(ErrorCode.FORMAT, "%s: the layer's tar ends inside the file" % self.name)
+        return data
+
+    def _span_bytes(self, i):
+        """Span i's verified bytes: from the cache, else fetched (with the read-ahead)."""
+        store = self._cache.pop(i, None)
+        if store is None:
+            wanted = [i] + self._read_ahead(i)
+            first, last = self._spans[wanted[0]], self._spans[wanted[-1]]
+            what = "bytes %d-%d of %s in %s" % (first.offset, last.offset + last.size - 1, self.name, self._blob)
+            stores = self._client.retrying(lambda: self._fetch(wanted), what)
+            for j, fetched in reversed(list(zip(wanted[1:], stores[1:]))):
+                self._remember(j, fetched)
+            store = stores[0]
+        self._remember(i, store)   # the most recently read: never the one evicted
+        return store
+
+    def _remember(self, i, store):
+        self._cache[i] = store
+        while len(self._cache) > 1 and (len(self._cache) > _FILE_CACHE_CHUNKS or sum(
+                self._spans[j].size for j in self._cache) > _FILE_CACHE_BYTES):
+            self._cache.pop(next(iter(self._cache))).close()
+
+    def _read_ahead(self, i):
+        """[i + 1] when the next span comes almost free with span i: it is in the same
+        gzip member, or in a small member right after (no other round trip)."""
+        if i + 1 >= len(self._spans) or i + 1 in self._cache:
+            return []
+        current, following = self._spans[i].chunks[-1], self._spans[i + 1].chunks[0]
+        if following.member_offset == current.member_offset:
+            return [i + 1]
+        small = following.member_end - following.member_offset <= _FILE_READ_AHEAD
+        return [i + 1] if small and following.member_offset == current.member_end else []
+
+    def _fetch(self, indices):
+        """One attempt: spans `indices` in one request, inflated and each checked
+        against its digest (a mismatch is `damaged`: fetched once more). Their bytes."""
+        import tempfile
+        stores = [tempfile.SpooledTemporaryFile(_FILE_MEMORY) for _ in indices]
+        try:
+            members = {}
+            for i, store in zip(indices, stores):
+                for chunk in self._spans[i].chunks:
+                    sink = _SpanSink(chunk, self._spans[i], store)
+                    members.setdefault((chunk.member_offset, chunk.member_end), []).append(sink)
+            self._inflate(sorted(members.items()))
+            for i, store in zip(indices, stores):
+                self._verify(self._spans[i], store)
+        except BaseException:
+            for store in stores:
+                store.close()
+            raise
+        return stores
+
+    def _inflate(self, members):
+        """Fetch [((offset, end), sinks)] in one range, inflating each member only as
+        far as its chunks need; the rest is read, not inflated, so the next lines up."""
+        start, end = members[0][0][0], members[-1][0][1]
+        response = self._client.open_blob(self._blob, start, end - 1)
+        try:
+            position = start
+            for (offset, member_end), sinks in members:
+                response.skip(offset - position)
+                pieces = response.pieces(member_end - offset)
+                need = max(sink.stop for sink in sinks)
+                produced = _pour(_inflate_members(pieces), sinks, 0, need, True)
+                for _ in pieces:
+                    pass
+                if produced < need:
+                    _fail(ErrorCode.INTEGRITY, "%s: the member at offset %d holds %d bytes, fewer than the TOC "
+                          "declares (%d)" % (self.name, offset, produced, need), damaged=True)
+                position = member_end
+        finally:
+            response.close()
+
+    def _verify(self, span, store):
+        if not span.digest:
+            return
+        hasher = hashlib.sha256()
+        store.seek(0)
+        for data in iter(lambda: store.read(_READ_SIZE), b""):
+            hasher.update(data)
+        digest = "sha256:" + hasher.hexdigest()
+        if digest != span.digest:
+            _fail(ErrorCode.INTEGRITY, "%s: bytes %d-%d have digest %s, the TOC says %s" % (
+                self.name, span.offset, span.offset + span.size - 1, digest, span.digest), damaged=True)
+
+
+def _open_in(index, path, blob=None, owns_client=False):
+    """The _ImageFile of `path` in `index` (a final symlink followed inside the image)."""
+    if not isinstance(path, str) or "\x00" in path:
+        _fail(ErrorCode.USAGE, "invalid path %r" % (path,))
+    view = index.view(blob)
+    entry = view.get(_resolve_in(view, path, follow_last=True))
+    if entry is None:
+        _fail(ErrorCode.NOT_FOUND, "no such file in the image: %s" % path)
+    if entry.content.type != "reg":
+        _fail(ErrorCode.NOT_FOUND, "not a regular file in the image: %s (a %s)" % (path, entry.type))
+    return _ImageFile(index.client, entry, path, owns_client)
+
+
+def open(reference, path, **options):
+    """One call: open_image(reference, **options), then its `.open(path)`. Closing the
+    file closes the transport that was made for it (not that of a `client` passed in).
+    Shadows the builtin `open` inside this module: starget itself calls `io.open`."""
+    index = open_image(reference, **options)
+    owns = options.get("client") is None
+    try:
+        return _open_in(index, path, options.get("blob"), owns)
+    except BaseException:
+        if owns:
+            index.client.transport.close()
+        raise
 
 # =============================================================================
 # cli
