@@ -34,6 +34,8 @@ Map of this file (sections in the order data flows; each uses only those above):
     download      DownloadJob (the pure plan), _Fetcher (ranges in, verified chunks
                   out), _TreeWriter/_PartialFile (destination, resume, links,
                   metadata), ExtractionPolicy, _Run (one run's state), Downloader
+    file objects  _ImageFile (ImageIndex.open, open): one file read by Range requests
+                  as it is read, each chunk verified before a byte of it is returned
     cli           main: argparse commands, output formats, shell completion
 
 Public API (`__all__`; stable; everything else has a leading underscore):
@@ -41,7 +43,7 @@ Public API (`__all__`; stable; everything else has a leading underscore):
     __version__, StargzError, ErrorCode, ImageRef, Platform, Credentials, Config,
     RetryPolicy, Transport, RegistryClient, parse_footer, parse_toc, LayerTOC,
     TOCEntry, Chunk, ImageIndex, TOCCache, open_image, DownloadJob, Downloader,
-    DownloadStats, ExtractionPolicy, main
+    DownloadStats, ExtractionPolicy, open, main
 
 Example:
 
@@ -50,6 +52,9 @@ Example:
     print(index.find_file("etc/os-release").size)
     stats = starget.Downloader(index.client).download(index, "etc/", "out")
     print(stats.files, stats.bytes)
+    with index.open("data/big.bin") as f:   # fetches only the chunk it reads
+        f.seek(1000000)
+        print(f.read(4))
 """
 
 __version__ = "0.1.0"
@@ -57,7 +62,7 @@ __all__ = [
     "__version__", "StargzError", "ErrorCode", "ImageRef", "Platform", "Credentials", "Config",
     "RetryPolicy", "Transport", "RegistryClient", "parse_footer", "parse_toc", "LayerTOC",
     "TOCEntry", "Chunk", "ImageIndex", "TOCCache", "open_image", "DownloadJob", "Downloader",
-    "DownloadStats", "ExtractionPolicy", "main",
+    "DownloadStats", "ExtractionPolicy", "open", "main",
 ]
 
 import base64
