@@ -4245,7 +4245,8 @@ class _ImageFile(io.RawIOBase):
             what = "bytes %d-%d of %s in %s" % (first.offset, last.offset + last.size - 1, self.name, self._blob)
             stores = self._client.retrying(lambda: self._fetch(wanted), what)
             for j, fetched in reversed(list(zip(wanted[1:], stores[1:]))):
-                self._remember(j, fetched)
+                if fetched is not None:
+                    self._remember(j, fetched)
             store = stores[0]
         self._remember(i, store)   # the most recently read: never the one evicted
         return store
@@ -4269,7 +4270,8 @@ class _ImageFile(io.RawIOBase):
 
     def _fetch(self, indices):
         """One attempt: spans `indices` in one request, inflated and each checked
-        against its digest (a mismatch is `damaged`: fetched once more). Their bytes."""
+        against its digest (a mismatch is `damaged`: fetched once more). Their bytes;
+        None for a read-ahead one that came out wrong: only a read of it may fail."""
         import tempfile
         stores = [tempfile.SpooledTemporaryFile(_FILE_MEMORY) for _ in indices]
         try:
@@ -4279,11 +4281,18 @@ class _ImageFile(io.RawIOBase):
                     sink = _SpanSink(chunk, self._spans[i], store)
                     members.setdefault((chunk.member_offset, chunk.member_end), []).append(sink)
             self._inflate(sorted(members.items()))
-            for i, store in zip(indices, stores):
-                self._verify(self._spans[i], store)
+            for k, span in enumerate(self._spans[i] for i in indices):
+                if self._verified(span, stores[k]):
+                    continue
+                if k == 0:
+                    _fail(ErrorCode.INTEGRITY, "%s: bytes %d-%d do not match the TOC's digest %s" % (
+                        self.name, span.offset, span.offset + span.size - 1, span.digest), damaged=True)
+                stores[k].close()
+                stores[k] = None
         except BaseException:
             for store in stores:
-                store.close()
+                if store is not None:
+                    store.close()
             raise
         return stores
 
@@ -4308,17 +4317,16 @@ class _ImageFile(io.RawIOBase):
         finally:
             response.close()
 
-    def _verify(self, span, store):
+    @staticmethod
+    def _verified(span, store):
+        """The span has no digest to check (see the class), or its bytes match it."""
         if not span.digest:
-            return
+            return True
         hasher = hashlib.sha256()
         store.seek(0)
         for data in iter(lambda: store.read(_READ_SIZE), b""):
             hasher.update(data)
-        digest = "sha256:" + hasher.hexdigest()
-        if digest != span.digest:
-            _fail(ErrorCode.INTEGRITY, "%s: bytes %d-%d have digest %s, the TOC says %s" % (
-                self.name, span.offset, span.offset + span.size - 1, digest, span.digest), damaged=True)
+        return "sha256:" + hasher.hexdigest() == span.digest
 
 
 def _open_in(index, path, blob=None, owns_client=False):

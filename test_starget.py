@@ -5215,6 +5215,27 @@ def test_open_digest_mismatch_is_integrity_error(httpserver, download_env, case)
         assert stats.requests - before == 2, "fetched once more, then refused"
 
 
+def test_open_a_wrong_read_ahead_chunk_fails_only_its_own_read(httpserver, download_env):
+    """minchunk's big.txt: chunk 1 shares chunk 0's member, so it comes along with it;
+    its wrong digest fails a read of chunk 1, never the read of chunk 0."""
+    path, layer = "usr/share/doc/big.txt", expected_ref("minchunk", "latest")["layers"][0]
+
+    def edit(toc):
+        entries = [e for e in toc["entries"] if e.get("name", "").lstrip("./") == path]
+        entries[1]["chunkDigest"] = sha256_digest(b"x")
+    blob, toc_json = rewrite_toc(blob_bytes("minchunk", layer["digest"]), edit)
+    reg, image = _serve(httpserver, blob, toc_json)
+    index = starget.open_image(image)
+    chunks = index.find_file(path).chunks
+    assert chunks[0].member_offset == chunks[1].member_offset
+    with index.open(path) as f:
+        assert len(f.read(100)) == 100
+        f.seek(chunks[1].file_offset)
+        with pytest.raises(StargzError) as info:
+            f.read(1)
+        assert info.value.code == ErrorCode.INTEGRITY
+
+
 def test_open_fetches_the_whole_file_when_chunks_have_no_digest(httpserver, download_env):
     def edit(toc):
         for e in toc["entries"]:
