@@ -34,6 +34,8 @@ Map of this file (sections in the order data flows; each uses only those above):
     download      DownloadJob (the pure plan), _Fetcher (ranges in, verified chunks
                   out), _TreeWriter/_PartialFile (destination, resume, links,
                   metadata), ExtractionPolicy, _Run (one run's state), Downloader
+    file objects  _ImageFile (ImageIndex.open, open): one file read by Range requests
+                  as it is read, each chunk verified before a byte of it is returned
     cli           main: argparse commands, output formats, shell completion
 
 Public API (`__all__`; stable; everything else has a leading underscore):
@@ -41,7 +43,7 @@ Public API (`__all__`; stable; everything else has a leading underscore):
     __version__, StargzError, ErrorCode, ImageRef, Platform, Credentials, Config,
     RetryPolicy, Transport, RegistryClient, parse_footer, parse_toc, LayerTOC,
     TOCEntry, Chunk, ImageIndex, TOCCache, open_image, DownloadJob, Downloader,
-    DownloadStats, ExtractionPolicy, main
+    DownloadStats, ExtractionPolicy, open, main
 
 Example:
 
@@ -50,6 +52,9 @@ Example:
     print(index.find_file("etc/os-release").size)
     stats = starget.Downloader(index.client).download(index, "etc/", "out")
     print(stats.files, stats.bytes)
+    with index.open("data/big.bin") as f:   # fetches only the chunk it reads
+        f.seek(1000000)
+        print(f.read(4))
 """
 
 __version__ = "0.1.0"
@@ -57,11 +62,12 @@ __all__ = [
     "__version__", "StargzError", "ErrorCode", "ImageRef", "Platform", "Credentials", "Config",
     "RetryPolicy", "Transport", "RegistryClient", "parse_footer", "parse_toc", "LayerTOC",
     "TOCEntry", "Chunk", "ImageIndex", "TOCCache", "open_image", "DownloadJob", "Downloader",
-    "DownloadStats", "ExtractionPolicy", "main",
+    "DownloadStats", "ExtractionPolicy", "open", "main",
 ]
 
 import base64
 import hashlib
+import io
 import json
 import logging
 import os
@@ -463,7 +469,7 @@ class Credentials(object):
     @staticmethod
     def _load(path):
         try:
-            with open(path, "rb") as f:
+            with io.open(path, "rb") as f:
                 config = json.loads(f.read().decode("utf-8"))
         except (IOError, OSError):
             return None
@@ -931,7 +937,7 @@ class Config(object):
             path = os.path.join(home, _CONFIG_DIR_NAME, _CONFIG_FILE_NAME)
         path = os.path.expanduser(path)
         try:
-            with open(path, "rb") as f:
+            with io.open(path, "rb") as f:
                 data = f.read(_MAX_CONFIG_SIZE + 1)
         except (FileNotFoundError, NotADirectoryError) as e:
             if named_by is None:     # the default file is optional
@@ -2758,7 +2764,7 @@ class TOCCache(object):
     def get(self, blob, toc_digest=None):
         """(toc_offset, json bytes, footer size) or None; a corrupt or mismatching entry is ignored."""
         try:
-            with open(self._path(blob), "rb") as f:
+            with io.open(self._path(blob), "rb") as f:
                 header = json.loads(f.readline().decode("utf-8"))
                 data = f.read()
         except (IOError, OSError, ValueError, UnicodeDecodeError):
@@ -2782,7 +2788,7 @@ class TOCCache(object):
         entry that is damaged (its digest), foreign (another version or TOC) or odd is
         ignored, and the TOC is parsed again."""
         try:
-            with open(self._parsed_path(blob), "rb") as f:
+            with io.open(self._parsed_path(blob), "rb") as f:
                 header = json.loads(f.readline().decode("utf-8"))
                 body = f.read()
             if not isinstance(header, dict) or header.get("starget") != __version__ \
@@ -2804,7 +2810,7 @@ class TOCCache(object):
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             temp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
-            with open(temp, "wb") as f:
+            with io.open(temp, "wb") as f:
                 f.write(json.dumps(header).encode("utf-8") + b"\n")
                 f.write(body)
             os.replace(temp, path)
@@ -2953,7 +2959,7 @@ def _spool_blob(client, layer, path):
 
     response = client.open_blob(layer.digest, 0, max(0, layer.size - 1))
     try:
-        with open(path, "wb") as out:
+        with io.open(path, "wb") as out:
             pieces = hashed(response.pieces(layer.size))
             for data in _inflate_members(pieces) if layer.compression == "gzip" else pieces:
                 out.write(data)
@@ -3168,6 +3174,12 @@ class ImageIndex(object):
             return None
         view = self.view(blob)
         return view.get(_resolve_in(view, path, follow_last=False))
+
+    def open(self, path, blob=None):
+        """The regular file at `path` (a final symlink followed inside the image) as a
+        read-only, seekable binary file object that fetches only the chunks it reads:
+        see _ImageFile. NOT_FOUND for a missing path or one that is not a file."""
+        return _open_in(self, path, blob)
 
     def filter_files(self, pattern, blob=None):
         """Entries selected by a pattern: `.` or `/` everything; `dir/` or `dir` a whole
@@ -4194,7 +4206,7 @@ class _Fetcher(object):
         spooled tar, through the same sink and checks as a fetched chunk."""
         sink = _ChunkSink(file, 0)
         try:
-            with open(file.source.spool, "rb") as spool:
+            with io.open(file.source.spool, "rb") as spool:
                 spool.seek(sink.start)
                 _pour(_spooled(spool, sink.stop - sink.start, file.path), [sink], sink.start, sink.stop, self.verify)
         except StargzError as e:
@@ -4333,6 +4345,273 @@ class Downloader(object):
     def run(self, job):
         """Run `job` with this Downloader's client, else the index's; returns DownloadStats."""
         return _Run(self, job, self.client or job.index.client).execute()
+
+# =============================================================================
+# file objects (read an image's file without downloading it)
+# =============================================================================
+#
+# ImageIndex.open and open() return an _ImageFile: a read-only, seekable raw file
+# whose bytes are fetched a chunk at a time when first read, each request through
+# the one retry loop, each chunk checked against its digest before any of its bytes
+# is returned, and the last few chunks kept, so that reading a region again costs
+# nothing. One object per thread: objects share only the client (its pool is safe).
+
+_FILE_READ_AHEAD = 64 << 10    # the next chunk comes along when its member is this small
+_FILE_CACHE_CHUNKS = 4         # verified chunks an open file keeps, and their bytes at most
+_FILE_CACHE_BYTES = 16 << 20   # (the chunk being read is kept, whatever its size)
+_FILE_MEMORY = 4 << 20         # a bigger chunk waits in a temporary file, not in memory
+
+
+class _Span(object):
+    """What is verified as one: a chunk, or the whole file when a chunk has no digest."""
+
+    __slots__ = ("offset", "size", "chunks", "digest")
+
+    def __init__(self, offset, size, chunks, digest):
+        self.offset, self.size, self.chunks, self.digest = offset, size, chunks, digest
+
+
+class _SpanSink(object):
+    """Keeps one chunk's slice of its member's inflated bytes, at its place in the span."""
+
+    __slots__ = ("store", "start", "stop", "at")
+
+    def __init__(self, chunk, span, store):
+        self.store, self.start = store, chunk.inner_offset or 0
+        self.stop, self.at = self.start + chunk.size, chunk.file_offset - span.offset
+
+    def feed(self, produced, data, verify=True):
+        low, high = max(self.start, produced), min(self.stop, produced + len(data))
+        if low < high:
+            self.store.seek(self.at + low - self.start)
+            self.store.write(data[low - produced:high - produced])
+
+
+class _ImageFile(io.RawIOBase):
+    """A regular file of an image as a read-only, seekable binary file (ImageIndex.open).
+
+    Reads fetch only the chunks that hold the bytes asked for (and the next one when
+    it comes cheaply). A file whose chunks have no digests of their own is verified
+    as a whole: its first read fetches and checks all of it before returning a byte;
+    a file with no digest at all (nothing to check against) is returned as it comes,
+    as `get` writes it. A --fallback-stream file is read from its spooled layer,
+    whose digest was checked when it was spooled."""
+
+    def __init__(self, client, entry, name, owns_client=False, decompress=None):
+        super().__init__()
+        self._decompress = decompress or _inflate_members   # zstd frames for a zstd:chunked layer
+        source = entry.content
+        self.name, self._client, self._owns_client = name, client, owns_client
+        self._blob, self._size, self._spool_path = source.blob, source.size or 0, source.spool
+        self._spool_offset = source.chunks[0].inner_offset if source.spool and source.chunks else 0
+        self._spool = None
+        chunks = [] if source.spool else source.chunks
+        if all(c.digest for c in chunks):
+            self._spans = [_Span(c.file_offset, c.size, [c], c.digest) for c in chunks]
+        else:
+            self._spans = [_Span(0, self._size, list(chunks), source.digest)]
+        self._starts = [span.offset for span in self._spans]
+        self._position = 0
+        self._cache = {}   # span index -> its verified bytes (a file), least recently read first
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        self._check_open()
+        return self._position
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        self._check_open()
+        if not isinstance(offset, int):
+            raise TypeError("an integer is required, not %s" % type(offset).__name__)
+        bases = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}
+        if whence not in bases:
+            raise ValueError("invalid whence (%r)" % (whence,))
+        if bases[whence] + offset < 0:
+            raise ValueError("negative seek position %d" % (bases[whence] + offset))
+        self._position = bases[whence] + offset
+        return self._position
+
+    def readinto(self, buffer):
+        """Fill `buffer` from the current position (short only at the end of the file)."""
+        self._check_open()
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view) and self._position < self._size:
+            data = self._read_at(self._position, len(view) - done)
+            view[done:done + len(data)] = data
+            done += len(data)
+            self._position += len(data)
+        return done
+
+    def readall(self):
+        return self.read(max(0, self._size - self._position))
+
+    def close(self):
+        """Drop the cached chunks; the transport too when open() made it for this file."""
+        if not self.closed:
+            for store in self._cache.values():
+                store.close()
+            self._cache.clear()
+            if self._spool is not None:
+                self._spool.close()
+            if self._owns_client:
+                self._client.transport.close()
+        super().close()
+
+    def _check_open(self):
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+
+    def _read_at(self, position, n):
+        """Up to `n` bytes at `position` (< size), from one span or the spool."""
+        if self._spool_path is not None:
+            return self._read_spool(position, n)
+        import bisect
+        i = bisect.bisect_right(self._starts, position) - 1
+        span = self._spans[i]
+        store = self._span_bytes(i)
+        store.seek(position - span.offset)
+        data = store.read(min(n, span.offset + span.size - position))
+        if not data:
+            _fail(ErrorCode.INTERNAL, "%s: no bytes at %d" % (self.name, position))
+        return data
+
+    def _read_spool(self, position, n):
+        try:
+            if self._spool is None:
+                self._spool = io.open(self._spool_path, "rb")
+            self._spool.seek(self._spool_offset + position)
+            data = self._spool.read(min(n, self._size - position))
+        except OSError as e:
+            raise StargzError(ErrorCode.IO, "cannot read the spooled layer: %s" % _describe_os_error(e), e) from e
+        if not data:
+            _fail(ErrorCode.FORMAT, "%s: the layer's tar ends inside the file" % self.name)
+        return data
+
+    def _span_bytes(self, i):
+        """Span i's verified bytes: from the cache, else fetched (with the read-ahead)."""
+        store = self._cache.pop(i, None)
+        if store is None:
+            wanted = [i] + self._read_ahead(i)
+            first, last = self._spans[wanted[0]], self._spans[wanted[-1]]
+            what = "bytes %d-%d of %s in %s" % (first.offset, last.offset + last.size - 1, self.name, self._blob)
+            stores = self._client.retrying(lambda: self._fetch(wanted), what)
+            for j, fetched in reversed(list(zip(wanted[1:], stores[1:]))):
+                if fetched is not None:
+                    self._remember(j, fetched)
+            store = stores[0]
+        self._remember(i, store)   # the most recently read: never the one evicted
+        return store
+
+    def _remember(self, i, store):
+        self._cache[i] = store
+        while len(self._cache) > 1 and (len(self._cache) > _FILE_CACHE_CHUNKS or sum(
+                self._spans[j].size for j in self._cache) > _FILE_CACHE_BYTES):
+            self._cache.pop(next(iter(self._cache))).close()
+
+    def _read_ahead(self, i):
+        """[i + 1] when the next span comes almost free with span i: it is in the same
+        gzip member, or in a small member right after (no other round trip)."""
+        if i + 1 >= len(self._spans) or i + 1 in self._cache:
+            return []
+        current, following = self._spans[i].chunks[-1], self._spans[i + 1].chunks[0]
+        if following.member_offset == current.member_offset:
+            return [i + 1]
+        small = following.member_end - following.member_offset <= _FILE_READ_AHEAD
+        return [i + 1] if small and following.member_offset == current.member_end else []
+
+    def _fetch(self, indices):
+        """One attempt: spans `indices` in one request, inflated and each checked
+        against its digest (a mismatch is `damaged`: fetched once more). Their bytes;
+        None for a read-ahead one that came out wrong: only a read of it may fail."""
+        import tempfile
+        stores = [tempfile.SpooledTemporaryFile(_FILE_MEMORY) for _ in indices]
+        try:
+            members = {}
+            for i, store in zip(indices, stores):
+                for chunk in self._spans[i].chunks:
+                    sink = _SpanSink(chunk, self._spans[i], store)
+                    members.setdefault((chunk.member_offset, chunk.member_end), []).append(sink)
+            self._inflate(sorted(members.items()))
+            for k, span in enumerate(self._spans[i] for i in indices):
+                if self._verified(span, stores[k]):
+                    continue
+                if k == 0:
+                    _fail(ErrorCode.INTEGRITY, "%s: bytes %d-%d do not match the TOC's digest %s" % (
+                        self.name, span.offset, span.offset + span.size - 1, span.digest), damaged=True)
+                stores[k].close()
+                stores[k] = None
+        except BaseException:
+            for store in stores:
+                if store is not None:
+                    store.close()
+            raise
+        return stores
+
+    def _inflate(self, members):
+        """Fetch [((offset, end), sinks)] in one range, inflating each member only as
+        far as its chunks need; the rest is read, not inflated, so the next lines up."""
+        start, end = members[0][0][0], members[-1][0][1]
+        response = self._client.open_blob(self._blob, start, end - 1)
+        try:
+            position = start
+            for (offset, member_end), sinks in members:
+                response.skip(offset - position)
+                pieces = response.pieces(member_end - offset)
+                need = max(sink.stop for sink in sinks)
+                produced = _pour(self._decompress(pieces), sinks, 0, need, True)
+                for _ in pieces:
+                    pass
+                if produced < need:
+                    _fail(ErrorCode.INTEGRITY, "%s: the member at offset %d holds %d bytes, fewer than the TOC "
+                          "declares (%d)" % (self.name, offset, produced, need), damaged=True)
+                position = member_end
+        finally:
+            response.close()
+
+    @staticmethod
+    def _verified(span, store):
+        """The span has no digest to check (see the class), or its bytes match it."""
+        if not span.digest:
+            return True
+        hasher = hashlib.sha256()
+        store.seek(0)
+        for data in iter(lambda: store.read(_READ_SIZE), b""):
+            hasher.update(data)
+        return "sha256:" + hasher.hexdigest() == span.digest
+
+
+def _open_in(index, path, blob=None, owns_client=False):
+    """The _ImageFile of `path` in `index` (a final symlink followed inside the image)."""
+    if not isinstance(path, str) or "\x00" in path:
+        _fail(ErrorCode.USAGE, "invalid path %r" % (path,))
+    view = index.view(blob)
+    entry = view.get(_resolve_in(view, path, follow_last=True))
+    if entry is None:
+        _fail(ErrorCode.NOT_FOUND, "no such file in the image: %s" % path)
+    if entry.content.type != "reg":
+        _fail(ErrorCode.NOT_FOUND, "not a regular file in the image: %s (a %s)" % (path, entry.type))
+    decompress = _decoders_of(index).get(entry.content.blob)
+    return _ImageFile(index.client, entry, path, owns_client, decompress)
+
+
+def open(reference, path, **options):
+    """One call: open_image(reference, **options), then its `.open(path)`. Closing the
+    file closes the transport that was made for it (not that of a `client` passed in).
+    Shadows the builtin `open` inside this module: starget itself calls `io.open`."""
+    index = open_image(reference, **options)
+    owns = options.get("client") is None
+    try:
+        return _open_in(index, path, options.get("blob"), owns)
+    except BaseException:
+        if owns:
+            index.client.transport.close()
+        raise
 
 # =============================================================================
 # cli
@@ -5322,7 +5601,7 @@ def _cmd_cat(session, out):
         stream = getattr(out, "buffer", out)
         local = os.path.join(scratch, *_local_name(path).split("/"))
         os.chmod(local, 0o600)   # the image's mode may not let us read our own copy
-        with open(local, "rb") as f:
+        with io.open(local, "rb") as f:
             shutil.copyfileobj(f, stream)
         stream.flush()
     finally:

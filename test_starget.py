@@ -5322,6 +5322,224 @@ def test_warnings_go_below_the_progress_line(registry_anon, download_env, monkey
     assert not re.search(r"[^\n]starget: warning", err), repr(err)
 
 
+# ---- download: file objects -------------------------------------------------
+
+def _extents(chunks):
+    """The compressed bytes that fetching `chunks` costs (shared members count once)."""
+    return sum(end - offset for offset, end in {(c.member_offset, c.member_end) for c in chunks})
+
+
+def test_open_random_seeks_and_reads_match_the_content(registry_anon, download_env):
+    import random
+    want = file_bytes(BIG)
+    rng = random.Random(20240611)
+    with starget.open_image(registry_anon.image("basic")).open(BIG) as f:
+        assert f.readable() and f.seekable() and not f.writable()
+        for _ in range(80):
+            offset, n = rng.randrange(len(want) + 100), rng.choice([0, 1, 4, 1000, 70000, 300000, 900000])
+            assert f.seek(offset) == offset
+            assert f.read(n) == want[offset:offset + n]
+            assert f.tell() == max(offset, min(offset + n, len(want)))
+        assert f.seek(-4, io.SEEK_END) == len(want) - 4 and f.read() == want[-4:]
+        f.seek(10)
+        assert f.seek(5, io.SEEK_CUR) == 15
+        with pytest.raises(ValueError):
+            f.seek(-1)
+    assert f.closed
+    with pytest.raises(ValueError):
+        f.read(1)
+
+
+@pytest.mark.parametrize("layout", ["basic", "minchunk"])
+def test_open_buffered_reads_match_expected(registry_anon, download_env, layout):
+    """Every file (hardlinks and files sharing gzip members included), read whole
+    through io.BufferedReader, by lines and by shutil.copyfileobj."""
+    index = starget.open_image(registry_anon.image(layout))
+    for path, e in sorted(expected_files(layout, "latest").items()):
+        if e["type"] not in ("reg", "hardlink"):
+            continue
+        with io.BufferedReader(index.open(path)) as f:
+            assert hashlib.sha256(f.read()).hexdigest() == e["sha256"], path
+            f.seek(0)
+            assert hashlib.sha256(b"".join(f.readlines())).hexdigest() == e["sha256"], path
+            f.seek(0)
+            copy = io.BytesIO()
+            shutil.copyfileobj(f, copy)
+            assert hashlib.sha256(copy.getvalue()).hexdigest() == e["sha256"], path
+
+
+@pytest.mark.parametrize("layout,path", [("basic", BIG), ("minchunk", "usr/share/doc/big.txt")])
+def test_open_fetches_only_the_chunks_it_reads(registry_anon, download_env, layout, path):
+    """1 KiB in the middle of a multi-chunk file: one request, at most two chunks'
+    members (the read-ahead); the same read again fetches nothing."""
+    index = starget.open_image(registry_anon.image(layout))
+    chunks = index.find_file(path).chunks
+    middle = chunks[len(chunks) // 2]
+    offset = middle.file_offset + middle.size // 2 - 512
+    stats = index.client.transport.stats
+    with index.open(path) as f:
+        before = stats.as_dict()
+        f.seek(offset)
+        data = f.read(1024)
+        after = stats.as_dict()
+        assert after["requests"] - before["requests"] == 1
+        i = chunks.index(middle)
+        assert after["bytes"] - before["bytes"] <= _extents(chunks[i:i + 2])
+        f.seek(offset)
+        assert f.read(1024) == data
+        assert stats.as_dict() == after
+    whole = _whole(index, path)
+    assert hashlib.sha256(whole).hexdigest() == expected_files(layout, "latest")[path]["sha256"]
+    assert data == whole[offset:offset + 1024]
+
+
+def _whole(index, path):
+    with index.open(path) as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("path", ["no/such/file", "etc", "bin/dangling", "dev/null"])
+def test_open_not_a_file_is_not_found(registry_anon, download_env, path):
+    with pytest.raises(StargzError) as info:
+        starget.open(registry_anon.image("basic"), path)
+    assert info.value.code == ErrorCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("link,target", [("bin/sh", "bin/busybox"), ("bin/ls", "bin/busybox"),
+                                         ("usr/lib/libfoo.so", "usr/lib/libfoo.so.1"),
+                                         ("lib/libfoo.so", "usr/lib/libfoo.so.1")])
+def test_open_follows_symlinks_inside_the_image(registry_anon, download_env, monkeypatch, link, target):
+    closed = []
+    monkeypatch.setattr(starget.Transport, "close", lambda self: closed.append(self))
+    with starget.open(registry_anon.image("basic"), link) as f:
+        assert hashlib.sha256(f.read()).hexdigest() == BASIC_FILES[target]["sha256"]
+        assert not closed
+    assert len(closed) == 1, "the file of starget.open closes the transport made for it"
+
+
+def test_open_fallback_stream_file(registry_anon, download_env):
+    """A --fallback-stream layer: the file is read from the spooled tar."""
+    layout = PLAIN_GZIP_LAYOUTS[0]
+    index = starget.open_image(registry_anon.image(layout), fallback_dir=str(download_env))
+    for path, e in _reg_files(expected_files(layout, "latest")).items():
+        whole = _whole(index, path)
+        assert hashlib.sha256(whole).hexdigest() == e["sha256"], path
+        with index.open(path) as f:
+            f.seek(len(whole) // 2)
+            assert f.read(10) == whole[len(whole) // 2:len(whole) // 2 + 10]
+
+
+@pytest.mark.parametrize("case", ["chunk-digest", "file-digest"])
+def test_open_digest_mismatch_is_integrity_error(httpserver, download_env, case):
+    """A wrong chunk digest: that chunk is refetched once, then INTEGRITY, and not a
+    byte of it is returned; the other chunks read fine. Without chunk digests the
+    file digest is checked over the whole file before the first byte."""
+    want = file_bytes(BIG)
+
+    def edit(toc):
+        entries = [e for e in toc["entries"] if e.get("name") == BIG]
+        if case == "chunk-digest":
+            entries[5]["chunkDigest"] = sha256_digest(b"x")
+        else:
+            for e in entries:
+                e.pop("chunkDigest", None)
+            entries[0]["digest"] = sha256_digest(b"x")
+    blob, toc_json = forge_basic(edit)
+    reg, image = _serve(httpserver, blob, toc_json)
+    index = starget.open_image(image)
+    chunks = index.find_file(BIG).chunks
+    stats = index.client.transport.stats
+    with index.open(BIG) as f:
+        if case == "chunk-digest":
+            assert f.read(10) == want[:10]
+            f.seek(chunks[5].file_offset + 1)
+        before = stats.requests
+        with pytest.raises(StargzError) as info:
+            f.read(10)
+        assert info.value.code == ErrorCode.INTEGRITY
+        assert stats.requests - before == 2, "fetched once more, then refused"
+
+
+def test_open_a_wrong_read_ahead_chunk_fails_only_its_own_read(httpserver, download_env):
+    """minchunk's big.txt: chunk 1 shares chunk 0's member, so it comes along with it;
+    its wrong digest fails a read of chunk 1, never the read of chunk 0."""
+    path, layer = "usr/share/doc/big.txt", expected_ref("minchunk", "latest")["layers"][0]
+
+    def edit(toc):
+        entries = [e for e in toc["entries"] if e.get("name", "").lstrip("./") == path]
+        entries[1]["chunkDigest"] = sha256_digest(b"x")
+    blob, toc_json = rewrite_toc(blob_bytes("minchunk", layer["digest"]), edit)
+    reg, image = _serve(httpserver, blob, toc_json)
+    index = starget.open_image(image)
+    chunks = index.find_file(path).chunks
+    assert chunks[0].member_offset == chunks[1].member_offset
+    with index.open(path) as f:
+        assert len(f.read(100)) == 100
+        f.seek(chunks[1].file_offset)
+        with pytest.raises(StargzError) as info:
+            f.read(1)
+        assert info.value.code == ErrorCode.INTEGRITY
+
+
+def test_open_fetches_the_whole_file_when_chunks_have_no_digest(httpserver, download_env):
+    def edit(toc):
+        for e in toc["entries"]:
+            if e.get("name") == BIG:
+                e.pop("chunkDigest", None)
+    blob, toc_json = forge_basic(edit)
+    reg, image = _serve(httpserver, blob, toc_json)
+    index = starget.open_image(image)
+    stats = index.client.transport.stats
+    with index.open(BIG) as f:
+        before = stats.as_dict()
+        f.seek(1000000)
+        assert f.read(4) == file_bytes(BIG)[1000000:1000004]
+        after = stats.as_dict()
+        assert after["requests"] - before["requests"] == 1
+        assert after["bytes"] - before["bytes"] >= _extents(index.find_file(BIG).chunks)
+
+
+def test_open_one_object_per_thread(registry_anon, download_env):
+    want = file_bytes(BIG)
+    index = starget.open_image(registry_anon.image("basic"))
+    results = {}
+
+    def read(n):
+        with index.open(BIG) as f:
+            offset = n * len(want) // 4
+            f.seek(offset)
+            results[n] = f.read(len(want) // 4 + 1000) == want[offset:offset + len(want) // 4 + 1000]
+    threads = [threading.Thread(target=read, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {0: True, 1: True, 2: True, 3: True}
+
+
+
+@pytest.mark.skipif(ZSTD is None, reason="no zstd decoder (backports.zstd is in the test extra)")
+def test_open_reads_zstd_chunked_files(registry_anon, api_env):
+    """The file object reads a zstd:chunked layer's files too: every regular file of
+    zstd-layers, whole and from the middle, equals EXPECTED's sha256."""
+    files = expected_files("zstd-layers", "latest")
+    with starget.open(registry_anon.image("zstd-layers"), "etc/hostname" if "etc/hostname" in files
+                      else sorted(p for p, e in files.items() if e["type"] == "reg")[0]) as f:
+        assert f.read(1) is not None
+    index = starget.open_image(registry_anon.image("zstd-layers"), cache=None)
+    try:
+        for path, e in sorted(files.items()):
+            if e["type"] != "reg":
+                continue
+            with index.open(path) as f:
+                data = f.read()
+                assert hashlib.sha256(data).hexdigest() == e["sha256"], path
+                if len(data) > 10:
+                    f.seek(len(data) // 2)
+                    assert f.read(5) == data[len(data) // 2:len(data) // 2 + 5]
+    finally:
+        index.client.transport.close()
+
 # =============================================================================
 # cli
 # =============================================================================
