@@ -403,13 +403,53 @@ def _auth_key_host(key):
     return key
 
 
+def _helper_server(registry):
+    """The server name docker's credential helpers know a registry by."""
+    return _DOCKER_HUB_AUTH_KEY if registry == _DOCKER_HUB else registry
+
+
+def _cred_helper_of(config, registry):
+    """The NAME of `credHelpers[registry]` in a docker config, or None."""
+    helpers = config.get("credHelpers")
+    for key, helper in (helpers.items() if isinstance(helpers, dict) else ()):
+        if isinstance(key, str) and _auth_key_host(key) == registry and isinstance(helper, str) and helper:
+            return helper
+    return None
+
+
+def _creds_store_of(config):
+    store = config.get("credsStore")
+    return store if isinstance(store, str) and store else None
+
+
+def _run_helper(program, action, data, environ):
+    """`program action` (a docker-credential-NAME) with `data` on stdin: the finished
+    process. OSError (not found, not executable) and TimeoutExpired pass through."""
+    import shutil
+    import subprocess
+    path = shutil.which(program, path=environ.get("PATH") or os.environ.get("PATH", os.defpath))
+    if path is None:
+        raise FileNotFoundError(2, "not found on PATH")
+    # On timeout, run() kills the helper and reaps it before raising.
+    return subprocess.run([path, action], input=data.encode("utf-8"), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=60)
+
+
+def _helper_message(proc):
+    """The first line a failed helper printed (helpers print errors on stdout or stderr)."""
+    message = (proc.stdout.decode("utf-8", "replace").strip()
+               or proc.stderr.decode("utf-8", "replace")).strip().splitlines()
+    return message[0] if message else "exit status %d" % proc.returncode
+
+
 class Credentials(object):
     """Finds credentials for a registry, first hit wins, cached for the run.
 
     Order: the explicit `--credential`; `REGISTRY_AUTH_FILE`; podman's
     `$XDG_RUNTIME_DIR/containers/auth.json` and `~/.config/containers/auth.json`;
     docker's `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`. In each file
-    `credHelpers[host]`, then `auths`, then `credsStore`. starget never writes them.
+    `credHelpers[host]`, then `credsStore`, then `auths`. Only `login` and `logout`
+    write one of them (_LoginStore).
     """
 
     def __init__(self, explicit=None, environ=None, home=None):
@@ -472,12 +512,11 @@ class Credentials(object):
     def _from_config(self, config, path, registry, repository):
         """docker's order: the host's credHelper, then credsStore (which keeps only
         empty placeholders in `auths`), then `auths` itself."""
-        helpers = config.get("credHelpers")
-        for key, helper in (helpers.items() if isinstance(helpers, dict) else ()):
-            if isinstance(key, str) and _auth_key_host(key) == registry and isinstance(helper, str) and helper:
-                return self._from_helper(helper, registry, required=True)
-        store = config.get("credsStore")
-        if isinstance(store, str) and store:
+        helper = _cred_helper_of(config, registry)
+        if helper:
+            return self._from_helper(helper, registry, required=True)
+        store = _creds_store_of(config)
+        if store:
             found = self._from_helper(store, registry, required=False)
             if found is not None:
                 return found
@@ -514,17 +553,10 @@ class Credentials(object):
         return None
 
     def _from_helper(self, name, registry, required):
-        import shutil
         import subprocess
         program = "docker-credential-" + name
-        server = _DOCKER_HUB_AUTH_KEY if registry == _DOCKER_HUB else registry
         try:
-            path = shutil.which(program, path=self.environ.get("PATH") or os.environ.get("PATH", os.defpath))
-            if path is None:
-                raise FileNotFoundError(2, "not found on PATH")
-            # On timeout, run() kills the helper and reaps it before raising.
-            proc = subprocess.run([path, "get"], input=server.encode("utf-8"), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=60)
+            proc = _run_helper(program, "get", _helper_server(registry), self.environ)
         except (OSError, subprocess.TimeoutExpired) as e:
             if required:
                 _fail(ErrorCode.AUTH, "credential helper %s for %s cannot run: %s" % (program, registry, e), e)
@@ -533,8 +565,7 @@ class Credentials(object):
             return None
         text = proc.stdout.decode("utf-8", "replace").strip()
         if proc.returncode != 0:
-            message = (text or proc.stderr.decode("utf-8", "replace")).strip().splitlines()
-            message = message[0] if message else "exit status %d" % proc.returncode
+            message = _helper_message(proc)
             if "credentials not found" in message.lower():
                 return None
             _fail(ErrorCode.AUTH, "credential helper %s failed for %s: %s" % (program, registry, _redact(message)))
@@ -547,6 +578,122 @@ class Credentials(object):
         if user == "<token>":
             return _Credential(user, None, identity_token=secret, source=source)
         return _Credential(user, secret, source=source)
+
+
+def _login_credentials(user, password):
+    """Credentials that answer with exactly these, wherever asked (login checks them)."""
+    credentials = Credentials(environ={})
+    credentials.explicit = _Credential(user, password, source="the credentials given to login")
+    return credentials
+
+
+class _LoginStore(object):
+    """Where `login` keeps credentials and `logout` removes them, as docker login does:
+    the file is REGISTRY_AUTH_FILE, else docker's config.json; in it, the registry's
+    `credHelpers` program, else the `credsStore` program, else `auths` (base64 of
+    user:password, unencrypted). Only the registry's keys change: the rest of the
+    file is written back as it was."""
+
+    def __init__(self, environ=None, home=None):
+        finder = Credentials(environ=environ, home=home)
+        self.environ = finder.environ
+        docker_dir = self.environ.get("DOCKER_CONFIG") or os.path.join(finder.home, ".docker")
+        self.path = self.environ.get("REGISTRY_AUTH_FILE") or os.path.join(docker_dir, "config.json")
+        self.config = self._read(self.path)
+
+    @staticmethod
+    def _read(path):
+        """The file's JSON object ({} when there is none); one that cannot be read
+        back whole is an error, never overwritten."""
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return {}
+        except OSError as e:
+            _fail(ErrorCode.IO, "cannot read %s: %s" % (path, e.strerror or e), e)
+        try:
+            config = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+        except (ValueError, UnicodeDecodeError) as e:
+            _fail(ErrorCode.USAGE, "cannot parse credentials file %s (%s): not changing it" % (path, e))
+        if not isinstance(config, dict) or not isinstance(config.get("auths", {}), dict):
+            _fail(ErrorCode.USAGE, "credentials file %s is not a JSON object with an 'auths' object" % path)
+        return config
+
+    def helper(self, registry):
+        """The docker-credential-NAME that keeps this registry's credentials, or None."""
+        name = _cred_helper_of(self.config, registry) or _creds_store_of(self.config)
+        return "docker-credential-" + name if name else None
+
+    def _keys(self, registry):
+        """The `auths` keys that name this registry (host, https://host/v1/, ...): a
+        stale one left beside the new one could win the lookup."""
+        return [key for key in self.config.get("auths", {}) if _auth_key_host(key) == registry]
+
+    def store(self, registry, user, password):
+        """Keep the credentials; returns where (the helper, or the file)."""
+        helper, keys = self.helper(registry), self._keys(registry)
+        auths = self.config.setdefault("auths", {})
+        for key in keys[1:]:
+            del auths[key]
+        key = keys[0] if keys else _helper_server(registry)
+        if helper:
+            self._run(helper, "store", json.dumps({"ServerURL": _helper_server(registry), "Username": user,
+                                                   "Secret": password}), registry)
+            auths[key] = {}      # docker's placeholder: no secret in the file (a stale one goes)
+        else:
+            raw = ("%s:%s" % (user, password)).encode("utf-8")
+            auths[key] = {"auth": base64.b64encode(raw).decode("ascii")}
+        self._write()
+        return helper or self.path
+
+    def erase(self, registry):
+        """Remove the credentials; False when there were none."""
+        helper, keys = self.helper(registry), self._keys(registry)
+        found = bool(helper) and self._run(helper, "erase", _helper_server(registry), registry)
+        for key in keys:
+            del self.config["auths"][key]
+        if keys:
+            self._write()
+        return found or bool(keys)
+
+    def _run(self, program, action, data, registry):
+        """A helper's store or erase; False when it had nothing to erase."""
+        import subprocess
+        try:
+            proc = _run_helper(program, action, data, self.environ)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            _fail(ErrorCode.IO, "credential helper %s cannot run: %s" % (program, getattr(e, "strerror", None) or e), e)
+        if proc.returncode == 0:
+            return True
+        message = _helper_message(proc)
+        if action == "erase" and "credentials not found" in message.lower():
+            return False
+        _fail(ErrorCode.IO, "credential helper %s cannot %s the credentials of %s: %s"
+              % (program, action, registry, _redact(message)))
+
+    def _write(self):
+        """Replace the file atomically (a temporary file, then os.replace), mode 0600."""
+        import tempfile
+        path = os.path.realpath(self.path)     # a symlinked config stays a link, to the new file
+        temp = None
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=os.path.dirname(path))
+            with os.fdopen(fd, "w", encoding="utf-8") as f:      # mkstemp made it 0600
+                f.write(json.dumps(self.config, indent="\t") + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+            temp = None
+        except OSError as e:
+            _fail(ErrorCode.IO, "cannot write %s: %s" % (path, e.strerror or e), e)
+        finally:
+            if temp is not None:
+                try:
+                    os.unlink(temp)
+                except OSError:
+                    pass
 
 # =============================================================================
 # config
@@ -1806,7 +1953,10 @@ class _RegistryAuth(object):
     def _token_request(self, endpoint, params, cred):
         """(method, url, headers, body) of the token request a Bearer challenge asks for."""
         from urllib.parse import urlencode
-        query = {"scope": params.get("scope") or "repository:%s:pull" % self.ref.repository}
+        query = {}
+        scope = params.get("scope") or (self.ref.repository and "repository:%s:pull" % self.ref.repository)
+        if scope:       # none for a registry-wide client (login): a token for the account only
+            query["scope"] = scope
         if params.get("service"):
             query["service"] = params["service"]
         realm = params["realm"]
@@ -2021,6 +2171,54 @@ class RegistryClient(object):
             return response.read_exactly(end - start + 1)
         finally:
             response.close()
+
+
+# -- the registry itself: login -------------------------------------------------
+#
+# Module functions over a RegistryClient: they speak to the registry, never to a
+# mirror (a login is the registry's).
+
+
+def _registry_client(client, credentials=None, auth_type=None):
+    """A client for `client`'s registry as a whole (no repository): the same transport
+    and endpoints, each with an auth state of its own (_at_registry skips the mirrors)."""
+    wide = RegistryClient(ImageRef(client.ref.registry, ""), credentials or client.credentials,
+                          client.insecure, client.transport, auth_type=auth_type)
+    wide.endpoints = tuple(_Endpoint(e.host, e.scheme, e.role) for e in client.endpoints)
+    wide.endpoint = wide.endpoints[0]
+    return wide
+
+
+def _at_registry(client, operation):
+    """operation(endpoint) at the registry's endpoints in order (https, then plain
+    http where allowed), as _endpoint_fallback says; the one that answers is selected."""
+    endpoints = tuple(e for e in client.endpoints if e.role != "mirror" and e.host == client.ref.registry)
+    position = 0
+    while True:
+        try:
+            result = operation(endpoints[position])
+        except StargzError as error:
+            position = _endpoint_fallback(endpoints, position, error)
+            if position is None:
+                raise
+            continue
+        client.select(endpoints[position])
+        return result
+
+
+def _check_login(client):
+    """GET /v2/, answering its challenge with the client's credentials as a pull does
+    (Basic, or a token from the realm): AUTH when they are refused. True when the
+    registry asked for them, False when it lets anyone in (nothing was checked)."""
+    def check(endpoint):
+        def attempt():
+            response = client.request("GET", endpoint.base_url + "/v2/", endpoint=endpoint)
+            if response.status != 200:
+                _raise_for_status(response, "registry %s" % endpoint.host)
+            response.discard()
+            return endpoint.auth.get() is not None
+        return client.retrying(attempt, "login to %s" % endpoint.host)
+    return _at_registry(client, check)
 
 # =============================================================================
 # formats (pure: bytes or JSON in, objects out; no I/O)
@@ -4094,6 +4292,8 @@ _COMPLETION_COMMANDS = (
     ("get", "download files"),
     ("cat", "write one file to standard output"),
     ("completion", "print a shell completion script"),
+    ("login", "store credentials for a registry"),
+    ("logout", "remove the stored credentials of a registry"),
 )
 # argparse's own flags, completed along with the global options (_GLOBAL_OPTIONS)
 _COMPLETION_HELP_FLAGS = (("-h", "show help"), ("--help", "show help"))
@@ -4101,6 +4301,8 @@ _COMPLETION_COMMAND_FLAGS = {
     "info": (("--json", "one JSON object"),),
     "ls": (("--json", "one JSON array"), ("-l", "long listing"), ("--long", "long listing"),
            ("--sizes", "show sizes")),
+    "login": (("-u", "user name"), ("--username", "user name"), ("-p", "password (visible in ps)"),
+              ("--password", "password (visible in ps)"), ("--password-stdin", "read the password from stdin")),
 }
 _COMPLETION_SHELLS = ("bash", "zsh", "fish")
 
@@ -4186,6 +4388,7 @@ def _completion_words():
                                  + [f for f, _ in _COMPLETION_HELP_FLAGS]),
         "INFO_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["info"]),
         "LS_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["ls"]),
+        "LOGIN_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["login"]),
         "PLATFORMS": " ".join(_option_named("--platform").suggestions),
         "SHELLS": " ".join(_COMPLETION_SHELLS),
         "VALUE_FLAGS": "|".join(value_flags),
@@ -4352,6 +4555,7 @@ _starget()
             "") flags+=" --version" ;;
             info) flags+=" @INFO_FLAGS@" ;;
             ls) flags+=" @LS_FLAGS@" ;;
+            login) flags+=" @LOGIN_FLAGS@" ;;
         esac
         COMPREPLY=($(compgen -W "$flags" -- "$cur"))
         _starget_trim "$cur"
@@ -4453,6 +4657,7 @@ _starget() {
       "") flags+=(--version) ;;
       info) flags+=(@INFO_FLAGS@) ;;
       ls) flags+=(@LS_FLAGS@) ;;
+      login) flags+=(@LOGIN_FLAGS@) ;;
     esac
     compadd -- $flags
     return 0
@@ -4703,6 +4908,24 @@ def _words_after_flags(parse_known_args):
     return parse
 
 
+def _registry_image(host):
+    """An image reference on `host`, for the commands about a registry itself (login,
+    logout): main() makes every command's session from an IMAGE, with that host's
+    settings (TLS, plain_http). The repository is never asked for."""
+    return host + "/starget"
+
+
+def _registry_argument(text):
+    """login's and logout's REGISTRY: host[:port], or a key as docker writes it
+    (https://host/v1/); docker.io is Docker Hub. As an image on it (_registry_image)."""
+    import argparse
+    host = _auth_key_host(text)
+    if not _REGISTRY_RE.match(host) or not ("." in host or ":" in host or _host_of(host) == "localhost"):
+        raise argparse.ArgumentTypeError("%r is not a registry: want host[:port] with a '.' or a ':' "
+                                         "(or localhost), as in IMAGE" % text)
+    return _registry_image(host)
+
+
 def _build_parser():
     import argparse
     Parser = _parser_class()
@@ -4761,6 +4984,22 @@ def _build_parser():
     completion = add("completion", help="print a shell completion script: completion bash|zsh|fish")
     completion.add_argument("shell", metavar="SHELL", help="bash, zsh or fish")
 
+    # REGISTRY is checked here; login and logout then get an image on the registry,
+    # from which main() builds the session (see _registry_image).
+    login = add("login", help="check and store credentials for a registry: login REGISTRY [-u USER]",
+                usage="starget login [flags] REGISTRY [-u USER] [--password-stdin | -p PASSWORD]",
+                description="Check the credentials against REGISTRY, then store them as docker login does:\n"
+                "with the config's credential helper (credHelpers, credsStore), else in the auth file\n"
+                "(REGISTRY_AUTH_FILE, else $DOCKER_CONFIG/config.json or ~/.docker/config.json).",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    login.add_argument("image", metavar="REGISTRY", type=_registry_argument, help="host[:port]")
+    login.add_argument("-u", "--username", metavar="USER", help="user name (default: ask on the terminal)")
+    secret = login.add_mutually_exclusive_group()
+    secret.add_argument("-p", "--password", metavar="PASSWORD", help="password (visible to other users: ps)")
+    secret.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    logout = add("logout", help="remove the stored credentials of a registry: logout REGISTRY")
+    logout.add_argument("image", metavar="REGISTRY", type=_registry_argument, help="host[:port]")
+
     # Hidden (no help=): the completion scripts run `__complete IMAGE [BLOB] PREFIX`.
     complete = add("__complete")
     complete.add_argument("image", metavar="IMAGE")
@@ -4771,6 +5010,8 @@ def _build_parser():
     add("version", help="print the version")
 
     for sub in (info, ls, get, cat, complete):
+        _add_global_options(sub)
+    for sub in (login, logout):
         _add_global_options(sub)
     return parser
 
@@ -5063,7 +5304,66 @@ def _cmd_cat(session, out):
     return 0
 
 
+def _login_input(args):
+    """(user, password) from -u, -p or --password-stdin, else asked on the terminal."""
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    user, password = args.username, args.password
+    if password is not None:
+        _log.warning("a password given with -p is visible to other users of this machine (ps): "
+                     "use --password-stdin")
+    elif args.password_stdin:
+        if not user:
+            _fail(ErrorCode.USAGE, "--password-stdin needs -u USER (standard input holds the password)")
+        password = sys.stdin.read().rstrip("\r\n")
+    if not user:
+        if not interactive:
+            _fail(ErrorCode.USAGE, "login needs -u USER: standard input is not a terminal")
+        sys.stderr.write("Username: ")
+        sys.stderr.flush()
+        user = sys.stdin.readline().strip()
+    if password is None:
+        if not interactive:
+            _fail(ErrorCode.USAGE, "login needs a password: --password-stdin or -p PASSWORD "
+                  "(standard input is not a terminal)")
+        import getpass
+        password = getpass.getpass("Password: ")
+    _register_secret(password)
+    if not user or ":" in user:
+        _fail(ErrorCode.USAGE, "invalid user name %r (empty, or with a ':')" % user)
+    if not password:
+        _fail(ErrorCode.USAGE, "empty password")
+    return user, password
+
+
+def _cmd_login(session, out):
+    """`starget login REGISTRY`: check the credentials with the registry (the challenge
+    and token flow of a pull), then store them; wrong ones are stored nowhere."""
+    registry = session.client.ref.registry
+    user, password = _login_input(session.args)
+    store = _LoginStore()          # a file it could not write back whole fails here, before a request
+    client = _registry_client(session.client, _login_credentials(user, password))
+    if not _check_login(client):
+        _log.warning("%s lets anyone in: it did not check the credentials", registry)
+    where = store.store(registry, user, password)
+    if where == store.path:
+        _log.warning("the password is stored unencrypted in %s: configure a credential helper "
+                     "(credsStore in it) to avoid this", where)
+    out.write("Login Succeeded\n")
+    return 0
+
+
+def _cmd_logout(session, out):
+    """`starget logout REGISTRY`: erase what login stored (no request to the registry)."""
+    registry = session.client.ref.registry
+    if _LoginStore().erase(registry):
+        out.write("Removing login credentials for %s\n" % registry)
+    else:
+        _log.warning("not logged in to %s", registry)
+    return 0
+
+
 _COMMANDS = {"info": _cmd_info, "ls": _cmd_ls, "get": _cmd_get, "cat": _cmd_cat, "__complete": _cmd_complete}
+_COMMANDS.update(login=_cmd_login, logout=_cmd_logout)
 
 
 class _Stdout(object):

@@ -1638,6 +1638,183 @@ def test_e2e_auth_files_never_written(registry_basic, tmp_path):
     assert [_dir_listing(r) for r in roots] == listing, "a file appeared next to the auth files"
 
 
+# ---- credentials: login and logout against the real registries ----------------
+
+LAYERS_FILE = "etc/config.txt"
+
+
+def _login(reg, env, password=None, *extra):
+    """`starget login REG -u USER --password-stdin` (password on stdin): (rc, out, err)."""
+    password = reg.password if password is None else password
+    return run_cli("login", reg.addr, "-u", reg.user, "--password-stdin", *extra, env=env,
+                   input=(password + "\n").encode())
+
+
+def _cat_layers(reg, env):
+    rc, out, err = run_cli("cat", reg.image("layers"), LAYERS_FILE, env=env, binary=True)
+    assert rc == 0, err
+    assert hashlib.sha256(out).hexdigest() == expected_files("layers", "latest")[LAYERS_FILE]["sha256"]
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("where", ["DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "HOME_DOCKER"])
+def test_login_to_the_auth_file_then_logout(registry_basic, tmp_path, where):
+    """No helper: `auths[REGISTRY]` is base64 user:password, in a file of mode 0600
+    written whole; the other keys stay; logout removes only the registry's key."""
+    reg, environ = registry_basic, {}
+    others = {"auths": {"other.example": {"auth": _b64("a", "b")}}, "credHelpers": {"gcr.io": "gcloud"},
+              "experimental": "enabled"}
+    path = _place(tmp_path, where, others, environ)
+    env = _run_env(tmp_path, environ)
+    rc, out, err = _login(reg, env)
+    assert rc == 0, err
+    assert out == "Login Succeeded\n"
+    assert re.search(r"^starget: warning: .*unencrypted in %s" % re.escape(path), err, re.M), err
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    doc = _read_json(path)
+    assert doc["auths"].pop(reg.addr) == {"auth": _b64(reg.user, reg.password)}
+    assert doc == others
+    assert [n for n in os.listdir(os.path.dirname(path)) if n != os.path.basename(path)] == []  # no temp file
+    _cat_layers(reg, env)                                        # no --credential
+    rc, out, err = run_cli("logout", reg.addr, env=env)
+    assert rc == 0, err
+    assert _read_json(path) == others
+    rc, out, err = run_cli("ls", reg.image("layers"), env=env)
+    assert_one_line_error(rc, err, 4)
+    rc, out, err = run_cli("logout", reg.addr, env=env)
+    assert rc == 0 and re.search(r"^starget: warning: not logged in to ", err, re.M), err
+
+
+def test_login_creates_the_docker_config_and_replaces_a_stale_key(registry_basic, tmp_path):
+    reg = registry_basic
+    env = _run_env(tmp_path, {})
+    path = os.path.join(env["HOME"], ".docker", "config.json")
+    assert _login(reg, env)[0] == 0
+    assert _read_json(path) == {"auths": {reg.addr: {"auth": _b64(reg.user, reg.password)}}}
+    # a key that names the same registry another way is the one replaced, not shadowed
+    _write_json(path, {"auths": {"https://%s/v1/" % reg.addr: {"auth": _b64(reg.user, "old")},
+                                 reg.addr + "/fixtures": {"auth": _b64("ns", "kept")}}})
+    assert _login(reg, env)[0] == 0
+    assert _read_json(path) == {"auths": {"https://%s/v1/" % reg.addr: {"auth": _b64(reg.user, reg.password)},
+                                          reg.addr + "/fixtures": {"auth": _b64("ns", "kept")}}}
+
+
+@pytest.mark.parametrize("config", ["credsStore", "credHelpers"])
+def test_login_through_a_credential_helper(registry_basic, tmp_path, config):
+    """With a helper, the secret goes to `docker-credential-NAME store`; the file gets
+    docker's empty placeholder only; `cat` then asks the helper; logout erases."""
+    reg, environ = registry_basic, {}
+    hd = str(tmp_path / "helpers")
+    calls = write_credential_helper(hd, "fake", stdout=_helper_json(reg.user, reg.password))
+    doc = {"credsStore": "fake"} if config == "credsStore" else {"credHelpers": {reg.addr: "fake"}}
+    doc["auths"] = {reg.addr: {"auth": _b64(reg.user, "stale")}, "other.example": {}}
+    path = _place(tmp_path, "DOCKER_CONFIG", doc, environ)
+    env = _helper_env(tmp_path, environ, hd)
+    rc, out, err = _login(reg, env)
+    assert rc == 0, err
+    assert "unencrypted" not in err
+    got = helper_calls(calls)
+    assert [c["argv"] for c in got] == [["store"]]
+    assert json.loads(got[0]["stdin"]) == {"ServerURL": reg.addr, "Username": reg.user, "Secret": reg.password}
+    with open(path) as f:
+        text = f.read()
+    assert reg.password not in text and _b64(reg.user, reg.password) not in text
+    assert json.loads(text)["auths"] == {reg.addr: {}, "other.example": {}}
+    _cat_layers(reg, env)
+    assert helper_calls(calls)[-1] == {"argv": ["get"], "stdin": reg.addr}
+    rc, out, err = run_cli("logout", reg.addr, env=env)
+    assert rc == 0, err
+    assert helper_calls(calls)[-1] == {"argv": ["erase"], "stdin": reg.addr}
+    assert _read_json(path)["auths"] == {"other.example": {}}
+
+
+@pytest.mark.parametrize("helper", [False, True])
+def test_login_wrong_password_exit_4_stores_nothing(registry_basic, tmp_path, helper):
+    reg, environ = registry_basic, {}
+    hd = str(tmp_path / "helpers")
+    calls = write_credential_helper(hd, "fake")
+    path = _place(tmp_path, "DOCKER_CONFIG", dict({"auths": {"other.example": {}}},
+                                                   **({"credsStore": "fake"} if helper else {})), environ)
+    os.utime(path, (1, 1))
+    before = _file_state([path])
+    rc, out, err = _login(reg, _helper_env(tmp_path, environ, hd), "wrong-password")
+    line = assert_one_line_error(rc, err, 4)
+    assert reg.addr in line and "wrong-password" not in err
+    assert _file_state([path]) == before and helper_calls(calls) == []
+    assert os.listdir(os.path.dirname(path)) == ["config.json"]
+
+
+def test_login_bearer_registry(registry_bearer, tmp_path):
+    """The token flow: GET /v2/, its Bearer challenge answered at the realm with the credentials."""
+    reg, env = registry_bearer, _run_env(tmp_path, {})
+    rc, out, err = _login(reg, env, "wrong-password")
+    assert_one_line_error(rc, err, 4)
+    assert not os.path.exists(os.path.join(env["HOME"], ".docker", "config.json"))
+    rc, out, err = _login(reg, env)
+    assert rc == 0, err
+    auths = _read_json(os.path.join(env["HOME"], ".docker", "config.json"))["auths"]
+    assert auths == {reg.addr: {"auth": _b64(reg.user, reg.password)}}
+
+
+def test_login_password_flag_warns(registry_basic, tmp_path):
+    reg, env = registry_basic, _run_env(tmp_path, {})
+    rc, out, err = run_cli("login", "-u", reg.user, "-p", reg.password, reg.addr, env=env, input=b"")
+    assert rc == 0, err
+    assert re.search(r"^starget: warning: a password given with -p is visible to other users", err, re.M), err
+    assert reg.password not in err
+
+
+@pytest.mark.parametrize("args, why", [
+    (["-u", "u"], "needs a password"),                        # stdin is no terminal: no prompt
+    ([], "needs -u USER"),
+    (["--password-stdin"], "--password-stdin needs -u USER"),
+    (["-u", "a:b", "-p", "x"], "invalid user name"),
+    (["-u", "u", "-p", "x", "--password-stdin"], "not allowed with"),
+])
+def test_login_usage_errors(registry_basic, tmp_path, args, why):
+    env = _run_env(tmp_path, {})
+    rc, out, err = run_cli("login", registry_basic.addr, *args, env=env, input=b"")
+    line = assert_one_line_error(rc, err, 2)
+    assert why in line
+    assert not os.path.exists(os.path.join(env["HOME"], ".docker"))
+
+
+@pytest.mark.parametrize("registry", ["fixtures/x", "nodots", "host/ns", "ftp://host"])
+def test_login_refuses_what_is_no_registry(registry):
+    rc, out, err = run_cli("logout", registry)
+    assert "is not a registry" in assert_one_line_error(rc, err, 2)
+
+
+def test_login_store_failure_exit_10_file_unchanged(registry_basic, tmp_path):
+    reg, environ = registry_basic, {}
+    hd = str(tmp_path / "helpers")
+    write_credential_helper(hd, "fake", stderr="keychain is locked\n", code=1)
+    path = _place(tmp_path, "DOCKER_CONFIG", {"credsStore": "fake"}, environ)
+    before = _file_state([path])
+    rc, out, err = _login(reg, _helper_env(tmp_path, environ, hd))
+    line = assert_one_line_error(rc, err, 10)
+    assert "docker-credential-fake" in line and "keychain is locked" in line
+    assert _file_state([path]) == before
+
+
+def test_login_store_hub_key(tmp_path, helper_dir):
+    """Docker Hub is `https://index.docker.io/v1/`, for the file and for the helpers."""
+    calls = write_credential_helper(helper_dir, "fake")
+    environ = {"DOCKER_CONFIG": str(tmp_path / "d"), "PATH": os.environ["PATH"]}
+    store = starget._LoginStore(environ=environ, home=str(tmp_path))
+    assert store.store(starget._DOCKER_HUB, "u", "pw") == str(tmp_path / "d" / "config.json")
+    assert _read_json(str(tmp_path / "d" / "config.json")) == {"auths": {"https://index.docker.io/v1/":
+                                                                         {"auth": _b64("u", "pw")}}}
+    _write_json(str(tmp_path / "d" / "config.json"), {"credsStore": "fake"})
+    store = starget._LoginStore(environ=environ, home=str(tmp_path))
+    assert store.erase(starget._DOCKER_HUB) is True
+    assert helper_calls(calls) == [{"argv": ["erase"], "stdin": "https://index.docker.io/v1/"}]
+
+
 # =============================================================================
 # config
 # =============================================================================
@@ -6137,7 +6314,7 @@ needs_bash = pytest.mark.skipif(not shutil.which("bash"), reason="bash is not in
 
 @needs_bash
 @pytest.mark.parametrize("line, expected", [
-    ("starget ", ["info", "ls", "get", "cat", "completion"]),
+    ("starget ", ["info", "ls", "get", "cat", "completion", "login", "logout"]),
     ("starget g", ["get"]),
     ("starget c", ["cat", "completion"]),
     ("starget -k --platform linux/amd64 i", ["info"]),
@@ -6341,7 +6518,7 @@ def run_fish(fake, line):
 @pytest.mark.skipif(not shutil.which("fish"), reason="fish is not installed")
 def test_fish_completion(fake_starget):
     replies, _ = run_fish(fake_starget, "starget ")
-    assert sorted(replies) == ["cat", "completion", "get", "info", "ls"]
+    assert sorted(replies) == ["cat", "completion", "get", "info", "login", "logout", "ls"]
     replies, _ = run_fish(fake_starget, "starget --platform linux/arm")
     assert sorted(replies) == ["linux/arm/v7", "linux/arm64", "linux/arm64/v8"]
     replies, _ = run_fish(fake_starget, "starget ls img --")
