@@ -2173,10 +2173,13 @@ class RegistryClient(object):
             response.close()
 
 
-# -- the registry itself: login -------------------------------------------------
+# -- the registry itself: login, tags, the catalog -------------------------------
 #
 # Module functions over a RegistryClient: they speak to the registry, never to a
-# mirror (a login is the registry's).
+# mirror (a mirror holds some of its tags, and a login is the registry's).
+
+_MAX_LIST_PAGES = 1000
+_LINK_NEXT_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
 
 
 def _registry_client(client, credentials=None, auth_type=None):
@@ -2219,6 +2222,67 @@ def _check_login(client):
             return endpoint.auth.get() is not None
         return client.retrying(attempt, "login to %s" % endpoint.host)
     return _at_registry(client, check)
+
+
+def _next_link(link, url):
+    """The `Link: <...>; rel="next"` of a list page, as an absolute URL, or None. Only
+    on the same origin: the request carries the registry's Authorization."""
+    from urllib.parse import urljoin
+    match = _LINK_NEXT_RE.search(link or "")
+    if not match:
+        return None
+    target = urljoin(url, match.group(1))
+    if _URL(target).origin != _URL(url).origin:
+        _fail(ErrorCode.FORMAT, "%s sent a next-page link to another host (%s): refused"
+              % (_URL(url).netloc, _redact(target)))
+    return target
+
+
+def _list_pages(client, path, key, what, valid, max_pages=_MAX_LIST_PAGES):
+    """The strings under `key` of a paginated list (tags, the catalog), following
+    the Link headers; stops with a warning after `max_pages` or on a page seen before.
+    Names that do not match `valid` are dropped with a warning (they are printed one
+    a line, where a newline or an escape sequence would forge output)."""
+    def pages(endpoint):
+        items, url, seen = [], endpoint.base_url + path, set()
+        while url is not None:
+            if url in seen or len(seen) >= max_pages:
+                _log.warning("%s: stopped after %d page(s): a page seen before, or too many", what, len(seen))
+                break
+            seen.add(url)
+
+            def fetch(url=url):
+                response = client.request("GET", url, {"Accept": "application/json"}, endpoint)
+                if response.status != 200:
+                    _raise_for_status(response, what)
+                return response.header("Link"), response.read_all(_MAX_MANIFEST_SIZE)
+            link, raw = client.retrying(fetch, what)
+            try:
+                page = json.loads(raw.decode("utf-8")).get(key) or []
+            except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+                page = None
+            if not isinstance(page, list) or not all(isinstance(item, str) for item in page):
+                _fail(ErrorCode.FORMAT, "%s: the registry's answer is not a JSON object with a %r list" % (what, key))
+            kept = [item for item in page if valid.match(item)]
+            if len(kept) < len(page):
+                _log.warning("%s: %d invalid names left out", what, len(page) - len(kept))
+            items.extend(kept)
+            url = _next_link(link, url)
+        return items
+    return _at_registry(client, pages)
+
+
+def _list_tags(client, max_pages=_MAX_LIST_PAGES):
+    """The tags of the client's repository, in the registry's order."""
+    name = client.ref.repository
+    return _list_pages(client, "/v2/%s/tags/list" % name, "tags",
+                       "tags of %s/%s" % (client.ref.registry, name), _TAG_RE, max_pages)
+
+
+def _list_catalog(client, max_pages=_MAX_LIST_PAGES):
+    """The repositories of the client's registry (/v2/_catalog; many registries refuse it)."""
+    return _list_pages(client, "/v2/_catalog", "repositories", "catalog of %s" % client.ref.registry,
+                       _REPO_RE, max_pages)
 
 # =============================================================================
 # formats (pure: bytes or JSON in, objects out; no I/O)
@@ -4284,7 +4348,8 @@ class Downloader(object):
 #
 # `starget completion bash|zsh|fish` prints a script; for the PATH argument of
 # get/cat the scripts run `starget [flags] __complete IMAGE [BLOB] PREFIX`,
-# which prints one candidate a line (directories end with '/').
+# which prints one candidate a line (directories end with '/'); for an IMAGE
+# word with a '/', `starget [flags] __complete --image=WORD` (see _complete_image).
 
 _COMPLETION_COMMANDS = (
     ("info", "show the layers of the image"),
@@ -4292,6 +4357,7 @@ _COMPLETION_COMMANDS = (
     ("get", "download files"),
     ("cat", "write one file to standard output"),
     ("completion", "print a shell completion script"),
+    ("tags", "list the tags of a repository"),
     ("login", "store credentials for a registry"),
     ("logout", "remove the stored credentials of a registry"),
 )
@@ -4301,10 +4367,14 @@ _COMPLETION_COMMAND_FLAGS = {
     "info": (("--json", "one JSON object"),),
     "ls": (("--json", "one JSON array"), ("-l", "long listing"), ("--long", "long listing"),
            ("--sizes", "show sizes")),
+    "tags": (("--json", "one JSON array"),),
     "login": (("-u", "user name"), ("--username", "user name"), ("-p", "password (visible in ps)"),
               ("--password", "password (visible in ps)"), ("--password-stdin", "read the password from stdin")),
 }
 _COMPLETION_SHELLS = ("bash", "zsh", "fish")
+# The IMAGE word asks the registry while the user waits: a slow one must not hang the shell.
+_COMPLETE_TIMEOUT = 3.0
+_COMPLETE_MAX_PAGES = 10
 
 
 def _complete_paths(index, prefix, blob=None):
@@ -4348,11 +4418,55 @@ def _completes_as_dir(view, entry):
     return target is not None and target.type == "dir"
 
 
+def _complete_image(args, word):
+    """Candidates for an IMAGE word: after a ':' that follows the last '/', the tags
+    of the repository before it (`host:5000/repo:` -> `host:5000/repo:TAG`); else
+    the repositories of the registry's /v2/_catalog (`host:5000/re` -> `host:5000/repo`).
+    A word without '/' gets nothing (it may be a host:port being typed), and so does
+    any error: a registry that refuses the catalog, or answers slower than
+    _COMPLETE_TIMEOUT (no retries)."""
+    import copy
+    if "/" not in word or "@" in word:
+        return []
+    name, colon, partial = word.rpartition(":")
+    tags = bool(colon) and "/" in name and "/" not in partial
+    if not tags:
+        name = word.partition("/")[0]
+        if not _REGISTRY_RE.match(name) or not ("." in name or ":" in name or _host_of(name) == "localhost"):
+            return []
+    quick = copy.copy(args)
+    quick.image = name if tags else _registry_image(name)
+    quick.timeout = min(args.timeout, _COMPLETE_TIMEOUT)
+    quick.connect_timeout = min(args.connect_timeout, _COMPLETE_TIMEOUT)
+    quick.retries = 0
+    session = None
+    try:
+        session = _Session(quick, Config.load())
+        if tags:
+            found = [name + ":" + tag for tag in _list_tags(session.client, _COMPLETE_MAX_PAGES)]
+        else:
+            client = _registry_client(session.client, auth_type=session.client.auth_type)
+            found = [name + "/" + repo for repo in _list_catalog(client, _COMPLETE_MAX_PAGES)]
+    except StargzError as e:
+        _log.debug("no completion for %s: %s", word, e.message)
+        return []
+    finally:
+        if session is not None:
+            session.close()
+    return sorted(candidate for candidate in found if candidate.startswith(word))
+
+
 def _cmd_complete(session, out):
-    """Hidden `starget __complete IMAGE [BLOB] PREFIX`, run by the completion scripts:
-    one candidate a line (see complete_paths)."""
-    blob, rest = _split_blob(session.args.args, 1)
-    for candidate in _complete_paths(session.load_image(blob), rest[0], blob):
+    """Hidden `starget __complete IMAGE [BLOB] PREFIX` and `__complete --image=WORD`,
+    run by the completion scripts: one candidate a line (see _complete_paths and
+    _complete_image)."""
+    word = getattr(session.args, "image_word", None)
+    if word is not None:
+        candidates = _complete_image(session.args, word)
+    else:
+        blob, rest = _split_blob(session.args.args, 1)
+        candidates = _complete_paths(session.load_image(blob), rest[0], blob)
+    for candidate in candidates:
         out.write(candidate + "\n")
     return 0
 
@@ -4388,6 +4502,7 @@ def _completion_words():
                                  + [f for f, _ in _COMPLETION_HELP_FLAGS]),
         "INFO_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["info"]),
         "LS_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["ls"]),
+        "TAGS_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["tags"]),
         "LOGIN_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["login"]),
         "PLATFORMS": " ".join(_option_named("--platform").suggestions),
         "SHELLS": " ".join(_COMPLETION_SHELLS),
@@ -4555,6 +4670,7 @@ _starget()
             "") flags+=" --version" ;;
             info) flags+=" @INFO_FLAGS@" ;;
             ls) flags+=" @LS_FLAGS@" ;;
+            tags) flags+=" @TAGS_FLAGS@" ;;
             login) flags+=" @LOGIN_FLAGS@" ;;
         esac
         COMPREPLY=($(compgen -W "$flags" -- "$cur"))
@@ -4566,12 +4682,25 @@ _starget()
         COMPREPLY=($(compgen -W "@COMMANDS@" -- "$cur"))
         return 0
     fi
+    if ((${#args[@]} == 1)) && [[ $cur == */* ]]; then
+        case $command in
+            info|ls|get|cat|tags)
+                # IMAGE: the registry's repositories, or after a ':' that follows the
+                # last '/', the repository's tags (the registry is asked: 3 s at most)
+                local IFS=$'\n'
+                COMPREPLY=($(starget "${forward[@]}" __complete --image="$cur" 2>/dev/null))
+                [[ ${cur##*/} == *:* ]] || compopt -o nospace 2>/dev/null   # a ':TAG' may follow
+                _starget_trim "$cur"
+                return 0
+                ;;
+        esac
+    fi
     case $command in
         completion)
             ((${#args[@]} == 1)) && COMPREPLY=($(compgen -W "@SHELLS@" -- "$cur"))
             ;;
         get|cat)
-            # command IMAGE [BLOB] PATH [OUTPUT_DIR]; nothing to offer for IMAGE
+            # command IMAGE [BLOB] PATH [OUTPUT_DIR]
             ((${#args[@]} >= 2)) || return 0
             local image=${args[1]} blob="" position=$((${#args[@]} - 2))
             if ((position > 0)) && [[ ${args[2]} == sha256:* ]]; then
@@ -4657,6 +4786,7 @@ _starget() {
       "") flags+=(--version) ;;
       info) flags+=(@INFO_FLAGS@) ;;
       ls) flags+=(@LS_FLAGS@) ;;
+      tags) flags+=(@TAGS_FLAGS@) ;;
       login) flags+=(@LOGIN_FLAGS@) ;;
     esac
     compadd -- $flags
@@ -4667,12 +4797,27 @@ _starget() {
     _describe -t commands 'starget command' commands
     return 0
   fi
+  if (( ${#args} == 1 )) && [[ $cur == */* ]]; then
+    case $command in
+      info|ls|get|cat|tags)
+        # IMAGE: the registry's repositories, or after a ':' that follows the
+        # last '/', the repository's tags (the registry is asked: 3 s at most)
+        candidates=(${(f)"$(starget $forward __complete --image=${(Q)cur} 2>/dev/null)"})
+        if [[ ${cur##*/} == *:* ]]; then
+          compadd -- $candidates
+        else
+          compadd -S '' -- $candidates     # a ':TAG' may follow
+        fi
+        return 0
+        ;;
+    esac
+  fi
   case $command in
     completion)
       (( ${#args} == 1 )) && compadd -- @SHELLS@
       ;;
     get|cat)
-      # command IMAGE [BLOB] PATH [OUTPUT_DIR]; nothing to offer for IMAGE
+      # command IMAGE [BLOB] PATH [OUTPUT_DIR]
       (( ${#args} >= 2 )) || return 0
       local image=${args[2]} blob="" position=$(( ${#args} - 2 ))
       if (( position > 0 )) && [[ ${args[3]} == sha256:* ]]; then
@@ -4772,6 +4917,18 @@ function __starget_wants_output_dir
     __starget_command_is get; and test "$position" = 1
 end
 
+# The IMAGE word, once it has a '/': repositories, or tags after a ':' past the last '/'
+function __starget_wants_image
+    set -l args (__starget_args)
+    test (count $args) -eq 1; and contains -- $args[1] info ls get cat tags
+    and string match -q -- '*/*' (commandline -ct)
+end
+
+function __starget_images
+    set -l cur (commandline -ct | string unescape)
+    starget (__starget_forward) __complete --image="$cur" 2>/dev/null
+end
+
 function __starget_paths
     set -l args (__starget_args)
     set -l blob
@@ -4786,6 +4943,7 @@ complete -c starget -f
 @COMPLETE_LINES@
 complete -c starget -n '__starget_command_is completion; and test (count (__starget_args)) -eq 1' -a '@SHELLS@'
 complete -c starget -n __starget_wants_path -a '(__starget_paths)'
+complete -c starget -n __starget_wants_image -a '(__starget_images)'
 complete -c starget -n __starget_wants_output_dir -a '(__fish_complete_directories (commandline -ct))'
 '''
 
@@ -4910,8 +5068,8 @@ def _words_after_flags(parse_known_args):
 
 def _registry_image(host):
     """An image reference on `host`, for the commands about a registry itself (login,
-    logout): main() makes every command's session from an IMAGE, with that host's
-    settings (TLS, plain_http). The repository is never asked for."""
+    logout, the catalog): main() makes every command's session from an IMAGE, with
+    that host's settings (TLS, plain_http). The repository is never asked for."""
     return host + "/starget"
 
 
@@ -4924,6 +5082,56 @@ def _registry_argument(text):
         raise argparse.ArgumentTypeError("%r is not a registry: want host[:port] with a '.' or a ':' "
                                          "(or localhost), as in IMAGE" % text)
     return _registry_image(host)
+
+
+def _repository_argument(text):
+    """tags' REPOSITORY: [registry/]repository; a tag or digest on it is refused (it
+    would read as if it narrowed the list)."""
+    import argparse
+    try:
+        ImageRef.parse(text)
+    except StargzError as e:
+        raise argparse.ArgumentTypeError(e.message)
+    if "@" in text or ":" in text.rsplit("/", 1)[-1]:
+        raise argparse.ArgumentTypeError("REPOSITORY takes no tag or digest: %r" % text)
+    return text
+
+
+def _add_registry_commands(add):
+    """login, logout and tags, added with _build_parser's `add`. REGISTRY and REPOSITORY
+    are checked here; login and logout then get an image on the registry, from which
+    main() builds the session (see _registry_image)."""
+    import argparse
+    login = add("login", help="check and store credentials for a registry: login REGISTRY [-u USER]",
+                usage="starget login [flags] REGISTRY [-u USER] [--password-stdin | -p PASSWORD]",
+                description="Check the credentials against REGISTRY, then store them as docker login does:\n"
+                "with the config's credential helper (credHelpers, credsStore), else in the auth file\n"
+                "(REGISTRY_AUTH_FILE, else $DOCKER_CONFIG/config.json or ~/.docker/config.json).",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    login.add_argument("image", metavar="REGISTRY", type=_registry_argument, help="host[:port]")
+    login.add_argument("-u", "--username", metavar="USER", help="user name (default: ask on the terminal)")
+    secret = login.add_mutually_exclusive_group()
+    secret.add_argument("-p", "--password", metavar="PASSWORD", help="password (visible to other users: ps)")
+    secret.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    logout = add("logout", help="remove the stored credentials of a registry: logout REGISTRY")
+    logout.add_argument("image", metavar="REGISTRY", type=_registry_argument, help="host[:port]")
+    tags = add("tags", help="list the tags of a repository: tags [registry/]repository")
+    tags.add_argument("image", metavar="REPOSITORY", type=_repository_argument,
+                      help="[registry/]repository, without a tag or digest")
+    tags.add_argument("--json", action="store_true", help="one JSON array")
+    for sub in (login, logout, tags):
+        _add_global_options(sub)
+
+
+def _add_complete_command(add):
+    """The hidden `__complete` (no help=): the completion scripts run `__complete IMAGE
+    [BLOB] PREFIX` for a PATH, and `__complete --image=WORD` for the IMAGE word (which
+    main() cannot make a session of: the mode makes its own; main()'s goes unused)."""
+    complete = add("__complete")
+    complete.add_argument("image", metavar="IMAGE", nargs="?", default=_registry_image("localhost"))
+    complete.add_argument("args", metavar="[BLOB] PREFIX", nargs="*")
+    complete.add_argument("--image", dest="image_word", metavar="WORD")
+    return complete
 
 
 def _build_parser():
@@ -4984,34 +5192,14 @@ def _build_parser():
     completion = add("completion", help="print a shell completion script: completion bash|zsh|fish")
     completion.add_argument("shell", metavar="SHELL", help="bash, zsh or fish")
 
-    # REGISTRY is checked here; login and logout then get an image on the registry,
-    # from which main() builds the session (see _registry_image).
-    login = add("login", help="check and store credentials for a registry: login REGISTRY [-u USER]",
-                usage="starget login [flags] REGISTRY [-u USER] [--password-stdin | -p PASSWORD]",
-                description="Check the credentials against REGISTRY, then store them as docker login does:\n"
-                "with the config's credential helper (credHelpers, credsStore), else in the auth file\n"
-                "(REGISTRY_AUTH_FILE, else $DOCKER_CONFIG/config.json or ~/.docker/config.json).",
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    login.add_argument("image", metavar="REGISTRY", type=_registry_argument, help="host[:port]")
-    login.add_argument("-u", "--username", metavar="USER", help="user name (default: ask on the terminal)")
-    secret = login.add_mutually_exclusive_group()
-    secret.add_argument("-p", "--password", metavar="PASSWORD", help="password (visible to other users: ps)")
-    secret.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    logout = add("logout", help="remove the stored credentials of a registry: logout REGISTRY")
-    logout.add_argument("image", metavar="REGISTRY", type=_registry_argument, help="host[:port]")
-
-    # Hidden (no help=): the completion scripts run `__complete IMAGE [BLOB] PREFIX`.
-    complete = add("__complete")
-    complete.add_argument("image", metavar="IMAGE")
-    complete.add_argument("args", metavar="[BLOB] PREFIX", nargs="+")
+    _add_registry_commands(add)
+    complete = _add_complete_command(add)
 
     helper = add("help", help="show the help of starget or of one command: help [COMMAND]")
     helper.add_argument("topic", metavar="COMMAND", nargs="?")
     add("version", help="print the version")
 
     for sub in (info, ls, get, cat, complete):
-        _add_global_options(sub)
-    for sub in (login, logout):
         _add_global_options(sub)
     return parser
 
@@ -5362,8 +5550,19 @@ def _cmd_logout(session, out):
     return 0
 
 
+def _cmd_tags(session, out):
+    """`starget tags REPOSITORY`: its tags, in the registry's order, one a line or --json."""
+    tags = _list_tags(session.client)
+    if session.args.json:
+        out.write(json.dumps(tags) + "\n")
+    else:
+        for tag in tags:
+            out.write(tag + "\n")
+    return 0
+
+
 _COMMANDS = {"info": _cmd_info, "ls": _cmd_ls, "get": _cmd_get, "cat": _cmd_cat, "__complete": _cmd_complete}
-_COMMANDS.update(login=_cmd_login, logout=_cmd_logout)
+_COMMANDS.update(login=_cmd_login, logout=_cmd_logout, tags=_cmd_tags)
 
 
 class _Stdout(object):

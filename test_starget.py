@@ -3443,6 +3443,89 @@ def test_an_unreachable_mirror_falls_back_to_the_registry(registry_anon, tmp_pat
     assert "mirror 127.0.0.1:1" in err
 
 
+def test_tags_come_from_the_registry_not_its_mirror(registry_anon, empty_registry, tmp_path):
+    """A mirror holds some of a registry's tags: `tags` asks the registry itself."""
+    env = _mirror_config(tmp_path, empty_registry.addr, registry_anon.addr)
+    rc, out, err = run_cli("tags", "%s/fixtures/prefetch" % empty_registry.addr, env=env)
+    assert_one_line_error(rc, err, 3)
+
+
+# ---- registry: tags lists -------------------------------------------------------
+
+def _layout_tags(layout):
+    from harness import layout_refs
+    return sorted(layout_refs(layout))
+
+
+@pytest.mark.parametrize("layout", ["prefetch", "docker-v2", "basic"])
+def test_tags_lists_the_pushed_tags(registry_anon, layout):
+    repository = "%s/fixtures/%s" % (registry_anon.addr, layout)
+    rc, out, err = run_cli("tags", repository)
+    assert rc == 0, err
+    assert sorted(out.splitlines()) == _layout_tags(layout)
+    rc, out, err = run_cli("tags", "--json", repository)
+    assert rc == 0, err
+    assert sorted(json.loads(out)) == _layout_tags(layout)
+
+
+def test_tags_with_basic_and_bearer_auth(registry_basic, registry_bearer):
+    for reg in (registry_basic, registry_bearer):
+        rc, out, err = run_cli("--credential", reg.credential, "tags", "%s/fixtures/prefetch" % reg.addr)
+        assert rc == 0, err
+        assert sorted(out.splitlines()) == _layout_tags("prefetch")
+    rc, out, err = run_cli("tags", "%s/fixtures/prefetch" % registry_basic.addr)
+    assert_one_line_error(rc, err, 4)
+
+
+@pytest.mark.parametrize("repository, code", [
+    ("{addr}/fixtures/prefetch:prefetch", 2), ("{addr}/fixtures/prefetch@sha256:" + "0" * 64, 2),
+    ("{addr}/fixtures/Upper", 2), ("{addr}/fixtures/no-such-repository", 3)])
+def test_tags_errors(registry_anon, repository, code):
+    rc, out, err = run_cli("tags", repository.format(addr=registry_anon.addr))
+    assert_one_line_error(rc, err, code)
+    assert out == ""
+
+
+def _tags_pages(httpserver, pages, name="test/repo"):
+    """Serve `pages` [(tags, Link header or None)] of /v2/NAME/tags/list: page i at ?page=i."""
+    for i, (tags, link) in enumerate(pages):
+        headers = {"Link": link} if link else {}
+        httpserver.expect_request("/v2/%s/tags/list" % name, query_string="page=%d" % i if i else "") \
+            .respond_with_json({"name": name, "tags": tags}, headers=headers)
+    return "%s:%d/%s" % (httpserver.host, httpserver.port, name)
+
+
+def test_tags_follow_the_link_header(httpserver):
+    repository = _tags_pages(httpserver, [
+        (["a", "b"], '</v2/test/repo/tags/list?page=1>; rel="next"'),
+        (["c"], '<http://%s:%d/v2/test/repo/tags/list?page=2>; rel="next"' % (httpserver.host, httpserver.port)),
+        (None, None),                                # an empty last page: "tags": null
+    ])
+    rc, out, err = run_cli("tags", repository)
+    assert rc == 0, err
+    assert out == "a\nb\nc\n"
+    rc, out, err = run_cli("tags", "--json", repository)
+    assert json.loads(out) == ["a", "b", "c"]
+
+
+def test_tags_refuse_a_link_to_another_host_and_bad_names(httpserver):
+    repository = _tags_pages(httpserver, [(["a"], '<http://elsewhere.example/v2/x/tags/list>; rel="next"')])
+    rc, out, err = run_cli("tags", repository)
+    assert "another host" in assert_one_line_error(rc, err, 6)
+    httpserver.clear()
+    repository = _tags_pages(httpserver, [(["ok", "bad\x1b[2J", "new\nline"], None)])
+    rc, out, err = run_cli("tags", repository)
+    assert rc == 0 and out == "ok\n", err
+    assert "2 invalid names left out" in err
+
+
+def test_tags_stop_at_a_page_seen_before(httpserver):
+    repository = _tags_pages(httpserver, [(["a"], '</v2/test/repo/tags/list>; rel="next"')])
+    rc, out, err = run_cli("tags", repository)
+    assert rc == 0 and out == "a\n", err
+    assert "stopped after 1 page(s)" in err
+
+
 # =============================================================================
 # estargz format
 # =============================================================================
@@ -6115,6 +6198,42 @@ def test_cmd_complete():
     assert out.getvalue().split("\n")[:2] == [".hidden", "abslib/"]
 
 
+def _complete_image(word, *flags, **kw):
+    rc, out, err = run_cli(*(flags + ("__complete", "--image=" + word)), **kw)
+    assert rc == 0 and err == "", err
+    return out.splitlines()
+
+
+def test_complete_image_tags_and_repositories(registry_anon):
+    """`__complete --image=WORD`: the tags after a ':' past the last '/', else the
+    repositories of the catalog; the whole word each time, sorted."""
+    repo = "%s/fixtures/prefetch" % registry_anon.addr
+    assert _complete_image(repo + ":") == [repo + ":" + t for t in ["no-landmark", "no-prefetch", "prefetch"]]
+    assert _complete_image(repo + ":no-l") == [repo + ":no-landmark"]
+    assert _complete_image(repo + ":zz") == []
+    assert _complete_image("%s/fixtures/m" % registry_anon.addr) == \
+        ["%s/fixtures/minchunk" % registry_anon.addr, "%s/fixtures/multiarch" % registry_anon.addr]
+    assert len(_complete_image(registry_anon.addr + "/")) == len(load_expected()["fixtures"])
+    for word in ("%s/fixtures/nothere:" % registry_anon.addr, repo + "@sha256:", "fixtures/prefetch:",
+                 registry_anon.addr, "nodots/x", ""):
+        assert _complete_image(word) == [], word
+
+
+def test_complete_image_quietly_nothing_on_refusal_and_slowness(registry_basic):
+    repo = "%s/fixtures/prefetch" % registry_basic.addr
+    assert _complete_image(repo + ":") == []                                    # 401
+    assert len(_complete_image(repo + ":", "--credential", registry_basic.credential)) == 3
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)                # accepts connections, never answers
+    try:
+        started = time.time()
+        assert _complete_image("127.0.0.1:%d/x:" % listener.getsockname()[1], "--timeout", "60") == []
+        assert time.time() - started < 20     # two tries (https, then http) of at most 3 s each
+    finally:
+        listener.close()
+
+
 # ---- cli: completion scripts ------------------------------------------------
 
 def test_unknown_shell():
@@ -6314,7 +6433,7 @@ needs_bash = pytest.mark.skipif(not shutil.which("bash"), reason="bash is not in
 
 @needs_bash
 @pytest.mark.parametrize("line, expected", [
-    ("starget ", ["info", "ls", "get", "cat", "completion", "login", "logout"]),
+    ("starget ", ["info", "ls", "get", "cat", "completion", "tags", "login", "logout"]),
     ("starget g", ["get"]),
     ("starget c", ["cat", "completion"]),
     ("starget -k --platform linux/amd64 i", ["info"]),
@@ -6387,6 +6506,28 @@ def test_bash_completion_of_spaces_and_local_dirs(fake_starget, line, expected, 
     options = fake_starget.compopt.read_text().split("\n") if fake_starget.compopt.exists() else []
     assert not any("filenames" in o or "dirnames" in o for o in options), options
     assert ("-o nospace" in options) == expected[0].endswith("/")
+
+
+@needs_bash
+@pytest.mark.parametrize("line, call", [
+    ("starget -k get h:5000/fixtures/i:", ["-k", "__complete", "--image=h:5000/fixtures/i:"]),
+    ("starget tags --retries 1 h:5000/fi", ["--retries", "1", "__complete", "--image=h:5000/fi"]),
+    ("starget info h", None), ("starget cat h:5000/i:t etc/", ["__complete", "h:5000/i:t", "etc/"]),
+    ("starget login h:5000/", None), ("starget completion a/", None),
+])
+def test_bash_image_completion_asks_complete_image(fake_starget, line, call):
+    """The IMAGE word with a '/' (of a command taking IMAGE) is __complete --image=WORD."""
+    replies, calls = run_bash(fake_starget, line)
+    assert calls == ([call] if call else [])
+
+
+@pytest.mark.skipif(not (shutil.which("zsh") and shutil.which("fish")), reason="zsh or fish is not installed")
+def test_zsh_and_fish_image_completion_ask_complete_image(fake_starget):
+    out, calls = run_zsh(fake_starget, ["starget", "-k", "ls", "h:5000/fixtures/i:"])
+    assert calls == [["-k", "__complete", "--image=h:5000/fixtures/i:"]]
+    replies, calls = run_fish(fake_starget, "starget -k ls h:5000/fixtures/i:")
+    assert calls == [["-k", "__complete", "--image=h:5000/fixtures/i:"]]
+    assert run_zsh(fake_starget, ["starget", "ls", "h"])[1] == run_fish(fake_starget, "starget ls h")[1] == []
 
 
 @needs_bash
@@ -6518,7 +6659,7 @@ def run_fish(fake, line):
 @pytest.mark.skipif(not shutil.which("fish"), reason="fish is not installed")
 def test_fish_completion(fake_starget):
     replies, _ = run_fish(fake_starget, "starget ")
-    assert sorted(replies) == ["cat", "completion", "get", "info", "login", "logout", "ls"]
+    assert sorted(replies) == ["cat", "completion", "get", "info", "login", "logout", "ls", "tags"]
     replies, _ = run_fish(fake_starget, "starget --platform linux/arm")
     assert sorted(replies) == ["linux/arm/v7", "linux/arm64", "linux/arm64/v8"]
     replies, _ = run_fish(fake_starget, "starget ls img --")
@@ -6603,29 +6744,9 @@ def test_bash_completion_against_the_real_registry(registry_anon, tmp_path):
     wrapper), then the function the script registers completes `starget get IMAGE bin/b`
     from the real registry: the entries of bin/ starting with 'b' (directories and links
     to directories with a trailing '/'). IMAGE has ':'s, which bash splits words at."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    wrapper = bindir / "starget"
-    wrapper.write_text("#!/bin/sh\nSTARGET_CACHE_DIR=%s\nexport STARGET_CACHE_DIR\nexec %s %s \"$@\"\n"
-                       % (quote(str(tmp_path / "cache")), quote(sys.executable), quote(STARGET)))
-    os.chmod(str(wrapper), 0o755)
     line = "starget get %s bin/b" % registry_anon.image("basic")
-    words = bash_words(line)
-    assert len(words) > 4, words        # IMAGE split at its ':'s, as bash does
-    program = ("source <(starget completion bash)\n"
-               "spec=$(complete -p starget) || exit 3\n"
-               "fn=${spec#*-F }\nfn=${fn%%%% *}\n"
-               "COMP_WORDBREAKS=%s\nCOMP_WORDS=(%s)\nCOMP_CWORD=%d\nCOMP_LINE=%s\nCOMP_POINT=%d\n"
-               "\"$fn\"\nprintf '%%s\\n' \"$spec\" \"${COMPREPLY[@]}\"\n"
-               % (quote(BASH_WORDBREAKS), " ".join(quote(w) for w in words), len(words) - 1,
-                  quote(line), len(line)))
-    env = hermetic_env({"PATH": str(bindir) + os.pathsep + os.environ.get("PATH", "")})
-    proc = subprocess.run(["bash", "--norc", "--noprofile", "-c", program], env=env, cwd=str(tmp_path),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
-    assert proc.returncode == 0 and not proc.stderr, proc.stderr.decode()
-    out = [r for r in proc.stdout.decode().split("\n") if r]
-    assert re.match(r"^complete -F \S+ starget$", out[0]), out[0]
-    replies = out[1:]
+    assert len(bash_words(line)) > 4, bash_words(line)        # IMAGE split at its ':'s, as bash does
+    replies = _bash_with_the_real_starget(tmp_path, line)
 
     files = expected_files("basic", "latest")
 
@@ -6642,3 +6763,40 @@ def test_bash_completion_against_the_real_registry(registry_anon, tmp_path):
                       if p.startswith("bin/") and "/" not in p[4:] and p[4:].startswith("b"))
     assert expected, "basic has nothing under bin/ starting with 'b'"
     assert replies == expected
+
+
+@needs_bash
+def test_bash_completes_tags_and_repositories_from_the_real_registry(registry_anon, tmp_path):
+    """IMAGE: `host:port/repo:` TAB gives its tags (readline replaces only what follows
+    the last ':'), `host:port/fixtures/m` the repositories of the catalog."""
+    replies = _bash_with_the_real_starget(tmp_path, "starget get %s/fixtures/prefetch:no-" % registry_anon.addr)
+    assert replies == ["no-landmark", "no-prefetch"]
+    replies = _bash_with_the_real_starget(tmp_path, "starget ls %s/fixtures/m" % registry_anon.addr)
+    port = registry_anon.addr.rsplit(":", 1)[1]
+    assert replies == [port + "/fixtures/minchunk", port + "/fixtures/multiarch"]
+
+
+def _bash_with_the_real_starget(tmp_path, line):
+    """COMPREPLY for `line` from the function `source <(starget completion bash)`
+    registers, with the real starget first on PATH (a wrapper)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    wrapper = bindir / "starget"
+    wrapper.write_text("#!/bin/sh\nSTARGET_CACHE_DIR=%s\nexport STARGET_CACHE_DIR\nexec %s %s \"$@\"\n"
+                       % (quote(str(tmp_path / "cache")), quote(sys.executable), quote(STARGET)))
+    os.chmod(str(wrapper), 0o755)
+    words = bash_words(line)
+    program = ("source <(starget completion bash)\n"
+               "spec=$(complete -p starget) || exit 3\n"
+               "fn=${spec#*-F }\nfn=${fn%%%% *}\n"
+               "COMP_WORDBREAKS=%s\nCOMP_WORDS=(%s)\nCOMP_CWORD=%d\nCOMP_LINE=%s\nCOMP_POINT=%d\n"
+               "\"$fn\"\nprintf '%%s\\n' \"$spec\" \"${COMPREPLY[@]}\"\n"
+               % (quote(BASH_WORDBREAKS), " ".join(quote(w) for w in words), len(words) - 1,
+                  quote(line), len(line)))
+    env = hermetic_env({"PATH": str(bindir) + os.pathsep + os.environ.get("PATH", "")})
+    proc = subprocess.run(["bash", "--norc", "--noprofile", "-c", program], env=env, cwd=str(tmp_path),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr.decode()
+    out = [r for r in proc.stdout.decode().split("\n") if r]
+    assert re.match(r"^complete -F \S+ starget$", out[0]), out[0]
+    return out[1:]
