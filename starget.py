@@ -413,13 +413,53 @@ def _auth_key_host(key):
     return key
 
 
+def _helper_server(registry):
+    """The server name docker's credential helpers know a registry by."""
+    return _DOCKER_HUB_AUTH_KEY if registry == _DOCKER_HUB else registry
+
+
+def _cred_helper_of(config, registry):
+    """The NAME of `credHelpers[registry]` in a docker config, or None."""
+    helpers = config.get("credHelpers")
+    for key, helper in (helpers.items() if isinstance(helpers, dict) else ()):
+        if isinstance(key, str) and _auth_key_host(key) == registry and isinstance(helper, str) and helper:
+            return helper
+    return None
+
+
+def _creds_store_of(config):
+    store = config.get("credsStore")
+    return store if isinstance(store, str) and store else None
+
+
+def _run_helper(program, action, data, environ):
+    """`program action` (a docker-credential-NAME) with `data` on stdin: the finished
+    process. OSError (not found, not executable) and TimeoutExpired pass through."""
+    import shutil
+    import subprocess
+    path = shutil.which(program, path=environ.get("PATH") or os.environ.get("PATH", os.defpath))
+    if path is None:
+        raise FileNotFoundError(2, "not found on PATH")
+    # On timeout, run() kills the helper and reaps it before raising.
+    return subprocess.run([path, action], input=data.encode("utf-8"), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=60)
+
+
+def _helper_message(proc):
+    """The first line a failed helper printed (helpers print errors on stdout or stderr)."""
+    message = (proc.stdout.decode("utf-8", "replace").strip()
+               or proc.stderr.decode("utf-8", "replace")).strip().splitlines()
+    return message[0] if message else "exit status %d" % proc.returncode
+
+
 class Credentials(object):
     """Finds credentials for a registry, first hit wins, cached for the run.
 
     Order: the explicit `--credential`; `REGISTRY_AUTH_FILE`; podman's
     `$XDG_RUNTIME_DIR/containers/auth.json` and `~/.config/containers/auth.json`;
     docker's `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`. In each file
-    `credHelpers[host]`, then `auths`, then `credsStore`. starget never writes them.
+    `credHelpers[host]`, then `credsStore`, then `auths`. Only `login` and `logout`
+    write one of them (_LoginStore).
     """
 
     def __init__(self, explicit=None, environ=None, home=None):
@@ -482,12 +522,11 @@ class Credentials(object):
     def _from_config(self, config, path, registry, repository):
         """docker's order: the host's credHelper, then credsStore (which keeps only
         empty placeholders in `auths`), then `auths` itself."""
-        helpers = config.get("credHelpers")
-        for key, helper in (helpers.items() if isinstance(helpers, dict) else ()):
-            if isinstance(key, str) and _auth_key_host(key) == registry and isinstance(helper, str) and helper:
-                return self._from_helper(helper, registry, required=True)
-        store = config.get("credsStore")
-        if isinstance(store, str) and store:
+        helper = _cred_helper_of(config, registry)
+        if helper:
+            return self._from_helper(helper, registry, required=True)
+        store = _creds_store_of(config)
+        if store:
             found = self._from_helper(store, registry, required=False)
             if found is not None:
                 return found
@@ -524,17 +563,10 @@ class Credentials(object):
         return None
 
     def _from_helper(self, name, registry, required):
-        import shutil
         import subprocess
         program = "docker-credential-" + name
-        server = _DOCKER_HUB_AUTH_KEY if registry == _DOCKER_HUB else registry
         try:
-            path = shutil.which(program, path=self.environ.get("PATH") or os.environ.get("PATH", os.defpath))
-            if path is None:
-                raise FileNotFoundError(2, "not found on PATH")
-            # On timeout, run() kills the helper and reaps it before raising.
-            proc = subprocess.run([path, "get"], input=server.encode("utf-8"), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=60)
+            proc = _run_helper(program, "get", _helper_server(registry), self.environ)
         except (OSError, subprocess.TimeoutExpired) as e:
             if required:
                 _fail(ErrorCode.AUTH, "credential helper %s for %s cannot run: %s" % (program, registry, e), e)
@@ -543,8 +575,7 @@ class Credentials(object):
             return None
         text = proc.stdout.decode("utf-8", "replace").strip()
         if proc.returncode != 0:
-            message = (text or proc.stderr.decode("utf-8", "replace")).strip().splitlines()
-            message = message[0] if message else "exit status %d" % proc.returncode
+            message = _helper_message(proc)
             if "credentials not found" in message.lower():
                 return None
             _fail(ErrorCode.AUTH, "credential helper %s failed for %s: %s" % (program, registry, _redact(message)))
@@ -557,6 +588,122 @@ class Credentials(object):
         if user == "<token>":
             return _Credential(user, None, identity_token=secret, source=source)
         return _Credential(user, secret, source=source)
+
+
+def _login_credentials(user, password):
+    """Credentials that answer with exactly these, wherever asked (login checks them)."""
+    credentials = Credentials(environ={})
+    credentials.explicit = _Credential(user, password, source="the credentials given to login")
+    return credentials
+
+
+class _LoginStore(object):
+    """Where `login` keeps credentials and `logout` removes them, as docker login does:
+    the file is REGISTRY_AUTH_FILE, else docker's config.json; in it, the registry's
+    `credHelpers` program, else the `credsStore` program, else `auths` (base64 of
+    user:password, unencrypted). Only the registry's keys change: the rest of the
+    file is written back as it was."""
+
+    def __init__(self, environ=None, home=None):
+        finder = Credentials(environ=environ, home=home)
+        self.environ = finder.environ
+        docker_dir = self.environ.get("DOCKER_CONFIG") or os.path.join(finder.home, ".docker")
+        self.path = self.environ.get("REGISTRY_AUTH_FILE") or os.path.join(docker_dir, "config.json")
+        self.config = self._read(self.path)
+
+    @staticmethod
+    def _read(path):
+        """The file's JSON object ({} when there is none); one that cannot be read
+        back whole is an error, never overwritten."""
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return {}
+        except OSError as e:
+            _fail(ErrorCode.IO, "cannot read %s: %s" % (path, e.strerror or e), e)
+        try:
+            config = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+        except (ValueError, UnicodeDecodeError) as e:
+            _fail(ErrorCode.USAGE, "cannot parse credentials file %s (%s): not changing it" % (path, e))
+        if not isinstance(config, dict) or not isinstance(config.get("auths", {}), dict):
+            _fail(ErrorCode.USAGE, "credentials file %s is not a JSON object with an 'auths' object" % path)
+        return config
+
+    def helper(self, registry):
+        """The docker-credential-NAME that keeps this registry's credentials, or None."""
+        name = _cred_helper_of(self.config, registry) or _creds_store_of(self.config)
+        return "docker-credential-" + name if name else None
+
+    def _keys(self, registry):
+        """The `auths` keys that name this registry (host, https://host/v1/, ...): a
+        stale one left beside the new one could win the lookup."""
+        return [key for key in self.config.get("auths", {}) if _auth_key_host(key) == registry]
+
+    def store(self, registry, user, password):
+        """Keep the credentials; returns where (the helper, or the file)."""
+        helper, keys = self.helper(registry), self._keys(registry)
+        auths = self.config.setdefault("auths", {})
+        for key in keys[1:]:
+            del auths[key]
+        key = keys[0] if keys else _helper_server(registry)
+        if helper:
+            self._run(helper, "store", json.dumps({"ServerURL": _helper_server(registry), "Username": user,
+                                                   "Secret": password}), registry)
+            auths[key] = {}      # docker's placeholder: no secret in the file (a stale one goes)
+        else:
+            raw = ("%s:%s" % (user, password)).encode("utf-8")
+            auths[key] = {"auth": base64.b64encode(raw).decode("ascii")}
+        self._write()
+        return helper or self.path
+
+    def erase(self, registry):
+        """Remove the credentials; False when there were none."""
+        helper, keys = self.helper(registry), self._keys(registry)
+        found = bool(helper) and self._run(helper, "erase", _helper_server(registry), registry)
+        for key in keys:
+            del self.config["auths"][key]
+        if keys:
+            self._write()
+        return found or bool(keys)
+
+    def _run(self, program, action, data, registry):
+        """A helper's store or erase; False when it had nothing to erase."""
+        import subprocess
+        try:
+            proc = _run_helper(program, action, data, self.environ)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            _fail(ErrorCode.IO, "credential helper %s cannot run: %s" % (program, getattr(e, "strerror", None) or e), e)
+        if proc.returncode == 0:
+            return True
+        message = _helper_message(proc)
+        if action == "erase" and "credentials not found" in message.lower():
+            return False
+        _fail(ErrorCode.IO, "credential helper %s cannot %s the credentials of %s: %s"
+              % (program, action, registry, _redact(message)))
+
+    def _write(self):
+        """Replace the file atomically (a temporary file, then os.replace), mode 0600."""
+        import tempfile
+        path = os.path.realpath(self.path)     # a symlinked config stays a link, to the new file
+        temp = None
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=os.path.dirname(path))
+            with os.fdopen(fd, "w", encoding="utf-8") as f:      # mkstemp made it 0600
+                f.write(json.dumps(self.config, indent="\t") + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+            temp = None
+        except OSError as e:
+            _fail(ErrorCode.IO, "cannot write %s: %s" % (path, e.strerror or e), e)
+        finally:
+            if temp is not None:
+                try:
+                    os.unlink(temp)
+                except OSError:
+                    pass
 
 # =============================================================================
 # config
@@ -1816,7 +1963,10 @@ class _RegistryAuth(object):
     def _token_request(self, endpoint, params, cred):
         """(method, url, headers, body) of the token request a Bearer challenge asks for."""
         from urllib.parse import urlencode
-        query = {"scope": params.get("scope") or "repository:%s:pull" % self.ref.repository}
+        query = {}
+        scope = params.get("scope") or (self.ref.repository and "repository:%s:pull" % self.ref.repository)
+        if scope:       # none for a registry-wide client (login): a token for the account only
+            query["scope"] = scope
         if params.get("service"):
             query["service"] = params["service"]
         realm = params["realm"]
@@ -2031,6 +2181,118 @@ class RegistryClient(object):
             return response.read_exactly(end - start + 1)
         finally:
             response.close()
+
+
+# -- the registry itself: login, tags, the catalog -------------------------------
+#
+# Module functions over a RegistryClient: they speak to the registry, never to a
+# mirror (a mirror holds some of its tags, and a login is the registry's).
+
+_MAX_LIST_PAGES = 1000
+_LINK_NEXT_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
+
+
+def _registry_client(client, credentials=None, auth_type=None):
+    """A client for `client`'s registry as a whole (no repository): the same transport
+    and endpoints, each with an auth state of its own (_at_registry skips the mirrors)."""
+    wide = RegistryClient(ImageRef(client.ref.registry, ""), credentials or client.credentials,
+                          client.insecure, client.transport, auth_type=auth_type)
+    wide.endpoints = tuple(_Endpoint(e.host, e.scheme, e.role) for e in client.endpoints)
+    wide.endpoint = wide.endpoints[0]
+    return wide
+
+
+def _at_registry(client, operation):
+    """operation(endpoint) at the registry's endpoints in order (https, then plain
+    http where allowed), as _endpoint_fallback says; the one that answers is selected."""
+    endpoints = tuple(e for e in client.endpoints if e.role != "mirror" and e.host == client.ref.registry)
+    position = 0
+    while True:
+        try:
+            result = operation(endpoints[position])
+        except StargzError as error:
+            position = _endpoint_fallback(endpoints, position, error)
+            if position is None:
+                raise
+            continue
+        client.select(endpoints[position])
+        return result
+
+
+def _check_login(client):
+    """GET /v2/, answering its challenge with the client's credentials as a pull does
+    (Basic, or a token from the realm): AUTH when they are refused. True when the
+    registry asked for them, False when it lets anyone in (nothing was checked)."""
+    def check(endpoint):
+        def attempt():
+            response = client.request("GET", endpoint.base_url + "/v2/", endpoint=endpoint)
+            if response.status != 200:
+                _raise_for_status(response, "registry %s" % endpoint.host)
+            response.discard()
+            return endpoint.auth.get() is not None
+        return client.retrying(attempt, "login to %s" % endpoint.host)
+    return _at_registry(client, check)
+
+
+def _next_link(link, url):
+    """The `Link: <...>; rel="next"` of a list page, as an absolute URL, or None. Only
+    on the same origin: the request carries the registry's Authorization."""
+    from urllib.parse import urljoin
+    match = _LINK_NEXT_RE.search(link or "")
+    if not match:
+        return None
+    target = urljoin(url, match.group(1))
+    if _URL(target).origin != _URL(url).origin:
+        _fail(ErrorCode.FORMAT, "%s sent a next-page link to another host (%s): refused"
+              % (_URL(url).netloc, _redact(target)))
+    return target
+
+
+def _list_pages(client, path, key, what, valid, max_pages=_MAX_LIST_PAGES):
+    """The strings under `key` of a paginated list (tags, the catalog), following
+    the Link headers; stops with a warning after `max_pages` or on a page seen before.
+    Names that do not match `valid` are dropped with a warning (they are printed one
+    a line, where a newline or an escape sequence would forge output)."""
+    def pages(endpoint):
+        items, url, seen = [], endpoint.base_url + path, set()
+        while url is not None:
+            if url in seen or len(seen) >= max_pages:
+                _log.warning("%s: stopped after %d page(s): a page seen before, or too many", what, len(seen))
+                break
+            seen.add(url)
+
+            def fetch(url=url):
+                response = client.request("GET", url, {"Accept": "application/json"}, endpoint)
+                if response.status != 200:
+                    _raise_for_status(response, what)
+                return response.header("Link"), response.read_all(_MAX_MANIFEST_SIZE)
+            link, raw = client.retrying(fetch, what)
+            try:
+                page = json.loads(raw.decode("utf-8")).get(key) or []
+            except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+                page = None
+            if not isinstance(page, list) or not all(isinstance(item, str) for item in page):
+                _fail(ErrorCode.FORMAT, "%s: the registry's answer is not a JSON object with a %r list" % (what, key))
+            kept = [item for item in page if valid.match(item)]
+            if len(kept) < len(page):
+                _log.warning("%s: %d invalid names left out", what, len(page) - len(kept))
+            items.extend(kept)
+            url = _next_link(link, url)
+        return items
+    return _at_registry(client, pages)
+
+
+def _list_tags(client, max_pages=_MAX_LIST_PAGES):
+    """The tags of the client's repository, in the registry's order."""
+    name = client.ref.repository
+    return _list_pages(client, "/v2/%s/tags/list" % name, "tags",
+                       "tags of %s/%s" % (client.ref.registry, name), _TAG_RE, max_pages)
+
+
+def _list_catalog(client, max_pages=_MAX_LIST_PAGES):
+    """The repositories of the client's registry (/v2/_catalog; many registries refuse it)."""
+    return _list_pages(client, "/v2/_catalog", "repositories", "catalog of %s" % client.ref.registry,
+                       _REPO_RE, max_pages)
 
 # =============================================================================
 # formats (pure: bytes or JSON in, objects out; no I/O)
@@ -4621,7 +4883,8 @@ def open(reference, path, **options):
 #
 # `starget completion bash|zsh|fish` prints a script; for the PATH argument of
 # get/cat the scripts run `starget [flags] __complete IMAGE [BLOB] PREFIX`,
-# which prints one candidate a line (directories end with '/').
+# which prints one candidate a line (directories end with '/'); for an IMAGE
+# word with a '/', `starget [flags] __complete --image=WORD` (see _complete_image).
 
 _COMPLETION_COMMANDS = (
     ("info", "show the layers of the image"),
@@ -4629,6 +4892,9 @@ _COMPLETION_COMMANDS = (
     ("get", "download files"),
     ("cat", "write one file to standard output"),
     ("completion", "print a shell completion script"),
+    ("tags", "list the tags of a repository"),
+    ("login", "store credentials for a registry"),
+    ("logout", "remove the stored credentials of a registry"),
 )
 # argparse's own flags, completed along with the global options (_GLOBAL_OPTIONS)
 _COMPLETION_HELP_FLAGS = (("-h", "show help"), ("--help", "show help"))
@@ -4636,8 +4902,14 @@ _COMPLETION_COMMAND_FLAGS = {
     "info": (("--json", "one JSON object"),),
     "ls": (("--json", "one JSON array"), ("-l", "long listing"), ("--long", "long listing"),
            ("--sizes", "show sizes")),
+    "tags": (("--json", "one JSON array"),),
+    "login": (("-u", "user name"), ("--username", "user name"), ("-p", "password (visible in ps)"),
+              ("--password", "password (visible in ps)"), ("--password-stdin", "read the password from stdin")),
 }
 _COMPLETION_SHELLS = ("bash", "zsh", "fish")
+# The IMAGE word asks the registry while the user waits: a slow one must not hang the shell.
+_COMPLETE_TIMEOUT = 3.0
+_COMPLETE_MAX_PAGES = 10
 
 
 def _complete_paths(index, prefix, blob=None):
@@ -4681,11 +4953,55 @@ def _completes_as_dir(view, entry):
     return target is not None and target.type == "dir"
 
 
+def _complete_image(args, word):
+    """Candidates for an IMAGE word: after a ':' that follows the last '/', the tags
+    of the repository before it (`host:5000/repo:` -> `host:5000/repo:TAG`); else
+    the repositories of the registry's /v2/_catalog (`host:5000/re` -> `host:5000/repo`).
+    A word without '/' gets nothing (it may be a host:port being typed), and so does
+    any error: a registry that refuses the catalog, or answers slower than
+    _COMPLETE_TIMEOUT (no retries)."""
+    import copy
+    if "/" not in word or "@" in word:
+        return []
+    name, colon, partial = word.rpartition(":")
+    tags = bool(colon) and "/" in name and "/" not in partial
+    if not tags:
+        name = word.partition("/")[0]
+        if not _REGISTRY_RE.match(name) or not ("." in name or ":" in name or _host_of(name) == "localhost"):
+            return []
+    quick = copy.copy(args)
+    quick.image = name if tags else _registry_image(name)
+    quick.timeout = min(args.timeout, _COMPLETE_TIMEOUT)
+    quick.connect_timeout = min(args.connect_timeout, _COMPLETE_TIMEOUT)
+    quick.retries = 0
+    session = None
+    try:
+        session = _Session(quick, Config.load())
+        if tags:
+            found = [name + ":" + tag for tag in _list_tags(session.client, _COMPLETE_MAX_PAGES)]
+        else:
+            client = _registry_client(session.client, auth_type=session.client.auth_type)
+            found = [name + "/" + repo for repo in _list_catalog(client, _COMPLETE_MAX_PAGES)]
+    except StargzError as e:
+        _log.debug("no completion for %s: %s", word, e.message)
+        return []
+    finally:
+        if session is not None:
+            session.close()
+    return sorted(candidate for candidate in found if candidate.startswith(word))
+
+
 def _cmd_complete(session, out):
-    """Hidden `starget __complete IMAGE [BLOB] PREFIX`, run by the completion scripts:
-    one candidate a line (see complete_paths)."""
-    blob, rest = _split_blob(session.args.args, 1)
-    for candidate in _complete_paths(session.load_image(blob), rest[0], blob):
+    """Hidden `starget __complete IMAGE [BLOB] PREFIX` and `__complete --image=WORD`,
+    run by the completion scripts: one candidate a line (see _complete_paths and
+    _complete_image)."""
+    word = getattr(session.args, "image_word", None)
+    if word is not None:
+        candidates = _complete_image(session.args, word)
+    else:
+        blob, rest = _split_blob(session.args.args, 1)
+        candidates = _complete_paths(session.load_image(blob), rest[0], blob)
+    for candidate in candidates:
         out.write(candidate + "\n")
     return 0
 
@@ -4721,6 +5037,8 @@ def _completion_words():
                                  + [f for f, _ in _COMPLETION_HELP_FLAGS]),
         "INFO_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["info"]),
         "LS_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["ls"]),
+        "TAGS_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["tags"]),
+        "LOGIN_FLAGS": " ".join(f for f, _ in _COMPLETION_COMMAND_FLAGS["login"]),
         "PLATFORMS": " ".join(_option_named("--platform").suggestions),
         "SHELLS": " ".join(_COMPLETION_SHELLS),
         "VALUE_FLAGS": "|".join(value_flags),
@@ -4887,6 +5205,8 @@ _starget()
             "") flags+=" --version" ;;
             info) flags+=" @INFO_FLAGS@" ;;
             ls) flags+=" @LS_FLAGS@" ;;
+            tags) flags+=" @TAGS_FLAGS@" ;;
+            login) flags+=" @LOGIN_FLAGS@" ;;
         esac
         COMPREPLY=($(compgen -W "$flags" -- "$cur"))
         _starget_trim "$cur"
@@ -4897,12 +5217,25 @@ _starget()
         COMPREPLY=($(compgen -W "@COMMANDS@" -- "$cur"))
         return 0
     fi
+    if ((${#args[@]} == 1)) && [[ $cur == */* ]]; then
+        case $command in
+            info|ls|get|cat|tags)
+                # IMAGE: the registry's repositories, or after a ':' that follows the
+                # last '/', the repository's tags (the registry is asked: 3 s at most)
+                local IFS=$'\n'
+                COMPREPLY=($(starget "${forward[@]}" __complete --image="$cur" 2>/dev/null))
+                [[ ${cur##*/} == *:* ]] || compopt -o nospace 2>/dev/null   # a ':TAG' may follow
+                _starget_trim "$cur"
+                return 0
+                ;;
+        esac
+    fi
     case $command in
         completion)
             ((${#args[@]} == 1)) && COMPREPLY=($(compgen -W "@SHELLS@" -- "$cur"))
             ;;
         get|cat)
-            # command IMAGE [BLOB] PATH [OUTPUT_DIR]; nothing to offer for IMAGE
+            # command IMAGE [BLOB] PATH [OUTPUT_DIR]
             ((${#args[@]} >= 2)) || return 0
             local image=${args[1]} blob="" position=$((${#args[@]} - 2))
             if ((position > 0)) && [[ ${args[2]} == sha256:* ]]; then
@@ -4988,6 +5321,8 @@ _starget() {
       "") flags+=(--version) ;;
       info) flags+=(@INFO_FLAGS@) ;;
       ls) flags+=(@LS_FLAGS@) ;;
+      tags) flags+=(@TAGS_FLAGS@) ;;
+      login) flags+=(@LOGIN_FLAGS@) ;;
     esac
     compadd -- $flags
     return 0
@@ -4997,12 +5332,27 @@ _starget() {
     _describe -t commands 'starget command' commands
     return 0
   fi
+  if (( ${#args} == 1 )) && [[ $cur == */* ]]; then
+    case $command in
+      info|ls|get|cat|tags)
+        # IMAGE: the registry's repositories, or after a ':' that follows the
+        # last '/', the repository's tags (the registry is asked: 3 s at most)
+        candidates=(${(f)"$(starget $forward __complete --image=${(Q)cur} 2>/dev/null)"})
+        if [[ ${cur##*/} == *:* ]]; then
+          compadd -- $candidates
+        else
+          compadd -S '' -- $candidates     # a ':TAG' may follow
+        fi
+        return 0
+        ;;
+    esac
+  fi
   case $command in
     completion)
       (( ${#args} == 1 )) && compadd -- @SHELLS@
       ;;
     get|cat)
-      # command IMAGE [BLOB] PATH [OUTPUT_DIR]; nothing to offer for IMAGE
+      # command IMAGE [BLOB] PATH [OUTPUT_DIR]
       (( ${#args} >= 2 )) || return 0
       local image=${args[2]} blob="" position=$(( ${#args} - 2 ))
       if (( position > 0 )) && [[ ${args[3]} == sha256:* ]]; then
@@ -5102,6 +5452,18 @@ function __starget_wants_output_dir
     __starget_command_is get; and test "$position" = 1
 end
 
+# The IMAGE word, once it has a '/': repositories, or tags after a ':' past the last '/'
+function __starget_wants_image
+    set -l args (__starget_args)
+    test (count $args) -eq 1; and contains -- $args[1] info ls get cat tags
+    and string match -q -- '*/*' (commandline -ct)
+end
+
+function __starget_images
+    set -l cur (commandline -ct | string unescape)
+    starget (__starget_forward) __complete --image="$cur" 2>/dev/null
+end
+
 function __starget_paths
     set -l args (__starget_args)
     set -l blob
@@ -5116,6 +5478,7 @@ complete -c starget -f
 @COMPLETE_LINES@
 complete -c starget -n '__starget_command_is completion; and test (count (__starget_args)) -eq 1' -a '@SHELLS@'
 complete -c starget -n __starget_wants_path -a '(__starget_paths)'
+complete -c starget -n __starget_wants_image -a '(__starget_images)'
 complete -c starget -n __starget_wants_output_dir -a '(__fish_complete_directories (commandline -ct))'
 '''
 
@@ -5238,6 +5601,74 @@ def _words_after_flags(parse_known_args):
     return parse
 
 
+def _registry_image(host):
+    """An image reference on `host`, for the commands about a registry itself (login,
+    logout, the catalog): main() makes every command's session from an IMAGE, with
+    that host's settings (TLS, plain_http). The repository is never asked for."""
+    return host + "/starget"
+
+
+def _registry_argument(text):
+    """login's and logout's REGISTRY: host[:port], or a key as docker writes it
+    (https://host/v1/); docker.io is Docker Hub. As an image on it (_registry_image)."""
+    import argparse
+    host = _auth_key_host(text)
+    if not _REGISTRY_RE.match(host) or not ("." in host or ":" in host or _host_of(host) == "localhost"):
+        raise argparse.ArgumentTypeError("%r is not a registry: want host[:port] with a '.' or a ':' "
+                                         "(or localhost), as in IMAGE" % text)
+    return _registry_image(host)
+
+
+def _repository_argument(text):
+    """tags' REPOSITORY: [registry/]repository; a tag or digest on it is refused (it
+    would read as if it narrowed the list)."""
+    import argparse
+    try:
+        ImageRef.parse(text)
+    except StargzError as e:
+        raise argparse.ArgumentTypeError(e.message)
+    if "@" in text or ":" in text.rsplit("/", 1)[-1]:
+        raise argparse.ArgumentTypeError("REPOSITORY takes no tag or digest: %r" % text)
+    return text
+
+
+def _add_registry_commands(add):
+    """login, logout and tags, added with _build_parser's `add`. REGISTRY and REPOSITORY
+    are checked here; login and logout then get an image on the registry, from which
+    main() builds the session (see _registry_image)."""
+    import argparse
+    login = add("login", help="check and store credentials for a registry: login REGISTRY [-u USER]",
+                usage="starget login [flags] REGISTRY [-u USER] [--password-stdin | -p PASSWORD]",
+                description="Check the credentials against REGISTRY, then store them as docker login does:\n"
+                "with the config's credential helper (credHelpers, credsStore), else in the auth file\n"
+                "(REGISTRY_AUTH_FILE, else $DOCKER_CONFIG/config.json or ~/.docker/config.json).",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    login.add_argument("image", metavar="REGISTRY", type=_registry_argument, help="host[:port]")
+    login.add_argument("-u", "--username", metavar="USER", help="user name (default: ask on the terminal)")
+    secret = login.add_mutually_exclusive_group()
+    secret.add_argument("-p", "--password", metavar="PASSWORD", help="password (visible to other users: ps)")
+    secret.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    logout = add("logout", help="remove the stored credentials of a registry: logout REGISTRY")
+    logout.add_argument("image", metavar="REGISTRY", type=_registry_argument, help="host[:port]")
+    tags = add("tags", help="list the tags of a repository: tags [registry/]repository")
+    tags.add_argument("image", metavar="REPOSITORY", type=_repository_argument,
+                      help="[registry/]repository, without a tag or digest")
+    tags.add_argument("--json", action="store_true", help="one JSON array")
+    for sub in (login, logout, tags):
+        _add_global_options(sub)
+
+
+def _add_complete_command(add):
+    """The hidden `__complete` (no help=): the completion scripts run `__complete IMAGE
+    [BLOB] PREFIX` for a PATH, and `__complete --image=WORD` for the IMAGE word (which
+    main() cannot make a session of: the mode makes its own; main()'s goes unused)."""
+    complete = add("__complete")
+    complete.add_argument("image", metavar="IMAGE", nargs="?", default=_registry_image("localhost"))
+    complete.add_argument("args", metavar="[BLOB] PREFIX", nargs="*")
+    complete.add_argument("--image", dest="image_word", metavar="WORD")
+    return complete
+
+
 def _build_parser():
     import argparse
     Parser = _parser_class()
@@ -5296,10 +5727,8 @@ def _build_parser():
     completion = add("completion", help="print a shell completion script: completion bash|zsh|fish")
     completion.add_argument("shell", metavar="SHELL", help="bash, zsh or fish")
 
-    # Hidden (no help=): the completion scripts run `__complete IMAGE [BLOB] PREFIX`.
-    complete = add("__complete")
-    complete.add_argument("image", metavar="IMAGE")
-    complete.add_argument("args", metavar="[BLOB] PREFIX", nargs="+")
+    _add_registry_commands(add)
+    complete = _add_complete_command(add)
 
     helper = add("help", help="show the help of starget or of one command: help [COMMAND]")
     helper.add_argument("topic", metavar="COMMAND", nargs="?")
@@ -5609,7 +6038,77 @@ def _cmd_cat(session, out):
     return 0
 
 
+def _login_input(args):
+    """(user, password) from -u, -p or --password-stdin, else asked on the terminal."""
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    user, password = args.username, args.password
+    if password is not None:
+        _log.warning("a password given with -p is visible to other users of this machine (ps): "
+                     "use --password-stdin")
+    elif args.password_stdin:
+        if not user:
+            _fail(ErrorCode.USAGE, "--password-stdin needs -u USER (standard input holds the password)")
+        password = sys.stdin.read().rstrip("\r\n")
+    if not user:
+        if not interactive:
+            _fail(ErrorCode.USAGE, "login needs -u USER: standard input is not a terminal")
+        sys.stderr.write("Username: ")
+        sys.stderr.flush()
+        user = sys.stdin.readline().strip()
+    if password is None:
+        if not interactive:
+            _fail(ErrorCode.USAGE, "login needs a password: --password-stdin or -p PASSWORD "
+                  "(standard input is not a terminal)")
+        import getpass
+        password = getpass.getpass("Password: ")
+    _register_secret(password)
+    if not user or ":" in user:
+        _fail(ErrorCode.USAGE, "invalid user name %r (empty, or with a ':')" % user)
+    if not password:
+        _fail(ErrorCode.USAGE, "empty password")
+    return user, password
+
+
+def _cmd_login(session, out):
+    """`starget login REGISTRY`: check the credentials with the registry (the challenge
+    and token flow of a pull), then store them; wrong ones are stored nowhere."""
+    registry = session.client.ref.registry
+    user, password = _login_input(session.args)
+    store = _LoginStore()          # a file it could not write back whole fails here, before a request
+    client = _registry_client(session.client, _login_credentials(user, password))
+    if not _check_login(client):
+        _log.warning("%s lets anyone in: it did not check the credentials", registry)
+    where = store.store(registry, user, password)
+    if where == store.path:
+        _log.warning("the password is stored unencrypted in %s: configure a credential helper "
+                     "(credsStore in it) to avoid this", where)
+    out.write("Login Succeeded\n")
+    return 0
+
+
+def _cmd_logout(session, out):
+    """`starget logout REGISTRY`: erase what login stored (no request to the registry)."""
+    registry = session.client.ref.registry
+    if _LoginStore().erase(registry):
+        out.write("Removing login credentials for %s\n" % registry)
+    else:
+        _log.warning("not logged in to %s", registry)
+    return 0
+
+
+def _cmd_tags(session, out):
+    """`starget tags REPOSITORY`: its tags, in the registry's order, one a line or --json."""
+    tags = _list_tags(session.client)
+    if session.args.json:
+        out.write(json.dumps(tags) + "\n")
+    else:
+        for tag in tags:
+            out.write(tag + "\n")
+    return 0
+
+
 _COMMANDS = {"info": _cmd_info, "ls": _cmd_ls, "get": _cmd_get, "cat": _cmd_cat, "__complete": _cmd_complete}
+_COMMANDS.update(login=_cmd_login, logout=_cmd_logout, tags=_cmd_tags)
 
 
 class _Stdout(object):

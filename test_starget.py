@@ -1648,6 +1648,183 @@ def test_e2e_auth_files_never_written(registry_basic, tmp_path):
     assert [_dir_listing(r) for r in roots] == listing, "a file appeared next to the auth files"
 
 
+# ---- credentials: login and logout against the real registries ----------------
+
+LAYERS_FILE = "etc/config.txt"
+
+
+def _login(reg, env, password=None, *extra):
+    """`starget login REG -u USER --password-stdin` (password on stdin): (rc, out, err)."""
+    password = reg.password if password is None else password
+    return run_cli("login", reg.addr, "-u", reg.user, "--password-stdin", *extra, env=env,
+                   input=(password + "\n").encode())
+
+
+def _cat_layers(reg, env):
+    rc, out, err = run_cli("cat", reg.image("layers"), LAYERS_FILE, env=env, binary=True)
+    assert rc == 0, err
+    assert hashlib.sha256(out).hexdigest() == expected_files("layers", "latest")[LAYERS_FILE]["sha256"]
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("where", ["DOCKER_CONFIG", "REGISTRY_AUTH_FILE", "HOME_DOCKER"])
+def test_login_to_the_auth_file_then_logout(registry_basic, tmp_path, where):
+    """No helper: `auths[REGISTRY]` is base64 user:password, in a file of mode 0600
+    written whole; the other keys stay; logout removes only the registry's key."""
+    reg, environ = registry_basic, {}
+    others = {"auths": {"other.example": {"auth": _b64("a", "b")}}, "credHelpers": {"gcr.io": "gcloud"},
+              "experimental": "enabled"}
+    path = _place(tmp_path, where, others, environ)
+    env = _run_env(tmp_path, environ)
+    rc, out, err = _login(reg, env)
+    assert rc == 0, err
+    assert out == "Login Succeeded\n"
+    assert re.search(r"^starget: warning: .*unencrypted in %s" % re.escape(path), err, re.M), err
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    doc = _read_json(path)
+    assert doc["auths"].pop(reg.addr) == {"auth": _b64(reg.user, reg.password)}
+    assert doc == others
+    assert [n for n in os.listdir(os.path.dirname(path)) if n != os.path.basename(path)] == []  # no temp file
+    _cat_layers(reg, env)                                        # no --credential
+    rc, out, err = run_cli("logout", reg.addr, env=env)
+    assert rc == 0, err
+    assert _read_json(path) == others
+    rc, out, err = run_cli("ls", reg.image("layers"), env=env)
+    assert_one_line_error(rc, err, 4)
+    rc, out, err = run_cli("logout", reg.addr, env=env)
+    assert rc == 0 and re.search(r"^starget: warning: not logged in to ", err, re.M), err
+
+
+def test_login_creates_the_docker_config_and_replaces_a_stale_key(registry_basic, tmp_path):
+    reg = registry_basic
+    env = _run_env(tmp_path, {})
+    path = os.path.join(env["HOME"], ".docker", "config.json")
+    assert _login(reg, env)[0] == 0
+    assert _read_json(path) == {"auths": {reg.addr: {"auth": _b64(reg.user, reg.password)}}}
+    # a key that names the same registry another way is the one replaced, not shadowed
+    _write_json(path, {"auths": {"https://%s/v1/" % reg.addr: {"auth": _b64(reg.user, "old")},
+                                 reg.addr + "/fixtures": {"auth": _b64("ns", "kept")}}})
+    assert _login(reg, env)[0] == 0
+    assert _read_json(path) == {"auths": {"https://%s/v1/" % reg.addr: {"auth": _b64(reg.user, reg.password)},
+                                          reg.addr + "/fixtures": {"auth": _b64("ns", "kept")}}}
+
+
+@pytest.mark.parametrize("config", ["credsStore", "credHelpers"])
+def test_login_through_a_credential_helper(registry_basic, tmp_path, config):
+    """With a helper, the secret goes to `docker-credential-NAME store`; the file gets
+    docker's empty placeholder only; `cat` then asks the helper; logout erases."""
+    reg, environ = registry_basic, {}
+    hd = str(tmp_path / "helpers")
+    calls = write_credential_helper(hd, "fake", stdout=_helper_json(reg.user, reg.password))
+    doc = {"credsStore": "fake"} if config == "credsStore" else {"credHelpers": {reg.addr: "fake"}}
+    doc["auths"] = {reg.addr: {"auth": _b64(reg.user, "stale")}, "other.example": {}}
+    path = _place(tmp_path, "DOCKER_CONFIG", doc, environ)
+    env = _helper_env(tmp_path, environ, hd)
+    rc, out, err = _login(reg, env)
+    assert rc == 0, err
+    assert "unencrypted" not in err
+    got = helper_calls(calls)
+    assert [c["argv"] for c in got] == [["store"]]
+    assert json.loads(got[0]["stdin"]) == {"ServerURL": reg.addr, "Username": reg.user, "Secret": reg.password}
+    with open(path) as f:
+        text = f.read()
+    assert reg.password not in text and _b64(reg.user, reg.password) not in text
+    assert json.loads(text)["auths"] == {reg.addr: {}, "other.example": {}}
+    _cat_layers(reg, env)
+    assert helper_calls(calls)[-1] == {"argv": ["get"], "stdin": reg.addr}
+    rc, out, err = run_cli("logout", reg.addr, env=env)
+    assert rc == 0, err
+    assert helper_calls(calls)[-1] == {"argv": ["erase"], "stdin": reg.addr}
+    assert _read_json(path)["auths"] == {"other.example": {}}
+
+
+@pytest.mark.parametrize("helper", [False, True])
+def test_login_wrong_password_exit_4_stores_nothing(registry_basic, tmp_path, helper):
+    reg, environ = registry_basic, {}
+    hd = str(tmp_path / "helpers")
+    calls = write_credential_helper(hd, "fake")
+    path = _place(tmp_path, "DOCKER_CONFIG", dict({"auths": {"other.example": {}}},
+                                                   **({"credsStore": "fake"} if helper else {})), environ)
+    os.utime(path, (1, 1))
+    before = _file_state([path])
+    rc, out, err = _login(reg, _helper_env(tmp_path, environ, hd), "wrong-password")
+    line = assert_one_line_error(rc, err, 4)
+    assert reg.addr in line and "wrong-password" not in err
+    assert _file_state([path]) == before and helper_calls(calls) == []
+    assert os.listdir(os.path.dirname(path)) == ["config.json"]
+
+
+def test_login_bearer_registry(registry_bearer, tmp_path):
+    """The token flow: GET /v2/, its Bearer challenge answered at the realm with the credentials."""
+    reg, env = registry_bearer, _run_env(tmp_path, {})
+    rc, out, err = _login(reg, env, "wrong-password")
+    assert_one_line_error(rc, err, 4)
+    assert not os.path.exists(os.path.join(env["HOME"], ".docker", "config.json"))
+    rc, out, err = _login(reg, env)
+    assert rc == 0, err
+    auths = _read_json(os.path.join(env["HOME"], ".docker", "config.json"))["auths"]
+    assert auths == {reg.addr: {"auth": _b64(reg.user, reg.password)}}
+
+
+def test_login_password_flag_warns(registry_basic, tmp_path):
+    reg, env = registry_basic, _run_env(tmp_path, {})
+    rc, out, err = run_cli("login", "-u", reg.user, "-p", reg.password, reg.addr, env=env, input=b"")
+    assert rc == 0, err
+    assert re.search(r"^starget: warning: a password given with -p is visible to other users", err, re.M), err
+    assert reg.password not in err
+
+
+@pytest.mark.parametrize("args, why", [
+    (["-u", "u"], "needs a password"),                        # stdin is no terminal: no prompt
+    ([], "needs -u USER"),
+    (["--password-stdin"], "--password-stdin needs -u USER"),
+    (["-u", "a:b", "-p", "x"], "invalid user name"),
+    (["-u", "u", "-p", "x", "--password-stdin"], "not allowed with"),
+])
+def test_login_usage_errors(registry_basic, tmp_path, args, why):
+    env = _run_env(tmp_path, {})
+    rc, out, err = run_cli("login", registry_basic.addr, *args, env=env, input=b"")
+    line = assert_one_line_error(rc, err, 2)
+    assert why in line
+    assert not os.path.exists(os.path.join(env["HOME"], ".docker"))
+
+
+@pytest.mark.parametrize("registry", ["fixtures/x", "nodots", "host/ns", "ftp://host"])
+def test_login_refuses_what_is_no_registry(registry):
+    rc, out, err = run_cli("logout", registry)
+    assert "is not a registry" in assert_one_line_error(rc, err, 2)
+
+
+def test_login_store_failure_exit_10_file_unchanged(registry_basic, tmp_path):
+    reg, environ = registry_basic, {}
+    hd = str(tmp_path / "helpers")
+    write_credential_helper(hd, "fake", stderr="keychain is locked\n", code=1)
+    path = _place(tmp_path, "DOCKER_CONFIG", {"credsStore": "fake"}, environ)
+    before = _file_state([path])
+    rc, out, err = _login(reg, _helper_env(tmp_path, environ, hd))
+    line = assert_one_line_error(rc, err, 10)
+    assert "docker-credential-fake" in line and "keychain is locked" in line
+    assert _file_state([path]) == before
+
+
+def test_login_store_hub_key(tmp_path, helper_dir):
+    """Docker Hub is `https://index.docker.io/v1/`, for the file and for the helpers."""
+    calls = write_credential_helper(helper_dir, "fake")
+    environ = {"DOCKER_CONFIG": str(tmp_path / "d"), "PATH": os.environ["PATH"]}
+    store = starget._LoginStore(environ=environ, home=str(tmp_path))
+    assert store.store(starget._DOCKER_HUB, "u", "pw") == str(tmp_path / "d" / "config.json")
+    assert _read_json(str(tmp_path / "d" / "config.json")) == {"auths": {"https://index.docker.io/v1/":
+                                                                         {"auth": _b64("u", "pw")}}}
+    _write_json(str(tmp_path / "d" / "config.json"), {"credsStore": "fake"})
+    store = starget._LoginStore(environ=environ, home=str(tmp_path))
+    assert store.erase(starget._DOCKER_HUB) is True
+    assert helper_calls(calls) == [{"argv": ["erase"], "stdin": "https://index.docker.io/v1/"}]
+
+
 # =============================================================================
 # config
 # =============================================================================
@@ -3274,6 +3451,89 @@ def test_an_unreachable_mirror_falls_back_to_the_registry(registry_anon, tmp_pat
     rc, out, err = run_cli("--retries", "0", "ls", registry_anon.image("basic"), env=env)
     assert rc == 0, err
     assert "mirror 127.0.0.1:1" in err
+
+
+def test_tags_come_from_the_registry_not_its_mirror(registry_anon, empty_registry, tmp_path):
+    """A mirror holds some of a registry's tags: `tags` asks the registry itself."""
+    env = _mirror_config(tmp_path, empty_registry.addr, registry_anon.addr)
+    rc, out, err = run_cli("tags", "%s/fixtures/prefetch" % empty_registry.addr, env=env)
+    assert_one_line_error(rc, err, 3)
+
+
+# ---- registry: tags lists -------------------------------------------------------
+
+def _layout_tags(layout):
+    from harness import layout_refs
+    return sorted(layout_refs(layout))
+
+
+@pytest.mark.parametrize("layout", ["prefetch", "docker-v2", "basic"])
+def test_tags_lists_the_pushed_tags(registry_anon, layout):
+    repository = "%s/fixtures/%s" % (registry_anon.addr, layout)
+    rc, out, err = run_cli("tags", repository)
+    assert rc == 0, err
+    assert sorted(out.splitlines()) == _layout_tags(layout)
+    rc, out, err = run_cli("tags", "--json", repository)
+    assert rc == 0, err
+    assert sorted(json.loads(out)) == _layout_tags(layout)
+
+
+def test_tags_with_basic_and_bearer_auth(registry_basic, registry_bearer):
+    for reg in (registry_basic, registry_bearer):
+        rc, out, err = run_cli("--credential", reg.credential, "tags", "%s/fixtures/prefetch" % reg.addr)
+        assert rc == 0, err
+        assert sorted(out.splitlines()) == _layout_tags("prefetch")
+    rc, out, err = run_cli("tags", "%s/fixtures/prefetch" % registry_basic.addr)
+    assert_one_line_error(rc, err, 4)
+
+
+@pytest.mark.parametrize("repository, code", [
+    ("{addr}/fixtures/prefetch:prefetch", 2), ("{addr}/fixtures/prefetch@sha256:" + "0" * 64, 2),
+    ("{addr}/fixtures/Upper", 2), ("{addr}/fixtures/no-such-repository", 3)])
+def test_tags_errors(registry_anon, repository, code):
+    rc, out, err = run_cli("tags", repository.format(addr=registry_anon.addr))
+    assert_one_line_error(rc, err, code)
+    assert out == ""
+
+
+def _tags_pages(httpserver, pages, name="test/repo"):
+    """Serve `pages` [(tags, Link header or None)] of /v2/NAME/tags/list: page i at ?page=i."""
+    for i, (tags, link) in enumerate(pages):
+        headers = {"Link": link} if link else {}
+        httpserver.expect_request("/v2/%s/tags/list" % name, query_string="page=%d" % i if i else "") \
+            .respond_with_json({"name": name, "tags": tags}, headers=headers)
+    return "%s:%d/%s" % (httpserver.host, httpserver.port, name)
+
+
+def test_tags_follow_the_link_header(httpserver):
+    repository = _tags_pages(httpserver, [
+        (["a", "b"], '</v2/test/repo/tags/list?page=1>; rel="next"'),
+        (["c"], '<http://%s:%d/v2/test/repo/tags/list?page=2>; rel="next"' % (httpserver.host, httpserver.port)),
+        (None, None),                                # an empty last page: "tags": null
+    ])
+    rc, out, err = run_cli("tags", repository)
+    assert rc == 0, err
+    assert out == "a\nb\nc\n"
+    rc, out, err = run_cli("tags", "--json", repository)
+    assert json.loads(out) == ["a", "b", "c"]
+
+
+def test_tags_refuse_a_link_to_another_host_and_bad_names(httpserver):
+    repository = _tags_pages(httpserver, [(["a"], '<http://elsewhere.example/v2/x/tags/list>; rel="next"')])
+    rc, out, err = run_cli("tags", repository)
+    assert "another host" in assert_one_line_error(rc, err, 6)
+    httpserver.clear()
+    repository = _tags_pages(httpserver, [(["ok", "bad\x1b[2J", "new\nline"], None)])
+    rc, out, err = run_cli("tags", repository)
+    assert rc == 0 and out == "ok\n", err
+    assert "2 invalid names left out" in err
+
+
+def test_tags_stop_at_a_page_seen_before(httpserver):
+    repository = _tags_pages(httpserver, [(["a"], '</v2/test/repo/tags/list>; rel="next"')])
+    rc, out, err = run_cli("tags", repository)
+    assert rc == 0 and out == "a\n", err
+    assert "stopped after 1 page(s)" in err
 
 
 # =============================================================================
@@ -6412,6 +6672,42 @@ def test_cmd_complete():
     assert out.getvalue().split("\n")[:2] == [".hidden", "abslib/"]
 
 
+def _complete_image(word, *flags, **kw):
+    rc, out, err = run_cli(*(flags + ("__complete", "--image=" + word)), **kw)
+    assert rc == 0 and err == "", err
+    return out.splitlines()
+
+
+def test_complete_image_tags_and_repositories(registry_anon):
+    """`__complete --image=WORD`: the tags after a ':' past the last '/', else the
+    repositories of the catalog; the whole word each time, sorted."""
+    repo = "%s/fixtures/prefetch" % registry_anon.addr
+    assert _complete_image(repo + ":") == [repo + ":" + t for t in ["no-landmark", "no-prefetch", "prefetch"]]
+    assert _complete_image(repo + ":no-l") == [repo + ":no-landmark"]
+    assert _complete_image(repo + ":zz") == []
+    assert _complete_image("%s/fixtures/m" % registry_anon.addr) == \
+        ["%s/fixtures/minchunk" % registry_anon.addr, "%s/fixtures/multiarch" % registry_anon.addr]
+    assert len(_complete_image(registry_anon.addr + "/")) == len(load_expected()["fixtures"])
+    for word in ("%s/fixtures/nothere:" % registry_anon.addr, repo + "@sha256:", "fixtures/prefetch:",
+                 registry_anon.addr, "nodots/x", ""):
+        assert _complete_image(word) == [], word
+
+
+def test_complete_image_quietly_nothing_on_refusal_and_slowness(registry_basic):
+    repo = "%s/fixtures/prefetch" % registry_basic.addr
+    assert _complete_image(repo + ":") == []                                    # 401
+    assert len(_complete_image(repo + ":", "--credential", registry_basic.credential)) == 3
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)                # accepts connections, never answers
+    try:
+        started = time.time()
+        assert _complete_image("127.0.0.1:%d/x:" % listener.getsockname()[1], "--timeout", "60") == []
+        assert time.time() - started < 20     # two tries (https, then http) of at most 3 s each
+    finally:
+        listener.close()
+
+
 # ---- cli: completion scripts ------------------------------------------------
 
 def test_unknown_shell():
@@ -6611,7 +6907,7 @@ needs_bash = pytest.mark.skipif(not shutil.which("bash"), reason="bash is not in
 
 @needs_bash
 @pytest.mark.parametrize("line, expected", [
-    ("starget ", ["info", "ls", "get", "cat", "completion"]),
+    ("starget ", ["info", "ls", "get", "cat", "completion", "tags", "login", "logout"]),
     ("starget g", ["get"]),
     ("starget c", ["cat", "completion"]),
     ("starget -k --platform linux/amd64 i", ["info"]),
@@ -6684,6 +6980,28 @@ def test_bash_completion_of_spaces_and_local_dirs(fake_starget, line, expected, 
     options = fake_starget.compopt.read_text().split("\n") if fake_starget.compopt.exists() else []
     assert not any("filenames" in o or "dirnames" in o for o in options), options
     assert ("-o nospace" in options) == expected[0].endswith("/")
+
+
+@needs_bash
+@pytest.mark.parametrize("line, call", [
+    ("starget -k get h:5000/fixtures/i:", ["-k", "__complete", "--image=h:5000/fixtures/i:"]),
+    ("starget tags --retries 1 h:5000/fi", ["--retries", "1", "__complete", "--image=h:5000/fi"]),
+    ("starget info h", None), ("starget cat h:5000/i:t etc/", ["__complete", "h:5000/i:t", "etc/"]),
+    ("starget login h:5000/", None), ("starget completion a/", None),
+])
+def test_bash_image_completion_asks_complete_image(fake_starget, line, call):
+    """The IMAGE word with a '/' (of a command taking IMAGE) is __complete --image=WORD."""
+    replies, calls = run_bash(fake_starget, line)
+    assert calls == ([call] if call else [])
+
+
+@pytest.mark.skipif(not (shutil.which("zsh") and shutil.which("fish")), reason="zsh or fish is not installed")
+def test_zsh_and_fish_image_completion_ask_complete_image(fake_starget):
+    out, calls = run_zsh(fake_starget, ["starget", "-k", "ls", "h:5000/fixtures/i:"])
+    assert calls == [["-k", "__complete", "--image=h:5000/fixtures/i:"]]
+    replies, calls = run_fish(fake_starget, "starget -k ls h:5000/fixtures/i:")
+    assert calls == [["-k", "__complete", "--image=h:5000/fixtures/i:"]]
+    assert run_zsh(fake_starget, ["starget", "ls", "h"])[1] == run_fish(fake_starget, "starget ls h")[1] == []
 
 
 @needs_bash
@@ -6815,7 +7133,7 @@ def run_fish(fake, line):
 @pytest.mark.skipif(not shutil.which("fish"), reason="fish is not installed")
 def test_fish_completion(fake_starget):
     replies, _ = run_fish(fake_starget, "starget ")
-    assert sorted(replies) == ["cat", "completion", "get", "info", "ls"]
+    assert sorted(replies) == ["cat", "completion", "get", "info", "login", "logout", "ls", "tags"]
     replies, _ = run_fish(fake_starget, "starget --platform linux/arm")
     assert sorted(replies) == ["linux/arm/v7", "linux/arm64", "linux/arm64/v8"]
     replies, _ = run_fish(fake_starget, "starget ls img --")
@@ -6900,29 +7218,9 @@ def test_bash_completion_against_the_real_registry(registry_anon, tmp_path):
     wrapper), then the function the script registers completes `starget get IMAGE bin/b`
     from the real registry: the entries of bin/ starting with 'b' (directories and links
     to directories with a trailing '/'). IMAGE has ':'s, which bash splits words at."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    wrapper = bindir / "starget"
-    wrapper.write_text("#!/bin/sh\nSTARGET_CACHE_DIR=%s\nexport STARGET_CACHE_DIR\nexec %s %s \"$@\"\n"
-                       % (quote(str(tmp_path / "cache")), quote(sys.executable), quote(STARGET)))
-    os.chmod(str(wrapper), 0o755)
     line = "starget get %s bin/b" % registry_anon.image("basic")
-    words = bash_words(line)
-    assert len(words) > 4, words        # IMAGE split at its ':'s, as bash does
-    program = ("source <(starget completion bash)\n"
-               "spec=$(complete -p starget) || exit 3\n"
-               "fn=${spec#*-F }\nfn=${fn%%%% *}\n"
-               "COMP_WORDBREAKS=%s\nCOMP_WORDS=(%s)\nCOMP_CWORD=%d\nCOMP_LINE=%s\nCOMP_POINT=%d\n"
-               "\"$fn\"\nprintf '%%s\\n' \"$spec\" \"${COMPREPLY[@]}\"\n"
-               % (quote(BASH_WORDBREAKS), " ".join(quote(w) for w in words), len(words) - 1,
-                  quote(line), len(line)))
-    env = hermetic_env({"PATH": str(bindir) + os.pathsep + os.environ.get("PATH", "")})
-    proc = subprocess.run(["bash", "--norc", "--noprofile", "-c", program], env=env, cwd=str(tmp_path),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
-    assert proc.returncode == 0 and not proc.stderr, proc.stderr.decode()
-    out = [r for r in proc.stdout.decode().split("\n") if r]
-    assert re.match(r"^complete -F \S+ starget$", out[0]), out[0]
-    replies = out[1:]
+    assert len(bash_words(line)) > 4, bash_words(line)        # IMAGE split at its ':'s, as bash does
+    replies = _bash_with_the_real_starget(tmp_path, line)
 
     files = expected_files("basic", "latest")
 
@@ -6939,3 +7237,40 @@ def test_bash_completion_against_the_real_registry(registry_anon, tmp_path):
                       if p.startswith("bin/") and "/" not in p[4:] and p[4:].startswith("b"))
     assert expected, "basic has nothing under bin/ starting with 'b'"
     assert replies == expected
+
+
+@needs_bash
+def test_bash_completes_tags_and_repositories_from_the_real_registry(registry_anon, tmp_path):
+    """IMAGE: `host:port/repo:` TAB gives its tags (readline replaces only what follows
+    the last ':'), `host:port/fixtures/m` the repositories of the catalog."""
+    replies = _bash_with_the_real_starget(tmp_path, "starget get %s/fixtures/prefetch:no-" % registry_anon.addr)
+    assert replies == ["no-landmark", "no-prefetch"]
+    replies = _bash_with_the_real_starget(tmp_path, "starget ls %s/fixtures/m" % registry_anon.addr)
+    port = registry_anon.addr.rsplit(":", 1)[1]
+    assert replies == [port + "/fixtures/minchunk", port + "/fixtures/multiarch"]
+
+
+def _bash_with_the_real_starget(tmp_path, line):
+    """COMPREPLY for `line` from the function `source <(starget completion bash)`
+    registers, with the real starget first on PATH (a wrapper)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    wrapper = bindir / "starget"
+    wrapper.write_text("#!/bin/sh\nSTARGET_CACHE_DIR=%s\nexport STARGET_CACHE_DIR\nexec %s %s \"$@\"\n"
+                       % (quote(str(tmp_path / "cache")), quote(sys.executable), quote(STARGET)))
+    os.chmod(str(wrapper), 0o755)
+    words = bash_words(line)
+    program = ("source <(starget completion bash)\n"
+               "spec=$(complete -p starget) || exit 3\n"
+               "fn=${spec#*-F }\nfn=${fn%%%% *}\n"
+               "COMP_WORDBREAKS=%s\nCOMP_WORDS=(%s)\nCOMP_CWORD=%d\nCOMP_LINE=%s\nCOMP_POINT=%d\n"
+               "\"$fn\"\nprintf '%%s\\n' \"$spec\" \"${COMPREPLY[@]}\"\n"
+               % (quote(BASH_WORDBREAKS), " ".join(quote(w) for w in words), len(words) - 1,
+                  quote(line), len(line)))
+    env = hermetic_env({"PATH": str(bindir) + os.pathsep + os.environ.get("PATH", "")})
+    proc = subprocess.run(["bash", "--norc", "--noprofile", "-c", program], env=env, cwd=str(tmp_path),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr.decode()
+    out = [r for r in proc.stdout.decode().split("\n") if r]
+    assert re.match(r"^complete -F \S+ starget$", out[0]), out[0]
+    return out[1:]
