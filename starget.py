@@ -616,7 +616,7 @@ class _LoginStore(object):
         """The file's JSON object ({} when there is none); one that cannot be read
         back whole is an error, never overwritten."""
         try:
-            with open(path, "rb") as f:
+            with io.open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
             return {}

@@ -5800,6 +5800,16 @@ def test_open_reads_zstd_chunked_files(registry_anon, api_env):
     finally:
         index.client.transport.close()
 
+
+def test_no_call_of_the_builtin_open_is_left():
+    """starget.open shadows the builtin inside starget.py: a plain `open(` there would
+    take a file name for an image reference (it happened in a merge)."""
+    import ast
+    tree = ast.parse(open(STARGET, encoding="utf-8").read())
+    calls = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+             and n.func.id == "open"]
+    assert calls == []
+
 # =============================================================================
 # cli
 # =============================================================================
