@@ -4009,6 +4009,121 @@ def test_a_foreign_or_unsafe_parsed_cache_entry_is_ignored(registry_anon, tmp_pa
     starget.open_image(client.ref, client=_client(registry_anon, "basic"), cache=cache)
     assert calls == [1, 1]
 
+
+# ---- image index: globs (PATH and --exclude) ----------------------------------
+
+GLOB_CASES = [
+    # pattern, path, matches the path itself
+    ("etc/*.conf", "etc/a.conf", True),
+    ("etc/*.conf", "etc/sub/a.conf", False),       # * never crosses /
+    ("etc/*", "etc", False),
+    ("*", "etc", True),
+    ("*", "etc/passwd", False),
+    ("e?c", "etc", True),
+    ("e?c", "e/c", False),                         # nor does ?
+    ("e?c", "ec", False),
+    ("[a-c]x", "bx", True),
+    ("[a-c]x", "dx", False),
+    ("[!a-c]x", "dx", True),
+    ("[!a-c]x", "ax", False),
+    ("a[+-0]b", "a/b", False),                     # a range that holds / still stays in one name
+    ("a[+-0]b", "a.b", True),
+    ("[]]", "]", True),
+    ("x[", "x[", True),                            # an unclosed [ is itself
+    ("**/LICENSE", "LICENSE", True),               # ** at the start: zero or more components
+    ("**/LICENSE", "a/b/LICENSE", True),
+    ("**/LICENSE", "a/LICENSE.txt", False),
+    ("usr/**/*.so", "usr/a.so", True),             # ** in the middle
+    ("usr/**/*.so", "usr/lib/x/a.so", True),
+    ("usr/**/*.so", "usrx/a.so", False),
+    ("usr/**", "usr/lib/a", True),                 # ** at the end: what is below
+    ("usr/**", "usr", False),
+    ("usr/**/**/a", "usr/a", True),
+    ("a**b", "axxb", True),                        # ** inside a name is *
+    ("a**b", "ax/b", False),
+    ("/etc/./*.conf", "etc/a.conf", True),         # normalised like a path
+    ("d.t", "dxt", False),                         # regex characters are literal
+    ("(x)+", "(x)+", True),
+]
+
+
+@pytest.mark.parametrize("pattern,path,expected", GLOB_CASES)
+def test_glob_regex(pattern, path, expected):
+    regex, dir_only = starget._glob_regex(pattern)
+    assert bool(re.match("(?:%s)\\Z" % regex, path)) is expected
+    assert dir_only is False
+
+
+def test_glob_trailing_slash_matches_directories_only():
+    assert starget._glob_regex("usr/*/") == ("usr/[^/]*", True)
+    matches = starget._glob_matcher(["usr/*/"])
+    assert matches("usr/lib", starget.TOCEntry("usr/lib", "dir"))
+    assert not matches("usr/lib", starget.TOCEntry("usr/lib", "reg"))
+    assert matches("usr/lib/a", starget.TOCEntry("usr/lib/a", "reg"))     # below a matching directory
+
+
+def test_glob_matcher_brings_the_subtree_and_is_compiled_once(monkeypatch):
+    compiled = []
+    real = re.compile
+    monkeypatch.setattr(starget.re, "compile", lambda *a: compiled.append(a) or real(*a))
+    matches = starget._glob_matcher(["etc/*", "**/x/"])
+    count = len(compiled)
+    entry = starget.TOCEntry("p", "reg")
+    assert [p for p in ("etc", "etc/a", "etc/a/b", "etcx/a", "x", "q/x/y", "q/xy/z") if matches(p, entry)] == \
+        ["etc/a", "etc/a/b", "q/x/y"]
+    assert len(compiled) == count <= 3
+
+
+GLOB_TOC = [
+    {"name": "usr/", "type": "dir", "mode": 493},
+    {"name": "usr/lib/", "type": "dir", "mode": 493},
+    {"name": "usr/lib/a.so", "type": "reg", "size": 1, "offset": 10, "digest": "sha256:" + "1" * 64},
+    {"name": "usr/lib/x/", "type": "dir", "mode": 493},
+    {"name": "usr/lib/x/b.so", "type": "reg", "size": 1, "offset": 20, "digest": "sha256:" + "2" * 64},
+    {"name": "usr/lib-c.so", "type": "reg", "size": 1, "offset": 30, "digest": "sha256:" + "3" * 64},
+    {"name": "lib", "type": "symlink", "linkName": "usr/lib", "mode": 511},
+    {"name": "loop", "type": "symlink", "linkName": ".", "mode": 511},
+    {"name": "docs/", "type": "dir", "mode": 493},
+    {"name": "docs/w [x].txt", "type": "reg", "size": 1, "offset": 40, "digest": "sha256:" + "4" * 64},
+]
+
+
+@pytest.fixture
+def glob_index():
+    return starget.ImageIndex([starget.parse_toc(_toc(GLOB_TOC), toc_offset=1000)])
+
+
+@pytest.mark.parametrize("pattern,exclude,expected", [
+    ("usr/**/*.so", (), ["usr/lib-c.so", "usr/lib/a.so", "usr/lib/x/b.so"]),
+    ("usr/*", (), ["usr/lib", "usr/lib-c.so", "usr/lib/a.so", "usr/lib/x", "usr/lib/x/b.so"]),
+    ("usr/*/", (), ["usr/lib", "usr/lib/a.so", "usr/lib/x", "usr/lib/x/b.so"]),
+    ("l*", (), ["lib", "loop"]),                    # links are not followed by globs
+    ("**/b.so", (), ["usr/lib/x/b.so"]),            # nor by ** (loop -> . does not loop)
+    ("usr/", ("usr/lib/x",), ["usr", "usr/lib", "usr/lib-c.so", "usr/lib/a.so"]),
+    ("**", ("**/*.so", "docs"), ["lib", "loop", "usr", "usr/lib", "usr/lib/x"]),
+    ("usr/*", ("usr/*/",), ["usr/lib-c.so"]),
+    ("docs/w [x].txt", (), ["docs/w [x].txt"]),     # matches nothing as a glob: the plain path
+])
+def test_filter_files_globs_and_excludes(glob_index, pattern, exclude, expected):
+    assert [e.path for e in glob_index.filter_files(pattern, exclude=exclude)] == expected
+
+
+def test_filter_files_glob_without_a_match_is_not_found(glob_index):
+    for pattern in ("nothing*", "usr/lib/a.s?/", "usr/*.so/"):    # a file does not match a/
+        with pytest.raises(StargzError) as ei:
+            glob_index.filter_files(pattern)
+        assert ei.value.code == ErrorCode.NOT_FOUND and "no match" in ei.value.message
+
+
+def test_filter_files_glob_in_one_layer():
+    lower = starget.parse_toc(_toc(GLOB_TOC[:3]), toc_offset=1000, blob="sha256:" + "a" * 64, layer=0)
+    upper = starget.parse_toc(_toc([{"name": "usr/lib/b.so", "type": "reg", "size": 1, "offset": 10,
+                                     "digest": "sha256:" + "5" * 64}]), toc_offset=1000, blob="sha256:" + "b" * 64, layer=1)
+    index = starget.ImageIndex([lower, upper])
+    assert [e.path for e in index.filter_files("usr/*/*.so")] == ["usr/lib/a.so", "usr/lib/b.so"]
+    assert [e.path for e in index.filter_files("usr/*/*.so", "sha256:b")] == ["usr/lib/b.so"]
+
+
 # =============================================================================
 # download
 # =============================================================================
@@ -5755,6 +5870,118 @@ def test_no_ansi_escapes_on_tty_with_no_color(registry_anon, tmp_path):
     text = b"".join(chunks)
     assert p.returncode == 0, text
     assert b"\x1b" not in text and b"\x1b" not in p.stdout, text[:500]
+
+
+# ---- cli: globs and --exclude -------------------------------------------------
+
+def _ref_glob_matches(pattern, path):
+    """Reference matcher, independent of starget's regexes: fnmatch on each component,
+    `**` tried over every split."""
+    import fnmatch
+    want = [c for c in pattern.split("/") if c not in ("", ".")]
+    have = path.split("/")
+
+    def match(i, j):
+        if i == len(want):
+            return j == len(have)
+        if want[i] == "**":
+            if i == len(want) - 1:
+                return j < len(have)
+            return any(match(i + 1, k) for k in range(j, len(have) + 1))
+        return j < len(have) and fnmatch.fnmatchcase(have[j], want[i]) and match(i + 1, j + 1)
+    return match(0, 0)
+
+
+def _ref_glob_select(files, pattern, exclude=()):
+    """EXPECTED paths a glob selects: a match or a path below one, less the excluded."""
+    def hit(glob, path):
+        parts = path.split("/")
+        for n in range(1, len(parts) + 1):
+            above = "/".join(parts[:n])
+            if _ref_glob_matches(glob, above) and (n < len(parts) or not glob.endswith("/")
+                                                   or files[path]["type"] == "dir"):
+                return True
+        return False
+    return sorted(p for p in files if p and hit(pattern, p) and not any(hit(x, p) for x in exclude))
+
+
+@pytest.mark.parametrize("pattern,exclude", [
+    ("etc/*", ()), ("etc/*.conf", ()), ("**/*.txt", ()), ("usr/**/*.so*", ()), ("[a-c]*/", ()),
+    ("bin/?s*", ()), ("**/e", ()), ("*", ("dev", "**/*.txt", "bin/*")), ("data/exact-?chunk*", ()),
+])
+def test_e2e_ls_glob_matches_a_reference_matcher(registry_anon, pattern, exclude):
+    files = expected_files("basic", "latest")
+    want = _ref_glob_select(files, pattern, exclude)
+    assert want, "the case selects nothing in basic: %s" % pattern
+    args = [a for x in exclude for a in ("--exclude", x)]
+    rc, out, err = run_cli("ls", registry_anon.image("basic"), pattern, *args)
+    assert rc == 0, err
+    assert out.splitlines() == want
+
+
+def test_e2e_get_glob_byte_for_byte(registry_anon, ws, tmp_path):
+    files = expected_files("basic", "latest")
+    want = _ref_glob_select(files, "**/*.txt")
+    rc, out, err = run_cli("-d", "--no-progress", "get", registry_anon.image("basic"), "**/*.txt", ws.out)
+    assert rc == 0, err
+    tree = ws.tree()
+    assert {p: t["sha256"] for p, t in tree.items() if t["type"] != "dir"} == {p: files[p]["sha256"] for p in want}
+    assert all(any(w.startswith(p + "/") for w in want) for p, t in tree.items() if t["type"] == "dir")
+    ws.assert_nothing_outside()
+    # the same files as a get of each matched path
+    one_by_one = str(tmp_path / "each")
+    for path in want:
+        rc, _, err = run_cli("--no-progress", "get", registry_anon.image("basic"), path, one_by_one)
+        assert rc == 0, err
+    strip = lambda t: {p: (i["type"], i["mode"], i["sha256"]) for p, i in t.items()}
+    assert strip(tree) == strip(walk_tree(one_by_one))
+
+
+def test_e2e_get_exclude_drops_a_subtree(registry_anon, ws):
+    files = expected_files("basic", "latest")
+    rc, out, err = run_cli("--no-progress", "get", registry_anon.image("basic"), ".", ws.out,
+                           "--exclude", "a/b", "--exclude", "**/*.bin", "--exclude", "dev/")
+    assert rc == 0, err
+    kept = {p: e for p, e in files.items() if p not in _ref_glob_select(files, "a/b") and
+            not p.endswith(".bin") and not (p == "dev" or p.startswith("dev/"))}
+    assert "a" in kept and "a/b" not in kept and "data/compressible.txt" in kept
+    assert compare_tree(kept, ws.tree()) == []
+
+
+def test_e2e_glob_without_a_match_is_not_found(registry_anon, ws):
+    for command in (["ls"], ["get"], ["cat"]):
+        extra = [ws.out] if command == ["get"] else []
+        rc, out, err = run_cli(*(command + [registry_anon.image("basic"), "etc/*.nothing"] + extra))
+        line = assert_one_line_error(rc, err, 3)
+        assert "no match" in line and "etc/*.nothing" in line
+    ws.assert_out_empty()
+
+
+def test_e2e_cat_glob_needs_exactly_one_file(registry_anon):
+    files = expected_files("basic", "latest")
+    rc, out, err = run_cli("cat", registry_anon.image("basic"), "etc/os-rel*", binary=True)
+    assert rc == 0, err
+    assert hashlib.sha256(out).hexdigest() == files["etc/os-release"]["sha256"]
+    rc, out, err = run_cli("cat", registry_anon.image("basic"), "etc/*.conf", binary=True)
+    line = assert_one_line_error(rc, err, 2)
+    assert "matches 2 entries" in line and out == b""
+    rc, out, err = run_cli("cat", registry_anon.image("basic"), "etc/*.conf", "--exclude", "etc/x*", binary=True)
+    assert rc == 0 and hashlib.sha256(out).hexdigest() == files["etc/empty.conf"]["sha256"], err
+
+
+def test_e2e_a_name_with_brackets_is_still_a_plain_path(registry_anon):
+    name = "docs/weird (1) [x] & co #%+=@!.txt"
+    rc, out, err = run_cli("cat", registry_anon.image("basic"), name, binary=True)
+    assert rc == 0, err
+    assert hashlib.sha256(out).hexdigest() == expected_files("basic", "latest")[name]["sha256"]
+    rc, out, err = run_cli("ls", registry_anon.image("basic"), name)
+    assert (rc, out) == (0, name + "\n"), err
+
+
+def test_empty_exclude_is_a_usage_error(registry_anon):
+    rc, out, err = run_cli("ls", registry_anon.image("basic"), "--exclude", "")
+    line = assert_one_line_error(rc, err, 2)
+    assert "empty --exclude" in line
 
 
 # ---- cli: --fallback-stream -------------------------------------------------
