@@ -3172,6 +3172,43 @@ class ImageIndex(object):
         return [selected[p] for p in sorted(selected)]
 
 
+# -- comparing two views ---------------------------------------------------------
+#
+# What `diff` compares, from the TOCs alone: the `ls --json` fields that say what a
+# file is, then those that say who may use it. Not layer or blob (the same file may
+# come from another layer), nor mtime: a rebuilt image re-stamps every time.
+_DIFF_CONTENT_FIELDS = ("type", "size", "digest", "link")
+_DIFF_METADATA_FIELDS = ("mode", "uid", "gid", "xattrs")
+
+
+def _compared_fields(entry):
+    doc = entry.to_json()
+    doc["xattrs"] = entry.xattrs or {}
+    return tuple(doc[f] for f in _DIFF_CONTENT_FIELDS + _DIFF_METADATA_FIELDS)
+
+
+def _diff_views(a, b):
+    """Two views (path -> TOCEntry) -> [(path, change, fields)], sorted by path: change
+    is "added" (only in b), "deleted" (only in a), "modified" (a content field differs)
+    or "metadata" (only mode, owner or xattrs); fields names what differs. Pure."""
+    names = _DIFF_CONTENT_FIELDS + _DIFF_METADATA_FIELDS
+    changes = []
+    for path in sorted(set(a) | set(b)):
+        if path == "":          # the root is no path of the listing
+            continue
+        old, new = a.get(path), b.get(path)
+        if old is None or new is None:
+            changes.append((path, "added" if old is None else "deleted", []))
+            continue
+        before, after = _compared_fields(old), _compared_fields(new)
+        if before == after:
+            continue
+        fields = [name for name, x, y in zip(names, before, after) if x != y]
+        content = any(f in _DIFF_CONTENT_FIELDS for f in fields)
+        changes.append((path, "modified" if content else "metadata", fields))
+    return changes
+
+
 def _resolve_manifest(client, platform=None):
     """The image manifest for `platform` (default: the host's), through an index if
     there is one. The client's endpoints are walked in order (see _endpoint_fallback);
@@ -4199,6 +4236,7 @@ _COMPLETION_COMMANDS = (
     ("ls", "list the files of the image"),
     ("get", "download files"),
     ("cat", "write one file to standard output"),
+    ("diff", "compare the files of two images"),
     ("completion", "print a shell completion script"),
 )
 # argparse's own flags, completed along with the global options (_GLOBAL_OPTIONS)
@@ -4209,6 +4247,8 @@ _COMPLETION_COMMAND_FLAGS = {
            ("--sizes", "show sizes"), ("--exclude", "leave out a glob")),
     "get": (("--exclude", "leave out a glob"),),
     "cat": (("--exclude", "leave out a glob"),),
+    "diff": (("--json", "one JSON array"), ("--exit-code", "exit 1 when they differ"),
+             ("--platform-a", "platform of the first image"), ("--platform-b", "platform of the second image")),
 }
 _COMPLETION_SHELLS = ("bash", "zsh", "fish")
 
@@ -4813,9 +4853,36 @@ def _words_after_flags(parse_known_args):
     return parse
 
 
-def _add_exclude(command):
+def _add_path_arguments(command, metavar, nargs):
+    """What ls, get and cat share: IMAGE, the words after it, --exclude."""
+    import argparse
+    command.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
+    command.add_argument("args", metavar=metavar, nargs=nargs, help=argparse.SUPPRESS)
     command.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                          help="leave out what GLOB matches, with its subtree (repeatable)")
+
+
+def _add_diff_command(add):
+    import argparse
+    diff = add("diff", help="compare two images' files: diff IMAGE_A IMAGE_B [PATH]",
+               usage="starget diff [flags] IMAGE_A IMAGE_B [PATH]", formatter_class=argparse.RawDescriptionHelpFormatter,
+               description="Compare the files of two images (or of PATH in both) from their TOCs alone:\n"
+                           "one line per changed path, sorted. A added, D deleted, M modified (type, size,\n"
+                           "content or link target), m metadata only (mode, owner, xattrs); mtime is not compared.",
+               epilog="examples:\n  starget diff ghcr.io/example/tools:1.4 ghcr.io/example/tools:1.5 usr/\n"
+                      "  starget diff --platform-a linux/amd64 --platform-b linux/arm64 ghcr.io/example/tools:1.4 "
+                      "ghcr.io/example/tools:1.4")
+    diff.add_argument("image", metavar="IMAGE_A", help=argparse.SUPPRESS)
+    diff.add_argument("image_b", metavar="IMAGE_B", help=argparse.SUPPRESS)
+    diff.add_argument("args", metavar="[PATH]", nargs="*", help=argparse.SUPPRESS)
+    diff.parse_known_args = _words_after_flags(diff.parse_known_args)
+    diff.add_argument("--json", action="store_true", help="one JSON array")
+    diff.add_argument("--exit-code", action="store_true", help="exit 1 when the images differ (as git diff does)")
+    platform = _option_named("--platform")
+    for side, which in (("a", "IMAGE_A"), ("b", "IMAGE_B")):
+        diff.add_argument("--platform-" + side, dest="platform_" + side, type=_argparse_type(platform),
+                          metavar=platform.metavar, help="platform of %s (default: --platform's)" % which)
+    return diff
 
 
 def _build_parser():
@@ -4846,13 +4913,11 @@ def _build_parser():
         "List the entries PATH selects (default: the whole image), sorted by path.",
         "ls ghcr.io/example/tools:1.4 etc/               # etc and everything below it",
         "ls -l ghcr.io/example/tools:1.4 sha256:9a6b7b10 bin/sh"))
-    ls.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
-    ls.add_argument("args", metavar="[BLOB] [PATH]", nargs="*", help=argparse.SUPPRESS)
+    _add_path_arguments(ls, "[BLOB] [PATH]", "*")
     ls.parse_known_args = _words_after_flags(ls.parse_known_args)
     ls.add_argument("-l", "--long", action="store_true", help="type, mode, owner, size, time, link target")
     ls.add_argument("--json", action="store_true", help="one JSON array")
     ls.add_argument("--sizes", action="store_true", help="bytes and files per directory, like du")
-    _add_exclude(ls)
 
     # usage= and the epilog say the grammar: argparse's own usage for nargs="+" would
     # read `[[BLOB] PATH ...]`, which the commands refuse.
@@ -4862,9 +4927,7 @@ def _build_parser():
         "OUTPUT_DIR/<its path in the image>.",
         "get ghcr.io/example/tools:1.4 bin/ ./out      # out/bin/...",
         "get ghcr.io/example/tools:1.4 etc/os-release  # ./etc/os-release"))
-    get.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
-    get.add_argument("args", metavar="[BLOB] PATH [OUTPUT_DIR]", nargs="+", help=argparse.SUPPRESS)
-    _add_exclude(get)
+    _add_path_arguments(get, "[BLOB] PATH [OUTPUT_DIR]", "+")
 
     cat = add("cat", help="write one file to standard output: cat IMAGE [BLOB] PATH", **_command_help(
         "cat", "IMAGE [BLOB] PATH",
@@ -4872,9 +4935,9 @@ def _build_parser():
         "inside the image; the file is verified before a byte is written).",
         "cat ghcr.io/example/tools:1.4 etc/os-release",
         "cat ghcr.io/example/tools:1.4 sha256:9a6b7b10 bin/tool > tool"))
-    cat.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
-    cat.add_argument("args", metavar="[BLOB] PATH", nargs="+", help=argparse.SUPPRESS)
-    _add_exclude(cat)
+    _add_path_arguments(cat, "[BLOB] PATH", "+")
+
+    diff = _add_diff_command(add)
 
     completion = add("completion", help="print a shell completion script: completion bash|zsh|fish")
     completion.add_argument("shell", metavar="SHELL", help="bash, zsh or fish")
@@ -4888,7 +4951,7 @@ def _build_parser():
     helper.add_argument("topic", metavar="COMMAND", nargs="?")
     add("version", help="print the version")
 
-    for sub in (info, ls, get, cat, complete):
+    for sub in (info, ls, get, cat, diff, complete):
         _add_global_options(sub)
     return parser
 
@@ -5196,7 +5259,51 @@ def _cmd_cat(session, out):
     return 0
 
 
-_COMMANDS = {"info": _cmd_info, "ls": _cmd_ls, "get": _cmd_get, "cat": _cmd_cat, "__complete": _cmd_complete}
+_DIFF_LETTERS = {"added": "A", "deleted": "D", "modified": "M", "metadata": "m"}
+
+
+def _cmd_diff(session, out):
+    """diff IMAGE_A IMAGE_B [PATH]: manifests and TOCs only, never file content."""
+    import argparse
+    args = session.args
+    if len(args.args) > 1:
+        _fail(ErrorCode.USAGE, "wrong number of arguments (see starget diff --help)")
+    pattern = _image_path(args.args[0]) if args.args else None
+    if args.platform_a:
+        session.platform = Platform.parse(args.platform_a)
+    # IMAGE_B may live on another registry: a session of its own, with its settings
+    other_args = argparse.Namespace(**vars(args))
+    other_args.image, other_args.platform = args.image_b, args.platform_b or args.platform
+    other = _Session(other_args, Config.load())
+    try:
+        indexes = [session.load_image(), other.load_image()]
+    finally:
+        other.close()
+    sides, missing = [], []
+    for index in indexes:
+        try:
+            sides.append(index.view() if pattern is None else {e.path: e for e in index.filter_files(pattern)})
+        except StargzError as error:      # PATH in one image only: all added, or all deleted
+            if error.code != ErrorCode.NOT_FOUND:
+                raise
+            missing.append(error)
+            sides.append({})
+    if len(missing) == 2:
+        raise missing[0]
+    changes = _diff_views(*sides)
+    if args.json:
+        doc = [{"path": path, "change": change, "fields": fields,
+                "a": sides[0][path].to_json() if path in sides[0] else None,
+                "b": sides[1][path].to_json() if path in sides[1] else None} for path, change, fields in changes]
+        out.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    else:
+        for path, change, _ in changes:
+            out.write("%s %s\n" % (_DIFF_LETTERS[change], path))
+    return 1 if changes and args.exit_code else 0
+
+
+_COMMANDS = {"info": _cmd_info, "ls": _cmd_ls, "get": _cmd_get, "cat": _cmd_cat, "diff": _cmd_diff,
+             "__complete": _cmd_complete}
 
 
 class _Stdout(object):

@@ -4124,6 +4124,55 @@ def test_filter_files_glob_in_one_layer():
     assert [e.path for e in index.filter_files("usr/*/*.so", "sha256:b")] == ["usr/lib/b.so"]
 
 
+# ---- image index: comparing two views (diff) ----------------------------------
+
+def _view(*entries):
+    return {e.path: e for e in entries}
+
+
+def _reg(path, digest="1", size=1, **kw):
+    return starget.TOCEntry(path, "reg", size=size, digest="sha256:" + digest * 64, mode=kw.pop("mode", 0o644), **kw)
+
+
+def test_diff_views_kinds_of_change():
+    a = _view(starget.TOCEntry("", "dir"), starget.TOCEntry("d", "dir", mode=0o755), _reg("d/same"),
+              _reg("d/gone"), _reg("d/content"), _reg("d/size"), _reg("d/mode"), _reg("d/owner"),
+              _reg("d/xattr"), _reg("d/times", mtime=1), _reg("d/layer", layer=0, blob="sha256:" + "a" * 64),
+              starget.TOCEntry("d/link", "symlink", link="x"), _reg("d/kind"))
+    b = _view(starget.TOCEntry("", "dir", mode=0o700), starget.TOCEntry("d", "dir", mode=0o755), _reg("d/same"),
+              _reg("d/new"), _reg("d/content", "2"), _reg("d/size", size=2), _reg("d/mode", mode=0o600),
+              _reg("d/owner", uid=1, gid=2), _reg("d/xattr", xattrs={"user.a": "eA=="}), _reg("d/times", mtime=2),
+              _reg("d/layer", layer=3, blob="sha256:" + "b" * 64), starget.TOCEntry("d/link", "symlink", link="y"),
+              starget.TOCEntry("d/kind", "dir", mode=0o644))
+    assert starget._diff_views(a, b) == [
+        ("d/content", "modified", ["digest"]),
+        ("d/gone", "deleted", []),
+        ("d/kind", "modified", ["type", "size", "digest"]),
+        ("d/link", "modified", ["link"]),
+        ("d/mode", "metadata", ["mode"]),
+        ("d/new", "added", []),
+        ("d/owner", "metadata", ["uid", "gid"]),
+        ("d/size", "modified", ["size"]),
+        ("d/xattr", "metadata", ["xattrs"]),
+    ]      # mtime, layer and blob are not compared; the root is no path
+    assert starget._diff_views(b, b) == [] and starget._diff_views({}, {}) == []
+
+
+def test_diff_views_content_and_metadata_together_is_modified():
+    a, b = _view(_reg("f")), _view(_reg("f", "2", mode=0o755))
+    assert starget._diff_views(a, b) == [("f", "modified", ["digest", "mode"])]
+
+
+def test_diff_views_hardlink_compares_its_target():
+    target = _reg("t")
+    link = starget.TOCEntry("h", "hardlink", link="t", link_target=target, mode=0o644)
+    other = _reg("t", "2")
+    relinked = starget.TOCEntry("h", "hardlink", link="t", link_target=other, mode=0o644)
+    assert starget._diff_views(_view(target, link), _view(other, relinked)) == [
+        ("h", "modified", ["digest"]), ("t", "modified", ["digest"])]
+    assert starget._diff_views(_view(target, link), _view(target, _reg("h"))) == [("h", "modified", ["type", "link"])]
+
+
 # =============================================================================
 # download
 # =============================================================================
@@ -5984,6 +6033,113 @@ def test_empty_exclude_is_a_usage_error(registry_anon):
     assert "empty --exclude" in line
 
 
+# ---- cli: diff ----------------------------------------------------------------
+
+_DIFF_CONTENT = ("type", "size", "digest", "link")
+_DIFF_FIELDS = _DIFF_CONTENT + ("mode", "uid", "gid", "xattrs")
+
+
+def _expected_diff(a, b, prefix=None):
+    """`diff` lines computed from two EXPECTED `files` maps (optionally only `prefix` and below)."""
+    def fields(e):
+        content = e["type"] in ("reg", "hardlink")
+        return {"type": e["type"], "size": e.get("size", 0) if content else 0,
+                "digest": "sha256:" + e["sha256"] if content else None,
+                "link": e.get("link") if e["type"] in ("symlink", "hardlink") else None,
+                "mode": e["mode"], "uid": e["uid"], "gid": e["gid"], "xattrs": e.get("xattrs") or {}}
+    lines = []
+    for path in sorted(set(a) | set(b)):
+        if not path or prefix and not (path == prefix or path.startswith(prefix + "/")):
+            continue
+        if path not in a or path not in b:
+            lines.append(("A " if path not in a else "D ") + path)
+            continue
+        fa, fb = fields(a[path]), fields(b[path])
+        changed = [f for f in _DIFF_FIELDS if fa[f] != fb[f]]
+        if changed:
+            lines.append(("M " if set(changed) & set(_DIFF_CONTENT) else "m ") + path)
+    return lines
+
+
+def test_e2e_diff_two_platforms(registry_anon):
+    image = registry_anon.image("multiarch")
+    a, b = expected_files("multiarch", "latest", "linux/amd64"), expected_files("multiarch", "latest", "linux/arm64/v8")
+    want = _expected_diff(a, b)
+    assert want == ["M bin/hello", "M etc/arch"]
+    rc, out, err = run_cli("diff", "--platform-a", "linux/amd64", "--platform-b", "linux/arm64/v8", image, image)
+    assert (rc, out.splitlines()) == (0, want), err
+    # --platform for both sides, one side overridden; --json carries both entries
+    rc, out, err = run_cli("--platform", "linux/arm64/v8", "diff", image, image, "--json", "--platform-a", "linux/amd64")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert [d["path"] for d in doc] == ["bin/hello", "etc/arch"]
+    for d in doc:
+        assert d["change"] == "modified" and d["fields"] == ["digest"]
+        assert d["a"]["digest"] == "sha256:" + a[d["path"]]["sha256"]
+        assert d["b"]["digest"] == "sha256:" + b[d["path"]]["sha256"]
+        assert set(d["a"]) == {"path", "type", "mode", "size", "digest", "link", "layer", "blob", "uid", "gid", "mtime"}
+    rc, out, err = run_cli("diff", "--platform", "linux/amd64", image, image, "--exit-code")
+    assert (rc, out) == (0, ""), err
+
+
+@pytest.mark.parametrize("prefix", [None, "etc", "usr/lib"])
+def test_e2e_diff_two_layouts(registry_anon, prefix):
+    a, b = expected_files("layers", "latest"), expected_files("basic", "latest")
+    want = _expected_diff(a, b, prefix)
+    assert any(w.startswith("A ") for w in want) and any(w.startswith("D ") for w in want)
+    path = [prefix + "/"] if prefix else []
+    rc, out, err = run_cli("diff", registry_anon.image("layers"), registry_anon.image("basic"), *path)
+    assert (rc, out.splitlines()) == (0, want), err
+    rc, out, err = run_cli("diff", "--exit-code", registry_anon.image("layers"), registry_anon.image("basic"), *path)
+    assert rc == 1 and out.splitlines() == want, err
+
+
+def test_e2e_diff_json_added_and_deleted(registry_anon):
+    a, b = expected_files("layers", "latest"), expected_files("basic", "latest")
+    rc, out, err = run_cli("diff", "--json", registry_anon.image("layers"), registry_anon.image("basic"), "**/*.txt")
+    assert rc == 0, err
+    doc = {d["path"]: d for d in json.loads(out)}
+    gone = doc["keep.txt"]
+    assert (gone["change"], gone["fields"], gone["b"]) == ("deleted", [], None) and gone["a"]["path"] == "keep.txt"
+    new = doc["docs/file with spaces.txt"]
+    assert (new["change"], new["a"]) == ("added", None) and new["b"]["size"] == b["docs/file with spaces.txt"]["size"]
+    assert sorted(doc) == sorted(p for p in set(a) | set(b) if p.endswith(".txt"))
+
+
+def test_e2e_diff_identical_images_print_nothing(registry_anon):
+    """docker-v2 holds basic's files under Docker media types: the same tree."""
+    assert _expected_diff(expected_files("basic", "latest"), expected_files("docker-v2", "latest")) == []
+    rc, out, err = run_cli("diff", "--exit-code", registry_anon.image("basic"), registry_anon.image("docker-v2"))
+    assert (rc, out) == (0, ""), err
+
+
+def test_e2e_diff_reads_no_file_content(registry_anon, tmp_path):
+    """Manifests and TOC tails only (each fixture TOC fits in one tail read); warm: no blob at all."""
+    env = {"STARGET_CACHE_DIR": str(tmp_path / "cache")}
+    layers = {l["digest"] for ref in (("layers", "latest"), ("basic", "latest")) for l in expected_ref(*ref)["layers"]}
+    args = ["-d", "diff", registry_anon.image("layers"), registry_anon.image("basic")]
+    rc, first, err = run_cli(*args, env=env)
+    assert rc == 0, err
+    blobs = [line.split("/blobs/")[1] for line in _blob_requests(err)]
+    assert sorted(blobs) == sorted(layers)
+    rc, second, err = run_cli(*args, env=env)
+    assert (rc, second) == (0, first) and _blob_requests(err) == [], err
+
+
+def test_e2e_diff_path_missing_on_both_sides_is_not_found(registry_anon):
+    rc, out, err = run_cli("diff", registry_anon.image("layers"), registry_anon.image("basic"), "nothing/")
+    assert_one_line_error(rc, err, 3)
+    rc, out, err = run_cli("diff", registry_anon.image("layers"), registry_anon.image("basic"), "opt/")
+    assert rc == 0 and out.splitlines() == ["D opt", "D opt/app", "D opt/app/new.txt"], err
+
+
+def test_diff_usage_errors():
+    rc, out, err = run_cli("diff", "127.0.0.1:1/a", "127.0.0.1:1/b", "x", "y")
+    assert "wrong number of arguments" in assert_one_line_error(rc, err, 2)
+    rc, out, err = run_cli("diff", "127.0.0.1:1/a", "--platform-b", "nope", "127.0.0.1:1/b")
+    assert "--platform-b" in assert_one_line_error(rc, err, 2)
+
+
 # ---- cli: --fallback-stream -------------------------------------------------
 
 def test_plain_gzip_without_fallback_exit_6(registry_anon):
@@ -6364,7 +6520,7 @@ needs_bash = pytest.mark.skipif(not shutil.which("bash"), reason="bash is not in
 
 @needs_bash
 @pytest.mark.parametrize("line, expected", [
-    ("starget ", ["info", "ls", "get", "cat", "completion"]),
+    ("starget ", ["info", "ls", "get", "cat", "diff", "completion"]),
     ("starget g", ["get"]),
     ("starget c", ["cat", "completion"]),
     ("starget -k --platform linux/amd64 i", ["info"]),
@@ -6568,7 +6724,7 @@ def run_fish(fake, line):
 @pytest.mark.skipif(not shutil.which("fish"), reason="fish is not installed")
 def test_fish_completion(fake_starget):
     replies, _ = run_fish(fake_starget, "starget ")
-    assert sorted(replies) == ["cat", "completion", "get", "info", "ls"]
+    assert sorted(replies) == ["cat", "completion", "diff", "get", "info", "ls"]
     replies, _ = run_fish(fake_starget, "starget --platform linux/arm")
     assert sorted(replies) == ["linux/arm/v7", "linux/arm64", "linux/arm64/v8"]
     replies, _ = run_fish(fake_starget, "starget ls img --")
