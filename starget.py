@@ -3335,6 +3335,93 @@ def _remove_subtree(view, children, path, keep_top=False):
         todo.extend(children.pop(below, ()))
 
 
+# -- globs ---------------------------------------------------------------------
+#
+# A PATH with `*`, `?` or `[` is a glob over the paths as the view stores them: it
+# never goes through a symlink (so `**` cannot loop). Each glob is compiled once into
+# a regex over the whole path, so selecting is one pass over the view, whatever its size.
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def _is_glob(pattern):
+    return isinstance(pattern, str) and _GLOB_CHARS.search(pattern) is not None
+
+
+def _glob_component(part):
+    """One component of a glob as a regex that never matches '/': `*` any run of
+    characters, `?` one, `[...]` / `[!...]` a class; an unclosed `[` is itself."""
+    out, i, n = [], 0, len(part)
+    while i < n:
+        c = part[i]
+        i += 1
+        if c == "*":
+            if not out or out[-1] != "[^/]*":     # `**` inside a name is `*`: no backtracking blow-up
+                out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = i + 1 if i < n and part[i] in "!^" else i
+            j = part.find("]", j + 1 if j < n and part[j] == "]" else j)   # a leading ] is a member
+            if j < 0:
+                out.append(re.escape(c))
+                continue
+            body, i = part[i:j], j + 1
+            negate = body[:1] in ("!", "^")
+            # escaped one by one (a '-' stays a range): `[[]` or `[a&&b]` are members, not set syntax
+            members = "".join(ch if ch.isalnum() or ch == "-" else "\\" + ch for ch in body[1 if negate else 0:])
+            # a range such as [+-0] holds '/': the lookahead keeps classes inside one component
+            out.append("(?!/)[%s%s]" % ("^" if negate else "", members))
+        else:
+            out.append(re.escape(c))
+    return "".join(out)
+
+
+def _glob_regex(pattern):
+    """A glob -> (regex text for one whole normalised path, whether only directories
+    match: a trailing '/'). A `**` component is zero or more whole components (one or
+    more at the end: what is below); `.` and empty components are dropped, as in paths."""
+    parts = []
+    for part in pattern.split("/"):
+        if part not in ("", ".") and not (part == "**" and parts[-1:] == ["**"]):
+            parts.append(part)      # `**/**` is `**`: two in a row would backtrack quadratically
+    out = []
+    for n, part in enumerate(parts):
+        last = n == len(parts) - 1
+        if part == "**":
+            out.append("[^/]+(?:/[^/]+)*" if last else "(?:[^/]+/)*")
+        else:
+            out.append(_glob_component(part) + ("" if last else "/"))
+    if not parts:                   # `/` or `.`: everything
+        return "[\\s\\S]*", False
+    return "".join(out), pattern.endswith("/")
+
+
+def _glob_matcher(patterns):
+    """A predicate (path, entry) -> whether one of the globs matches `path` or a path
+    above it (a match brings its subtree). Compiled once into at most three regexes,
+    so an entry costs three matches however many globs there are."""
+    whole, dirs, above = [], [], []
+    for pattern in patterns:
+        regex, dir_only = _glob_regex(pattern)
+        (dirs if dir_only else whole).append(regex)
+        above.append(regex)
+
+    def compiled(regexes, tail):
+        return re.compile("(?:%s)%s" % ("|".join(regexes), tail)).match if regexes else lambda path: None
+    whole, dirs, above = compiled(whole, r"\Z"), compiled(dirs, r"\Z"), compiled(above, "/")
+
+    def matches(path, entry):
+        return bool(above(path) or whole(path) or (entry.type == "dir" and dirs(path)))
+    return matches
+
+
+def _glob_select(view, pattern):
+    """The entries of `view` (path -> entry) a glob selects, sorted by path."""
+    matches = _glob_matcher([pattern])
+    return sorted((e for p, e in view.items() if p and matches(p, e)), key=lambda e: e.path)
+
+
 class ImageIndex(object):
     """The files of an image: all layers merged as overlayfs would (later layers win,
     whiteouts delete, opaque directories hide lower contents, landmarks hidden)."""
@@ -3443,13 +3530,31 @@ class ImageIndex(object):
         see _ImageFile. NOT_FOUND for a missing path or one that is not a file."""
         return _open_in(self, path, blob)
 
-    def filter_files(self, pattern, blob=None):
+    def filter_files(self, pattern, blob=None, exclude=()):
         """Entries selected by a pattern: `.` or `/` everything; `dir/` or `dir` a whole
         directory; `file` one entry. A trailing slash follows a final symlink, as a shell
-        does; the links passed through are selected too, so the tree reads the same."""
+        does; the links passed through are selected too, so the tree reads the same.
+        A pattern with `*`, `?` or `[` is a glob (see _glob_regex); one that matches
+        nothing is taken as a plain path, as a shell leaves it, so that a name with `[`
+        still works. `exclude`: globs whose matches, with their subtrees, are dropped."""
         view = self.view(blob)
         if not isinstance(pattern, str) or "\x00" in pattern:
             _fail(ErrorCode.USAGE, "invalid path pattern %r" % (pattern,))
+        selected = _glob_select(view, pattern) if _is_glob(pattern) else None
+        if not selected:
+            try:
+                selected = self._select_path(view, pattern)
+            except StargzError as error:
+                if selected is None or error.code != ErrorCode.NOT_FOUND:
+                    raise
+                _fail(ErrorCode.NOT_FOUND, "no match in the image for %s" % pattern)
+        if exclude:
+            dropped = _glob_matcher(exclude)
+            selected = [e for e in selected if not dropped(e.path, e)]
+        return selected
+
+    @staticmethod
+    def _select_path(view, pattern):
         links = []
         target = _resolve_in(view, pattern, follow_last=pattern.endswith("/"), collected=links)
         if target == "":   # `.`, `/`, `..`: the whole image, root entry or not
@@ -3467,6 +3572,43 @@ class ImageIndex(object):
             selected[target] = entry
         selected.pop("", None)
         return [selected[p] for p in sorted(selected)]
+
+
+# -- comparing two views ---------------------------------------------------------
+#
+# What `diff` compares, from the TOCs alone: the `ls --json` fields that say what a
+# file is, then those that say who may use it. Not layer or blob (the same file may
+# come from another layer), nor mtime: a rebuilt image re-stamps every time.
+_DIFF_CONTENT_FIELDS = ("type", "size", "digest", "link")
+_DIFF_METADATA_FIELDS = ("mode", "uid", "gid", "xattrs")
+
+
+def _compared_fields(entry):
+    doc = entry.to_json()
+    doc["xattrs"] = entry.xattrs or {}
+    return tuple(doc[f] for f in _DIFF_CONTENT_FIELDS + _DIFF_METADATA_FIELDS)
+
+
+def _diff_views(a, b):
+    """Two views (path -> TOCEntry) -> [(path, change, fields)], sorted by path: change
+    is "added" (only in b), "deleted" (only in a), "modified" (a content field differs)
+    or "metadata" (only mode, owner or xattrs); fields names what differs. Pure."""
+    names = _DIFF_CONTENT_FIELDS + _DIFF_METADATA_FIELDS
+    changes = []
+    for path in sorted(set(a) | set(b)):
+        if path == "":          # the root is no path of the listing
+            continue
+        old, new = a.get(path), b.get(path)
+        if old is None or new is None:
+            changes.append((path, "added" if old is None else "deleted", []))
+            continue
+        before, after = _compared_fields(old), _compared_fields(new)
+        if before == after:
+            continue
+        fields = [name for name, x, y in zip(names, before, after) if x != y]
+        content = any(f in _DIFF_CONTENT_FIELDS for f in fields)
+        changes.append((path, "modified" if content else "metadata", fields))
+    return changes
 
 
 def _resolve_manifest(client, platform=None):
@@ -3662,10 +3804,10 @@ class DownloadJob(object):
     """The plan for one `get`: which entries, which files, which byte ranges.
     Pure: it reads the index, never the network or the disk."""
 
-    def __init__(self, index, pattern, output_dir, blob=None, policy=None):
+    def __init__(self, index, pattern, output_dir, blob=None, policy=None, exclude=()):
         self.index, self.pattern, self.output_dir, self.blob = index, pattern, output_dir, blob
         self.policy = policy or ExtractionPolicy()
-        self.entries = index.filter_files(pattern, blob)
+        self.entries = index.filter_files(pattern, blob, exclude=exclude)
         view = index.view(blob)
         self.dirs, self.regular, self.symlinks, self.hardlinks, self.specials = [], [], [], [], []
         selected_ids = set(id(e) for e in self.entries)
@@ -4600,9 +4742,10 @@ class Downloader(object):
         self.progress_enabled = progress
         self.gap, self.part_size = gap, part_size
 
-    def download(self, index, pattern, output_dir, blob=None):
-        """Get the files `pattern` selects into `output_dir`; returns DownloadStats."""
-        return self.run(DownloadJob(index, pattern, output_dir, blob, self.policy))
+    def download(self, index, pattern, output_dir, blob=None, exclude=()):
+        """Get the files `pattern` selects (less what the `exclude` globs match) into
+        `output_dir`; returns DownloadStats."""
+        return self.run(DownloadJob(index, pattern, output_dir, blob, self.policy, exclude=exclude))
 
     def run(self, job):
         """Run `job` with this Downloader's client, else the index's; returns DownloadStats."""
@@ -4891,6 +5034,7 @@ _COMPLETION_COMMANDS = (
     ("ls", "list the files of the image"),
     ("get", "download files"),
     ("cat", "write one file to standard output"),
+    ("diff", "compare the files of two images"),
     ("completion", "print a shell completion script"),
     ("tags", "list the tags of a repository"),
     ("login", "store credentials for a registry"),
@@ -4901,7 +5045,11 @@ _COMPLETION_HELP_FLAGS = (("-h", "show help"), ("--help", "show help"))
 _COMPLETION_COMMAND_FLAGS = {
     "info": (("--json", "one JSON object"),),
     "ls": (("--json", "one JSON array"), ("-l", "long listing"), ("--long", "long listing"),
-           ("--sizes", "show sizes")),
+           ("--sizes", "show sizes"), ("--exclude", "leave out a glob")),
+    "get": (("--exclude", "leave out a glob"),),
+    "cat": (("--exclude", "leave out a glob"),),
+    "diff": (("--json", "one JSON array"), ("--exit-code", "exit 1 when they differ"),
+             ("--platform-a", "platform of the first image"), ("--platform-b", "platform of the second image")),
     "tags": (("--json", "one JSON array"),),
     "login": (("-u", "user name"), ("--username", "user name"), ("-p", "password (visible in ps)"),
               ("--password", "password (visible in ps)"), ("--password-stdin", "read the password from stdin")),
@@ -5576,7 +5724,9 @@ BLOB       a layer digest, sha256:... or a unique prefix of one: only that layer
            own entries instead of the merged view of all layers
 PATH       . or /      everything
            dir/ or dir the directory dir, recursively
-           file        that one file"""
+           file        that one file
+           a glob      *, ? and [...] within a name, ** for any depth: every match
+                       (and what is below it); etc/*.conf, usr/**/*.so, **/LICENSE"""
 
 
 def _command_help(name, grammar, description, *examples):
@@ -5669,8 +5819,39 @@ def _add_complete_command(add):
     return complete
 
 
-def _build_parser():
+def _add_path_arguments(command, metavar, nargs):
+    """What ls, get and cat share: IMAGE, the words after it, --exclude."""
     import argparse
+    command.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
+    command.add_argument("args", metavar=metavar, nargs=nargs, help=argparse.SUPPRESS)
+    command.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                         help="leave out what GLOB matches, with its subtree (repeatable)")
+
+
+def _add_diff_command(add):
+    import argparse
+    diff = add("diff", help="compare two images' files: diff IMAGE_A IMAGE_B [PATH]",
+               usage="starget diff [flags] IMAGE_A IMAGE_B [PATH]", formatter_class=argparse.RawDescriptionHelpFormatter,
+               description="Compare the files of two images (or of PATH in both) from their TOCs alone:\n"
+                           "one line per changed path, sorted. A added, D deleted, M modified (type, size,\n"
+                           "content or link target), m metadata only (mode, owner, xattrs); mtime is not compared.",
+               epilog="examples:\n  starget diff ghcr.io/example/tools:1.4 ghcr.io/example/tools:1.5 usr/\n"
+                      "  starget diff --platform-a linux/amd64 --platform-b linux/arm64 ghcr.io/example/tools:1.4 "
+                      "ghcr.io/example/tools:1.4")
+    diff.add_argument("image", metavar="IMAGE_A", help=argparse.SUPPRESS)
+    diff.add_argument("image_b", metavar="IMAGE_B", help=argparse.SUPPRESS)
+    diff.add_argument("args", metavar="[PATH]", nargs="*", help=argparse.SUPPRESS)
+    diff.parse_known_args = _words_after_flags(diff.parse_known_args)
+    diff.add_argument("--json", action="store_true", help="one JSON array")
+    diff.add_argument("--exit-code", action="store_true", help="exit 1 when the images differ (as git diff does)")
+    platform = _option_named("--platform")
+    for side, which in (("a", "IMAGE_A"), ("b", "IMAGE_B")):
+        diff.add_argument("--platform-" + side, dest="platform_" + side, type=_argparse_type(platform),
+                          metavar=platform.metavar, help="platform of %s (default: --platform's)" % which)
+    return diff
+
+
+def _build_parser():
     Parser = _parser_class()
     parser = Parser(
         prog="starget", description="Get files out of eStargz container images without pulling them.",
@@ -5697,8 +5878,7 @@ def _build_parser():
         "List the entries PATH selects (default: the whole image), sorted by path.",
         "ls ghcr.io/example/tools:1.4 etc/               # etc and everything below it",
         "ls -l ghcr.io/example/tools:1.4 sha256:9a6b7b10 bin/sh"))
-    ls.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
-    ls.add_argument("args", metavar="[BLOB] [PATH]", nargs="*", help=argparse.SUPPRESS)
+    _add_path_arguments(ls, "[BLOB] [PATH]", "*")
     ls.parse_known_args = _words_after_flags(ls.parse_known_args)
     ls.add_argument("-l", "--long", action="store_true", help="type, mode, owner, size, time, link target")
     ls.add_argument("--json", action="store_true", help="one JSON array")
@@ -5712,8 +5892,7 @@ def _build_parser():
         "OUTPUT_DIR/<its path in the image>.",
         "get ghcr.io/example/tools:1.4 bin/ ./out      # out/bin/...",
         "get ghcr.io/example/tools:1.4 etc/os-release  # ./etc/os-release"))
-    get.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
-    get.add_argument("args", metavar="[BLOB] PATH [OUTPUT_DIR]", nargs="+", help=argparse.SUPPRESS)
+    _add_path_arguments(get, "[BLOB] PATH [OUTPUT_DIR]", "+")
 
     cat = add("cat", help="write one file to standard output: cat IMAGE [BLOB] PATH", **_command_help(
         "cat", "IMAGE [BLOB] PATH",
@@ -5721,8 +5900,9 @@ def _build_parser():
         "inside the image; the file is verified before a byte is written).",
         "cat ghcr.io/example/tools:1.4 etc/os-release",
         "cat ghcr.io/example/tools:1.4 sha256:9a6b7b10 bin/tool > tool"))
-    cat.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
-    cat.add_argument("args", metavar="[BLOB] PATH", nargs="+", help=argparse.SUPPRESS)
+    _add_path_arguments(cat, "[BLOB] PATH", "+")
+
+    diff = _add_diff_command(add)
 
     completion = add("completion", help="print a shell completion script: completion bash|zsh|fish")
     completion.add_argument("shell", metavar="SHELL", help="bash, zsh or fish")
@@ -5734,7 +5914,7 @@ def _build_parser():
     helper.add_argument("topic", metavar="COMMAND", nargs="?")
     add("version", help="print the version")
 
-    for sub in (info, ls, get, cat, complete):
+    for sub in (info, ls, get, cat, diff, complete):
         _add_global_options(sub)
     return parser
 
@@ -5834,12 +6014,20 @@ def _ls_arguments(values):
     return blob, _image_path(rest[0]) if rest else "."
 
 
+def _excludes(args):
+    """--exclude's globs; an empty one (an unset variable) would leave out everything."""
+    for glob in args.exclude:
+        if glob == "":
+            _fail(ErrorCode.USAGE, "empty --exclude: give a glob")
+    return args.exclude
+
+
 def _cmd_ls(session, out):
     args = session.args
     blob, pattern = _ls_arguments(args.args)
     index = session.load_image(blob)
     # filter_files returns the whole image (`.`) in view order: ls promises path order
-    entries = sorted(index.filter_files(pattern, blob), key=lambda e: e.path)
+    entries = sorted(index.filter_files(pattern, blob, exclude=_excludes(args)), key=lambda e: e.path)
     if args.sizes:
         return _print_sizes(entries, args.json, out)
     if args.json:
@@ -5987,7 +6175,7 @@ def _cmd_get(session, out):
         _fail(ErrorCode.USAGE, "OUTPUT_DIR %s is not a directory (to write one file elsewhere: "
                                "starget cat IMAGE PATH > FILE)" % output_dir)
     index = session.load_image(blob)
-    stats = _downloader(session).download(index, pattern, output_dir, blob)
+    stats = _downloader(session).download(index, pattern, output_dir, blob, exclude=_excludes(session.args))
     _report(stats, session.args.verbose)
     return 0
 
@@ -6014,13 +6202,20 @@ def _cmd_cat(session, out):
     _image_path(rest[0])
     index = session.load_image(blob)
     view = index.view(blob)
+    if _is_glob(rest[0]) and _glob_select(view, rest[0]):   # else a name with `[` in it, as get takes it
+        # cat writes one file: the glob must name exactly one
+        matched = index.filter_files(rest[0], blob, exclude=_excludes(session.args))
+        if len(matched) != 1:
+            _fail(ErrorCode.USAGE, "%s matches %d entries; cat writes exactly one file" % (rest[0], len(matched)))
+        rest = [matched[0].path]
     path = _resolve_in(view, rest[0], follow_last=True)
     entry = view.get(path)
     if entry is None:
         link = _dangling_link(view, rest[0])
         if link is not None:
             _fail(ErrorCode.NOT_FOUND, "dangling symlink: %s -> %s" % (link.path, link.link))
-        _fail(ErrorCode.NOT_FOUND, "no such file in the image: %s" % rest[0])
+        _fail(ErrorCode.NOT_FOUND, ("no match in the image for %s" if _is_glob(rest[0]) else
+                                    "no such file in the image: %s") % rest[0])
     if entry.type not in ("reg", "hardlink"):
         _fail(ErrorCode.USAGE, "%s is a %s, not a regular file" % (rest[0], entry.type))
     scratch = tempfile.mkdtemp(prefix="starget-cat-")
@@ -6107,8 +6302,53 @@ def _cmd_tags(session, out):
     return 0
 
 
-_COMMANDS = {"info": _cmd_info, "ls": _cmd_ls, "get": _cmd_get, "cat": _cmd_cat, "__complete": _cmd_complete}
-_COMMANDS.update(login=_cmd_login, logout=_cmd_logout, tags=_cmd_tags)
+
+
+_DIFF_LETTERS = {"added": "A", "deleted": "D", "modified": "M", "metadata": "m"}
+
+
+def _cmd_diff(session, out):
+    """diff IMAGE_A IMAGE_B [PATH]: manifests and TOCs only, never file content."""
+    import argparse
+    args = session.args
+    if len(args.args) > 1:
+        _fail(ErrorCode.USAGE, "wrong number of arguments (see starget diff --help)")
+    pattern = _image_path(args.args[0]) if args.args else None
+    if args.platform_a:
+        session.platform = Platform.parse(args.platform_a)
+    # IMAGE_B may live on another registry: a session of its own, with its settings
+    other_args = argparse.Namespace(**vars(args))
+    other_args.image, other_args.platform = args.image_b, args.platform_b or args.platform
+    other = _Session(other_args, Config.load())
+    try:
+        indexes = [session.load_image(), other.load_image()]
+    finally:
+        other.close()
+    sides, missing = [], []
+    for index in indexes:
+        try:
+            sides.append(index.view() if pattern is None else {e.path: e for e in index.filter_files(pattern)})
+        except StargzError as error:      # PATH in one image only: all added, or all deleted
+            if error.code != ErrorCode.NOT_FOUND:
+                raise
+            missing.append(error)
+            sides.append({})
+    if len(missing) == 2:
+        raise missing[0]
+    changes = _diff_views(*sides)
+    if args.json:
+        doc = [{"path": path, "change": change, "fields": fields,
+                "a": sides[0][path].to_json() if path in sides[0] else None,
+                "b": sides[1][path].to_json() if path in sides[1] else None} for path, change, fields in changes]
+        out.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    else:
+        for path, change, _ in changes:
+            out.write("%s %s\n" % (_DIFF_LETTERS[change], path))
+    return 1 if changes and args.exit_code else 0
+
+
+_COMMANDS = {"info": _cmd_info, "ls": _cmd_ls, "get": _cmd_get, "cat": _cmd_cat, "diff": _cmd_diff,
+             "login": _cmd_login, "logout": _cmd_logout, "tags": _cmd_tags, "__complete": _cmd_complete}
 
 
 class _Stdout(object):

@@ -86,7 +86,7 @@ sys.path.insert(0, os.path.join(HERE, "testdata"))
 sys.path.insert(0, HERE)
 
 from harness import (  # noqa: E402
-    IS_ROOT, REPO, STARGET, TOC_DIGEST_ANNOTATION, ForwardProxy, OCIServer, assert_one_line_error,
+    IS_ROOT, REPO, STARGET, TOC_DIGEST_ANNOTATION, all_layouts, ForwardProxy, OCIServer, assert_one_line_error,
     blob_bytes, compare_tree, error_lines, estargz_footer, expected_files, expected_fixture,
     expected_ls, expected_ref, helper_calls, hermetic_env, legacy_footer, load_expected, project_ls,
     read_toc, rewrite_toc, run_cli, sha256_digest, snapshot_dir, start_tls_registry, toc_member,
@@ -4295,6 +4295,170 @@ def test_a_foreign_or_unsafe_parsed_cache_entry_is_ignored(registry_anon, tmp_pa
     starget.open_image(client.ref, client=_client(registry_anon, "basic"), cache=cache)
     assert calls == [1, 1]
 
+
+# ---- image index: globs (PATH and --exclude) ----------------------------------
+
+GLOB_CASES = [
+    # pattern, path, matches the path itself
+    ("etc/*.conf", "etc/a.conf", True),
+    ("etc/*.conf", "etc/sub/a.conf", False),       # * never crosses /
+    ("etc/*", "etc", False),
+    ("*", "etc", True),
+    ("*", "etc/passwd", False),
+    ("e?c", "etc", True),
+    ("e?c", "e/c", False),                         # nor does ?
+    ("e?c", "ec", False),
+    ("[a-c]x", "bx", True),
+    ("[a-c]x", "dx", False),
+    ("[!a-c]x", "dx", True),
+    ("[!a-c]x", "ax", False),
+    ("a[+-0]b", "a/b", False),                     # a range that holds / still stays in one name
+    ("a[+-0]b", "a.b", True),
+    ("[]]", "]", True),
+    ("x[", "x[", True),                            # an unclosed [ is itself
+    ("**/LICENSE", "LICENSE", True),               # ** at the start: zero or more components
+    ("**/LICENSE", "a/b/LICENSE", True),
+    ("**/LICENSE", "a/LICENSE.txt", False),
+    ("usr/**/*.so", "usr/a.so", True),             # ** in the middle
+    ("usr/**/*.so", "usr/lib/x/a.so", True),
+    ("usr/**/*.so", "usrx/a.so", False),
+    ("usr/**", "usr/lib/a", True),                 # ** at the end: what is below
+    ("usr/**", "usr", False),
+    ("usr/**/**/a", "usr/a", True),
+    ("a**b", "axxb", True),                        # ** inside a name is *
+    ("a**b", "ax/b", False),
+    ("/etc/./*.conf", "etc/a.conf", True),         # normalised like a path
+    ("d.t", "dxt", False),                         # regex characters are literal
+    ("(x)+", "(x)+", True),
+]
+
+
+@pytest.mark.parametrize("pattern,path,expected", GLOB_CASES)
+def test_glob_regex(pattern, path, expected):
+    regex, dir_only = starget._glob_regex(pattern)
+    assert bool(re.match("(?:%s)\\Z" % regex, path)) is expected
+    assert dir_only is False
+
+
+def test_glob_trailing_slash_matches_directories_only():
+    assert starget._glob_regex("usr/*/") == ("usr/[^/]*", True)
+    matches = starget._glob_matcher(["usr/*/"])
+    assert matches("usr/lib", starget.TOCEntry("usr/lib", "dir"))
+    assert not matches("usr/lib", starget.TOCEntry("usr/lib", "reg"))
+    assert matches("usr/lib/a", starget.TOCEntry("usr/lib/a", "reg"))     # below a matching directory
+
+
+def test_glob_matcher_brings_the_subtree_and_is_compiled_once(monkeypatch):
+    compiled = []
+    real = re.compile
+    monkeypatch.setattr(starget.re, "compile", lambda *a: compiled.append(a) or real(*a))
+    matches = starget._glob_matcher(["etc/*", "**/x/"])
+    count = len(compiled)
+    entry = starget.TOCEntry("p", "reg")
+    assert [p for p in ("etc", "etc/a", "etc/a/b", "etcx/a", "x", "q/x/y", "q/xy/z") if matches(p, entry)] == \
+        ["etc/a", "etc/a/b", "q/x/y"]
+    assert len(compiled) == count <= 3
+
+
+GLOB_TOC = [
+    {"name": "usr/", "type": "dir", "mode": 493},
+    {"name": "usr/lib/", "type": "dir", "mode": 493},
+    {"name": "usr/lib/a.so", "type": "reg", "size": 1, "offset": 10, "digest": "sha256:" + "1" * 64},
+    {"name": "usr/lib/x/", "type": "dir", "mode": 493},
+    {"name": "usr/lib/x/b.so", "type": "reg", "size": 1, "offset": 20, "digest": "sha256:" + "2" * 64},
+    {"name": "usr/lib-c.so", "type": "reg", "size": 1, "offset": 30, "digest": "sha256:" + "3" * 64},
+    {"name": "lib", "type": "symlink", "linkName": "usr/lib", "mode": 511},
+    {"name": "loop", "type": "symlink", "linkName": ".", "mode": 511},
+    {"name": "docs/", "type": "dir", "mode": 493},
+    {"name": "docs/w [x].txt", "type": "reg", "size": 1, "offset": 40, "digest": "sha256:" + "4" * 64},
+]
+
+
+@pytest.fixture
+def glob_index():
+    return starget.ImageIndex([starget.parse_toc(_toc(GLOB_TOC), toc_offset=1000)])
+
+
+@pytest.mark.parametrize("pattern,exclude,expected", [
+    ("usr/**/*.so", (), ["usr/lib-c.so", "usr/lib/a.so", "usr/lib/x/b.so"]),
+    ("usr/*", (), ["usr/lib", "usr/lib-c.so", "usr/lib/a.so", "usr/lib/x", "usr/lib/x/b.so"]),
+    ("usr/*/", (), ["usr/lib", "usr/lib/a.so", "usr/lib/x", "usr/lib/x/b.so"]),
+    ("l*", (), ["lib", "loop"]),                    # links are not followed by globs
+    ("**/b.so", (), ["usr/lib/x/b.so"]),            # nor by ** (loop -> . does not loop)
+    ("usr/", ("usr/lib/x",), ["usr", "usr/lib", "usr/lib-c.so", "usr/lib/a.so"]),
+    ("**", ("**/*.so", "docs"), ["lib", "loop", "usr", "usr/lib", "usr/lib/x"]),
+    ("usr/*", ("usr/*/",), ["usr/lib-c.so"]),
+    ("docs/w [x].txt", (), ["docs/w [x].txt"]),     # matches nothing as a glob: the plain path
+])
+def test_filter_files_globs_and_excludes(glob_index, pattern, exclude, expected):
+    assert [e.path for e in glob_index.filter_files(pattern, exclude=exclude)] == expected
+
+
+def test_filter_files_glob_without_a_match_is_not_found(glob_index):
+    for pattern in ("nothing*", "usr/lib/a.s?/", "usr/*.so/"):    # a file does not match a/
+        with pytest.raises(StargzError) as ei:
+            glob_index.filter_files(pattern)
+        assert ei.value.code == ErrorCode.NOT_FOUND and "no match" in ei.value.message
+
+
+def test_filter_files_glob_in_one_layer():
+    lower = starget.parse_toc(_toc(GLOB_TOC[:3]), toc_offset=1000, blob="sha256:" + "a" * 64, layer=0)
+    upper = starget.parse_toc(_toc([{"name": "usr/lib/b.so", "type": "reg", "size": 1, "offset": 10,
+                                     "digest": "sha256:" + "5" * 64}]), toc_offset=1000, blob="sha256:" + "b" * 64, layer=1)
+    index = starget.ImageIndex([lower, upper])
+    assert [e.path for e in index.filter_files("usr/*/*.so")] == ["usr/lib/a.so", "usr/lib/b.so"]
+    assert [e.path for e in index.filter_files("usr/*/*.so", "sha256:b")] == ["usr/lib/b.so"]
+
+
+# ---- image index: comparing two views (diff) ----------------------------------
+
+def _view(*entries):
+    return {e.path: e for e in entries}
+
+
+def _reg(path, digest="1", size=1, **kw):
+    return starget.TOCEntry(path, "reg", size=size, digest="sha256:" + digest * 64, mode=kw.pop("mode", 0o644), **kw)
+
+
+def test_diff_views_kinds_of_change():
+    a = _view(starget.TOCEntry("", "dir"), starget.TOCEntry("d", "dir", mode=0o755), _reg("d/same"),
+              _reg("d/gone"), _reg("d/content"), _reg("d/size"), _reg("d/mode"), _reg("d/owner"),
+              _reg("d/xattr"), _reg("d/times", mtime=1), _reg("d/layer", layer=0, blob="sha256:" + "a" * 64),
+              starget.TOCEntry("d/link", "symlink", link="x"), _reg("d/kind"))
+    b = _view(starget.TOCEntry("", "dir", mode=0o700), starget.TOCEntry("d", "dir", mode=0o755), _reg("d/same"),
+              _reg("d/new"), _reg("d/content", "2"), _reg("d/size", size=2), _reg("d/mode", mode=0o600),
+              _reg("d/owner", uid=1, gid=2), _reg("d/xattr", xattrs={"user.a": "eA=="}), _reg("d/times", mtime=2),
+              _reg("d/layer", layer=3, blob="sha256:" + "b" * 64), starget.TOCEntry("d/link", "symlink", link="y"),
+              starget.TOCEntry("d/kind", "dir", mode=0o644))
+    assert starget._diff_views(a, b) == [
+        ("d/content", "modified", ["digest"]),
+        ("d/gone", "deleted", []),
+        ("d/kind", "modified", ["type", "size", "digest"]),
+        ("d/link", "modified", ["link"]),
+        ("d/mode", "metadata", ["mode"]),
+        ("d/new", "added", []),
+        ("d/owner", "metadata", ["uid", "gid"]),
+        ("d/size", "modified", ["size"]),
+        ("d/xattr", "metadata", ["xattrs"]),
+    ]      # mtime, layer and blob are not compared; the root is no path
+    assert starget._diff_views(b, b) == [] and starget._diff_views({}, {}) == []
+
+
+def test_diff_views_content_and_metadata_together_is_modified():
+    a, b = _view(_reg("f")), _view(_reg("f", "2", mode=0o755))
+    assert starget._diff_views(a, b) == [("f", "modified", ["digest", "mode"])]
+
+
+def test_diff_views_hardlink_compares_its_target():
+    target = _reg("t")
+    link = starget.TOCEntry("h", "hardlink", link="t", link_target=target, mode=0o644)
+    other = _reg("t", "2")
+    relinked = starget.TOCEntry("h", "hardlink", link="t", link_target=other, mode=0o644)
+    assert starget._diff_views(_view(target, link), _view(other, relinked)) == [
+        ("h", "modified", ["digest"]), ("t", "modified", ["digest"])]
+    assert starget._diff_views(_view(target, link), _view(target, _reg("h"))) == [("h", "modified", ["type", "link"])]
+
+
 # =============================================================================
 # download
 # =============================================================================
@@ -6501,6 +6665,225 @@ def test_no_ansi_escapes_on_tty_with_no_color(registry_anon, tmp_path):
     assert b"\x1b" not in text and b"\x1b" not in p.stdout, text[:500]
 
 
+# ---- cli: globs and --exclude -------------------------------------------------
+
+def _ref_glob_matches(pattern, path):
+    """Reference matcher, independent of starget's regexes: fnmatch on each component,
+    `**` tried over every split."""
+    import fnmatch
+    want = [c for c in pattern.split("/") if c not in ("", ".")]
+    have = path.split("/")
+
+    def match(i, j):
+        if i == len(want):
+            return j == len(have)
+        if want[i] == "**":
+            if i == len(want) - 1:
+                return j < len(have)
+            return any(match(i + 1, k) for k in range(j, len(have) + 1))
+        return j < len(have) and fnmatch.fnmatchcase(have[j], want[i]) and match(i + 1, j + 1)
+    return match(0, 0)
+
+
+def _ref_glob_select(files, pattern, exclude=()):
+    """EXPECTED paths a glob selects: a match or a path below one, less the excluded."""
+    def hit(glob, path):
+        parts = path.split("/")
+        for n in range(1, len(parts) + 1):
+            above = "/".join(parts[:n])
+            if _ref_glob_matches(glob, above) and (n < len(parts) or not glob.endswith("/")
+                                                   or files[path]["type"] == "dir"):
+                return True
+        return False
+    return sorted(p for p in files if p and hit(pattern, p) and not any(hit(x, p) for x in exclude))
+
+
+@pytest.mark.parametrize("pattern,exclude", [
+    ("etc/*", ()), ("etc/*.conf", ()), ("**/*.txt", ()), ("usr/**/*.so*", ()), ("[a-c]*/", ()),
+    ("bin/?s*", ()), ("**/e", ()), ("*", ("dev", "**/*.txt", "bin/*")), ("data/exact-?chunk*", ()),
+])
+def test_e2e_ls_glob_matches_a_reference_matcher(registry_anon, pattern, exclude):
+    files = expected_files("basic", "latest")
+    want = _ref_glob_select(files, pattern, exclude)
+    assert want, "the case selects nothing in basic: %s" % pattern
+    args = [a for x in exclude for a in ("--exclude", x)]
+    rc, out, err = run_cli("ls", registry_anon.image("basic"), pattern, *args)
+    assert rc == 0, err
+    assert out.splitlines() == want
+
+
+def test_e2e_get_glob_byte_for_byte(registry_anon, ws, tmp_path):
+    files = expected_files("basic", "latest")
+    want = _ref_glob_select(files, "**/*.txt")
+    rc, out, err = run_cli("-d", "--no-progress", "get", registry_anon.image("basic"), "**/*.txt", ws.out)
+    assert rc == 0, err
+    tree = ws.tree()
+    assert {p: t["sha256"] for p, t in tree.items() if t["type"] != "dir"} == {p: files[p]["sha256"] for p in want}
+    assert all(any(w.startswith(p + "/") for w in want) for p, t in tree.items() if t["type"] == "dir")
+    ws.assert_nothing_outside()
+    # the same files as a get of each matched path
+    one_by_one = str(tmp_path / "each")
+    for path in want:
+        rc, _, err = run_cli("--no-progress", "get", registry_anon.image("basic"), path, one_by_one)
+        assert rc == 0, err
+    strip = lambda t: {p: (i["type"], i["mode"], i["sha256"]) for p, i in t.items()}
+    assert strip(tree) == strip(walk_tree(one_by_one))
+
+
+def test_e2e_get_exclude_drops_a_subtree(registry_anon, ws):
+    files = expected_files("basic", "latest")
+    rc, out, err = run_cli("--no-progress", "get", registry_anon.image("basic"), ".", ws.out,
+                           "--exclude", "a/b", "--exclude", "**/*.bin", "--exclude", "dev/")
+    assert rc == 0, err
+    kept = {p: e for p, e in files.items() if p not in _ref_glob_select(files, "a/b") and
+            not p.endswith(".bin") and not (p == "dev" or p.startswith("dev/"))}
+    assert "a" in kept and "a/b" not in kept and "data/compressible.txt" in kept
+    assert compare_tree(kept, ws.tree()) == []
+
+
+def test_e2e_glob_without_a_match_is_not_found(registry_anon, ws):
+    for command in (["ls"], ["get"], ["cat"]):
+        extra = [ws.out] if command == ["get"] else []
+        rc, out, err = run_cli(*(command + [registry_anon.image("basic"), "etc/*.nothing"] + extra))
+        line = assert_one_line_error(rc, err, 3)
+        assert "no match" in line and "etc/*.nothing" in line
+    ws.assert_out_empty()
+
+
+def test_e2e_cat_glob_needs_exactly_one_file(registry_anon):
+    files = expected_files("basic", "latest")
+    rc, out, err = run_cli("cat", registry_anon.image("basic"), "etc/os-rel*", binary=True)
+    assert rc == 0, err
+    assert hashlib.sha256(out).hexdigest() == files["etc/os-release"]["sha256"]
+    rc, out, err = run_cli("cat", registry_anon.image("basic"), "etc/*.conf", binary=True)
+    line = assert_one_line_error(rc, err, 2)
+    assert "matches 2 entries" in line and out == b""
+    rc, out, err = run_cli("cat", registry_anon.image("basic"), "etc/*.conf", "--exclude", "etc/x*", binary=True)
+    assert rc == 0 and hashlib.sha256(out).hexdigest() == files["etc/empty.conf"]["sha256"], err
+
+
+def test_e2e_a_name_with_brackets_is_still_a_plain_path(registry_anon):
+    name = "docs/weird (1) [x] & co #%+=@!.txt"
+    rc, out, err = run_cli("cat", registry_anon.image("basic"), name, binary=True)
+    assert rc == 0, err
+    assert hashlib.sha256(out).hexdigest() == expected_files("basic", "latest")[name]["sha256"]
+    rc, out, err = run_cli("ls", registry_anon.image("basic"), name)
+    assert (rc, out) == (0, name + "\n"), err
+
+
+def test_empty_exclude_is_a_usage_error(registry_anon):
+    rc, out, err = run_cli("ls", registry_anon.image("basic"), "--exclude", "")
+    line = assert_one_line_error(rc, err, 2)
+    assert "empty --exclude" in line
+
+
+# ---- cli: diff ----------------------------------------------------------------
+
+_DIFF_CONTENT = ("type", "size", "digest", "link")
+_DIFF_FIELDS = _DIFF_CONTENT + ("mode", "uid", "gid", "xattrs")
+
+
+def _expected_diff(a, b, prefix=None):
+    """`diff` lines computed from two EXPECTED `files` maps (optionally only `prefix` and below)."""
+    def fields(e):
+        content = e["type"] in ("reg", "hardlink")
+        return {"type": e["type"], "size": e.get("size", 0) if content else 0,
+                "digest": "sha256:" + e["sha256"] if content else None,
+                "link": e.get("link") if e["type"] in ("symlink", "hardlink") else None,
+                "mode": e["mode"], "uid": e["uid"], "gid": e["gid"], "xattrs": e.get("xattrs") or {}}
+    lines = []
+    for path in sorted(set(a) | set(b)):
+        if not path or prefix and not (path == prefix or path.startswith(prefix + "/")):
+            continue
+        if path not in a or path not in b:
+            lines.append(("A " if path not in a else "D ") + path)
+            continue
+        fa, fb = fields(a[path]), fields(b[path])
+        changed = [f for f in _DIFF_FIELDS if fa[f] != fb[f]]
+        if changed:
+            lines.append(("M " if set(changed) & set(_DIFF_CONTENT) else "m ") + path)
+    return lines
+
+
+def test_e2e_diff_two_platforms(registry_anon):
+    image = registry_anon.image("multiarch")
+    a, b = expected_files("multiarch", "latest", "linux/amd64"), expected_files("multiarch", "latest", "linux/arm64/v8")
+    want = _expected_diff(a, b)
+    assert want == ["M bin/hello", "M etc/arch"]
+    rc, out, err = run_cli("diff", "--platform-a", "linux/amd64", "--platform-b", "linux/arm64/v8", image, image)
+    assert (rc, out.splitlines()) == (0, want), err
+    # --platform for both sides, one side overridden; --json carries both entries
+    rc, out, err = run_cli("--platform", "linux/arm64/v8", "diff", image, image, "--json", "--platform-a", "linux/amd64")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert [d["path"] for d in doc] == ["bin/hello", "etc/arch"]
+    for d in doc:
+        assert d["change"] == "modified" and d["fields"] == ["digest"]
+        assert d["a"]["digest"] == "sha256:" + a[d["path"]]["sha256"]
+        assert d["b"]["digest"] == "sha256:" + b[d["path"]]["sha256"]
+        assert set(d["a"]) == {"path", "type", "mode", "size", "digest", "link", "layer", "blob", "uid", "gid", "mtime"}
+    rc, out, err = run_cli("diff", "--platform", "linux/amd64", image, image, "--exit-code")
+    assert (rc, out) == (0, ""), err
+
+
+@pytest.mark.parametrize("prefix", [None, "etc", "usr/lib"])
+def test_e2e_diff_two_layouts(registry_anon, prefix):
+    a, b = expected_files("layers", "latest"), expected_files("basic", "latest")
+    want = _expected_diff(a, b, prefix)
+    assert any(w.startswith("A ") for w in want) and any(w.startswith("D ") for w in want)
+    path = [prefix + "/"] if prefix else []
+    rc, out, err = run_cli("diff", registry_anon.image("layers"), registry_anon.image("basic"), *path)
+    assert (rc, out.splitlines()) == (0, want), err
+    rc, out, err = run_cli("diff", "--exit-code", registry_anon.image("layers"), registry_anon.image("basic"), *path)
+    assert rc == 1 and out.splitlines() == want, err
+
+
+def test_e2e_diff_json_added_and_deleted(registry_anon):
+    a, b = expected_files("layers", "latest"), expected_files("basic", "latest")
+    rc, out, err = run_cli("diff", "--json", registry_anon.image("layers"), registry_anon.image("basic"), "**/*.txt")
+    assert rc == 0, err
+    doc = {d["path"]: d for d in json.loads(out)}
+    gone = doc["keep.txt"]
+    assert (gone["change"], gone["fields"], gone["b"]) == ("deleted", [], None) and gone["a"]["path"] == "keep.txt"
+    new = doc["docs/file with spaces.txt"]
+    assert (new["change"], new["a"]) == ("added", None) and new["b"]["size"] == b["docs/file with spaces.txt"]["size"]
+    assert sorted(doc) == sorted(p for p in set(a) | set(b) if p.endswith(".txt"))
+
+
+def test_e2e_diff_identical_images_print_nothing(registry_anon):
+    """docker-v2 holds basic's files under Docker media types: the same tree."""
+    assert _expected_diff(expected_files("basic", "latest"), expected_files("docker-v2", "latest")) == []
+    rc, out, err = run_cli("diff", "--exit-code", registry_anon.image("basic"), registry_anon.image("docker-v2"))
+    assert (rc, out) == (0, ""), err
+
+
+def test_e2e_diff_reads_no_file_content(registry_anon, tmp_path):
+    """Manifests and TOC tails only (each fixture TOC fits in one tail read); warm: no blob at all."""
+    env = {"STARGET_CACHE_DIR": str(tmp_path / "cache")}
+    layers = {l["digest"] for ref in (("layers", "latest"), ("basic", "latest")) for l in expected_ref(*ref)["layers"]}
+    args = ["-d", "diff", registry_anon.image("layers"), registry_anon.image("basic")]
+    rc, first, err = run_cli(*args, env=env)
+    assert rc == 0, err
+    blobs = [line.split("/blobs/")[1] for line in _blob_requests(err)]
+    assert sorted(blobs) == sorted(layers)
+    rc, second, err = run_cli(*args, env=env)
+    assert (rc, second) == (0, first) and _blob_requests(err) == [], err
+
+
+def test_e2e_diff_path_missing_on_both_sides_is_not_found(registry_anon):
+    rc, out, err = run_cli("diff", registry_anon.image("layers"), registry_anon.image("basic"), "nothing/")
+    assert_one_line_error(rc, err, 3)
+    rc, out, err = run_cli("diff", registry_anon.image("layers"), registry_anon.image("basic"), "opt/")
+    assert rc == 0 and out.splitlines() == ["D opt", "D opt/app", "D opt/app/new.txt"], err
+
+
+def test_diff_usage_errors():
+    rc, out, err = run_cli("diff", "127.0.0.1:1/a", "127.0.0.1:1/b", "x", "y")
+    assert "wrong number of arguments" in assert_one_line_error(rc, err, 2)
+    rc, out, err = run_cli("diff", "127.0.0.1:1/a", "--platform-b", "nope", "127.0.0.1:1/b")
+    assert "--platform-b" in assert_one_line_error(rc, err, 2)
+
+
 # ---- cli: --fallback-stream -------------------------------------------------
 
 def test_plain_gzip_without_fallback_exit_6(registry_anon):
@@ -6696,7 +7079,7 @@ def test_complete_image_tags_and_repositories(registry_anon):
     assert _complete_image(repo + ":no-l") == [repo + ":no-landmark"]
     assert _complete_image(repo + ":zz") == []
     assert _complete_image("%s/fixtures/m" % registry_anon.addr) == \
-        ["%s/fixtures/minchunk" % registry_anon.addr, "%s/fixtures/multiarch" % registry_anon.addr]
+        ["%s/fixtures/%s" % (registry_anon.addr, lay) for lay in sorted(all_layouts()) if lay.startswith("m")]
     assert len(_complete_image(registry_anon.addr + "/")) == len(load_expected()["fixtures"])
     for word in ("%s/fixtures/nothere:" % registry_anon.addr, repo + "@sha256:", "fixtures/prefetch:",
                  registry_anon.addr, "nodots/x", ""):
@@ -6917,7 +7300,7 @@ needs_bash = pytest.mark.skipif(not shutil.which("bash"), reason="bash is not in
 
 @needs_bash
 @pytest.mark.parametrize("line, expected", [
-    ("starget ", ["info", "ls", "get", "cat", "completion", "tags", "login", "logout"]),
+    ("starget ", ["info", "ls", "get", "cat", "diff", "completion", "tags", "login", "logout"]),
     ("starget g", ["get"]),
     ("starget c", ["cat", "completion"]),
     ("starget -k --platform linux/amd64 i", ["info"]),
@@ -7143,7 +7526,7 @@ def run_fish(fake, line):
 @pytest.mark.skipif(not shutil.which("fish"), reason="fish is not installed")
 def test_fish_completion(fake_starget):
     replies, _ = run_fish(fake_starget, "starget ")
-    assert sorted(replies) == ["cat", "completion", "get", "info", "login", "logout", "ls", "tags"]
+    assert sorted(replies) == ["cat", "completion", "diff", "get", "info", "login", "logout", "ls", "tags"]
     replies, _ = run_fish(fake_starget, "starget --platform linux/arm")
     assert sorted(replies) == ["linux/arm/v7", "linux/arm64", "linux/arm64/v8"]
     replies, _ = run_fish(fake_starget, "starget ls img --")
@@ -7257,7 +7640,7 @@ def test_bash_completes_tags_and_repositories_from_the_real_registry(registry_an
     assert replies == ["no-landmark", "no-prefetch"]
     replies = _bash_with_the_real_starget(tmp_path, "starget ls %s/fixtures/m" % registry_anon.addr)
     port = registry_anon.addr.rsplit(":", 1)[1]
-    assert replies == [port + "/fixtures/minchunk", port + "/fixtures/multiarch"]
+    assert replies == [port + "/fixtures/" + lay for lay in sorted(all_layouts()) if lay.startswith("m")]
 
 
 def _bash_with_the_real_starget(tmp_path, line):
