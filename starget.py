@@ -2441,6 +2441,10 @@ _MAX_OFFSET = 1 << 50
 _ID_LIMIT = (1 << 32) - 2           # uid, gid, device numbers: what the kernel accepts
 _ENTRY_TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk")
 _ZSTD_CHUNKED_MAGIC = b"GnUlInUx"
+_ENTRY_TYPE_SET = frozenset(_ENTRY_TYPES)
+# A name that _normalize_path would return unchanged (but a directory's trailing "/"):
+# no empty, "." or ".." component, no leading "/", no NUL. The TOC reader's fast path.
+_CLEAN_NAME_RE = re.compile(r"(?:(?!\.\.?(?:/|\Z))[^/\x00]+/)*(?!\.\.?(?:/|\Z))[^/\x00]+/?\Z")
 _FOOTER_PAYLOAD_RE = re.compile(br"^([0-9a-f]{16})STARGZ\Z")
 
 
@@ -2849,34 +2853,30 @@ class _TOCReader(object):
         self.mtimes = {}      # writers stamp most entries with one time: parse each string once
 
     def read(self, raw_entries):
-        """Every raw entry, in order. The loop is the hot path of a big TOC: locals,
-        and field checks that cost nothing for the fields an entry does not have."""
+        """Every raw entry, in order. The loop is the hot path of a big TOC: locals, one
+        test for the usual clean name and sane numbers (the full checks run only when it
+        fails), and nothing at all for the fields an entry does not have."""
         entries, names, member_offsets, mtimes = self.entries, self.names, self.member_offsets, self.mtimes
         limit, int_field, digest_field = self.limit, _int_field, _digest_field
+        clean, digest_ok, types = _CLEAN_NAME_RE.match, _DIGEST_RE.match, _ENTRY_TYPE_SET
         last_reg = None       # the regular file a following chunk entry continues
         for raw in raw_entries:
             if raw.__class__ is not dict:
                 _fail(ErrorCode.FORMAT, "TOC entry is not an object")
             get = raw.get
             kind, raw_name = get("type"), get("name")
-            path = self._path_of(raw_name, kind)
-            offset = get("offset")
-            if offset is not None:
-                offset = int_field(raw, "offset", path)
-                if offset:
-                    if offset >= limit:
-                        _fail(ErrorCode.FORMAT, "TOC entry %r: offset %d is past the TOC at %d"
-                              % (path, offset, limit))
-                    member_offsets.add(offset)
+            if kind.__class__ is str and kind in types and raw_name.__class__ is str and clean(raw_name):
+                path = raw_name[:-1] if raw_name[-1] == "/" else raw_name
             else:
-                offset = 0
+                path = self._path_of(raw_name, kind)
+            offset = get("offset", 0)
+            if offset.__class__ is not int or not 0 <= offset < limit:
+                offset = self._offset(raw, path)
+            if offset:
+                member_offsets.add(offset)
             inner = int_field(raw, "innerOffset", path, _MAX_TOC_JSON_SIZE * 64) if "innerOffset" in raw else 0
             if kind == "chunk":
-                if last_reg is None or last_reg.path != path:
-                    _fail(ErrorCode.FORMAT, "TOC chunk entry %r does not follow its file" % path)
-                last_reg.chunks.append(Chunk(int_field(raw, "chunkOffset", path, _MAX_FILE_SIZE),
-                                             int_field(raw, "chunkSize", path, _MAX_FILE_SIZE), offset, inner,
-                                             digest_field(raw, "chunkDigest", path)))
+                last_reg = self._chunk(last_reg, raw, path, offset, inner)
                 continue
             last_reg = None
             if path in (_PREFETCH_LANDMARK, _NO_PREFETCH_LANDMARK):
@@ -2887,11 +2887,18 @@ class _TOCReader(object):
             mtime = mtimes.get(modtime) if modtime.__class__ is str else 0
             if mtime is None:
                 mtime = mtimes[modtime] = _parse_rfc3339(modtime)
-            entry = TOCEntry(path, kind, int_field(raw, "size", path, _MAX_FILE_SIZE),
-                             int_field(raw, "mode", path, 0o7777777) & 0o7777,
-                             int_field(raw, "uid", path, _ID_LIMIT), int_field(raw, "gid", path, _ID_LIMIT),
-                             get("userName"), get("groupName"), mtime, None, digest_field(raw, "digest", path),
-                             offset, inner)
+            size, mode, uid, gid = get("size", 0), get("mode", 0), get("uid", 0), get("gid", 0)
+            if not (size.__class__ is int and mode.__class__ is int and uid.__class__ is int
+                    and gid.__class__ is int and 0 <= size <= _MAX_FILE_SIZE and 0 <= mode <= 0o7777777
+                    and 0 <= uid <= _ID_LIMIT and 0 <= gid <= _ID_LIMIT):
+                size, mode, uid, gid = (int_field(raw, "size", path, _MAX_FILE_SIZE),
+                                        int_field(raw, "mode", path, 0o7777777),
+                                        int_field(raw, "uid", path, _ID_LIMIT), int_field(raw, "gid", path, _ID_LIMIT))
+            digest = get("digest")
+            if digest is not None and (digest.__class__ is not str or not digest_ok(digest)):
+                digest = digest_field(raw, "digest", path)
+            entry = TOCEntry(path, kind, size, mode & 0o7777, uid, gid, get("userName"), get("groupName"), mtime,
+                             None, digest, offset, inner)
             if "devMajor" in raw or "devMinor" in raw or "xattrs" in raw:
                 self._rare_fields(entry, raw)
             if entry.uname.__class__ is not str or entry.gname.__class__ is not str:
@@ -2901,12 +2908,29 @@ class _TOCReader(object):
                 if not self._link(entry, raw):
                     continue
             elif kind == "reg":
-                if entry.size:
+                if size:
                     entry.chunks.append(Chunk(0, int_field(raw, "chunkSize", path, _MAX_FILE_SIZE), offset, inner,
                                               digest_field(raw, "chunkDigest", path)))
                 last_reg = entry
             entries.append(entry)
             names[path] = entry
+
+    def _offset(self, raw, path):
+        """The slow path of an entry's `offset`: checked, and refused past the TOC."""
+        offset = _int_field(raw, "offset", path)
+        if offset and offset >= self.limit:
+            _fail(ErrorCode.FORMAT, "TOC entry %r: offset %d is past the TOC at %d" % (path, offset, self.limit))
+        return offset
+
+    @staticmethod
+    def _chunk(last_reg, raw, path, offset, inner):
+        """A `chunk` entry: one more piece of the regular file just before it."""
+        if last_reg is None or last_reg.path != path:
+            _fail(ErrorCode.FORMAT, "TOC chunk entry %r does not follow its file" % path)
+        last_reg.chunks.append(Chunk(_int_field(raw, "chunkOffset", path, _MAX_FILE_SIZE),
+                                     _int_field(raw, "chunkSize", path, _MAX_FILE_SIZE), offset, inner,
+                                     _digest_field(raw, "chunkDigest", path)))
+        return last_reg
 
     @staticmethod
     def _path_of(raw_name, kind):
@@ -3015,10 +3039,36 @@ def _default_cache_dir(environ=None):
 
 
 class TOCCache(object):
-    """Content-addressed TOCs, keyed by blob digest, checked against the TOC digest."""
+    """Content-addressed TOCs, keyed by blob digest, checked against the TOC digest.
+    Writes happen on a writer thread, off the path to the first data request; `flush`
+    waits for them (the interpreter does too at exit: the thread is not a daemon)."""
 
     def __init__(self, directory=None):
         self.directory = directory or _default_cache_dir()
+        self._pending, self._writer, self._lock = [], None, threading.Lock()
+
+    def _later(self, write):
+        with self._lock:
+            self._pending.append(write)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._drain, name="starget-toc-cache")
+                self._writer.start()
+
+    def _drain(self):
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._writer = None
+                    return
+                write = self._pending.pop(0)
+            write()
+
+    def flush(self):
+        """Wait until every write asked for so far is on disk (or has failed, quietly)."""
+        with self._lock:
+            writer = self._writer
+        if writer is not None:
+            writer.join()
 
     def _path(self, blob):
         return os.path.join(self.directory, "toc", blob.replace(":", "-") + ".json")
@@ -3040,7 +3090,7 @@ class TOCCache(object):
     def put(self, blob, toc_offset, data, footer_size=_FOOTER_SIZE):
         header = {"blob": blob, "toc_offset": toc_offset, "toc_digest": _sha256_digest(data),
                   "footer_size": footer_size}
-        self._write(self._path(blob), header, data)
+        self._later(lambda: self._write(self._path(blob), header, data))
 
     def _parsed_path(self, blob):
         return os.path.join(self.directory, "toc", blob.replace(":", "-") + ".parsed.json")
@@ -3062,6 +3112,9 @@ class TOCCache(object):
             return None
 
     def put_parsed(self, blob, toc):
+        self._later(lambda: self._write_parsed(blob, toc))
+
+    def _write_parsed(self, blob, toc):
         body = json.dumps(_toc_rows(toc), separators=(",", ":")).encode("utf-8")
         header = {"starget": __version__, "format": _PARSED_TOC_FORMAT, "toc_digest": toc.toc_digest,
                   "sha256": _sha256_digest(body)}
@@ -5971,6 +6024,8 @@ class _Session(object):
 
     def close(self):
         self.client.transport.close()
+        if self.cache is not None:
+            self.cache.flush()
         if self.scratch is not None:
             import shutil
             shutil.rmtree(self.scratch, ignore_errors=True)

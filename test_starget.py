@@ -4206,8 +4206,10 @@ def test_warm_cache_fetches_no_toc(registry_anon, tmp_path):
     cache = starget.TOCCache(str(tmp_path / "cache"))
     cold = _client(registry_anon, "layers")
     starget.open_image(cold.ref, client=cold, cache=cache)
+    cache.flush()
     warm = _client(registry_anon, "layers")
     index = starget.open_image(warm.ref, client=warm, cache=cache)
+    cache.flush()
     assert warm.transport.stats.requests == 1              # the manifest only
     assert len(index.entries()) == len([p for p in expected_files("layers", "latest") if p])
 
@@ -4235,18 +4237,21 @@ def test_a_corrupt_cache_entry_is_ignored_and_refetched(registry_anon, tmp_path)
     cache = starget.TOCCache(str(tmp_path / "cache"))
     client = _client(registry_anon, "basic")
     starget.open_image(client.ref, client=client, cache=cache)
+    cache.flush()
     toc_dir = tmp_path / "cache" / "toc"
     [raw] = [toc_dir / n for n in os.listdir(str(toc_dir)) if not n.endswith(".parsed.json")]
     [parsed] = [toc_dir / n for n in os.listdir(str(toc_dir)) if n.endswith(".parsed.json")]
     _damage(parsed)
     again = _client(registry_anon, "basic")
     index = starget.open_image(again.ref, client=again, cache=cache)
+    cache.flush()
     assert again.transport.stats.requests == 1             # the manifest only
     assert index.find_file("bin/busybox") is not None
     _damage(parsed)
     _damage(raw)
     third = _client(registry_anon, "basic")
     index = starget.open_image(third.ref, client=third, cache=cache)
+    cache.flush()
     assert third.transport.stats.requests == 2             # manifest + the TOC again
     assert index.find_file("bin/busybox") is not None
 
@@ -4257,6 +4262,7 @@ def test_a_warm_run_parses_no_toc(registry_anon, tmp_path, monkeypatch):
     cache = starget.TOCCache(str(tmp_path / "cache"))
     client = _client(registry_anon, "layers")
     cold = starget.open_image(client.ref, client=client, cache=cache)
+    cache.flush()
     want = [e.to_json() for e in cold.entries()]
     want_chunks = [(e.path, [(c.file_offset, c.size, c.member_offset, c.member_end, c.digest)
                              for c in e.chunks]) for e in cold.entries()]
@@ -4266,6 +4272,7 @@ def test_a_warm_run_parses_no_toc(registry_anon, tmp_path, monkeypatch):
     monkeypatch.setattr(starget, "parse_toc", no_parsing)
     again = _client(registry_anon, "layers")
     warm = starget.open_image(again.ref, client=again, cache=cache)
+    cache.flush()
     assert [e.to_json() for e in warm.entries()] == want
     assert [(e.path, [(c.file_offset, c.size, c.member_offset, c.member_end, c.digest) for c in e.chunks])
             for e in warm.entries()] == want_chunks
@@ -4277,6 +4284,7 @@ def test_a_foreign_or_unsafe_parsed_cache_entry_is_ignored(registry_anon, tmp_pa
     cache = starget.TOCCache(str(tmp_path / "cache"))
     client = _client(registry_anon, "basic")
     starget.open_image(client.ref, client=client, cache=cache)
+    cache.flush()
     toc_dir = tmp_path / "cache" / "toc"
     [parsed] = [toc_dir / n for n in os.listdir(str(toc_dir)) if n.endswith(".parsed.json")]
     header, body = parsed.read_bytes().split(b"\n", 1)
@@ -4290,9 +4298,11 @@ def test_a_foreign_or_unsafe_parsed_cache_entry_is_ignored(registry_anon, tmp_pa
     real = starget.parse_toc
     monkeypatch.setattr(starget, "parse_toc", lambda *a, **k: calls.append(1) or real(*a, **k))
     index = starget.open_image(client.ref, client=_client(registry_anon, "basic"), cache=cache)
+    cache.flush()
     assert calls == [1] and all(".." not in e.path for e in index.entries())
     monkeypatch.setattr(starget, "__version__", "0.0.0-other")
     starget.open_image(client.ref, client=_client(registry_anon, "basic"), cache=cache)
+    cache.flush()
     assert calls == [1, 1]
 
 
