@@ -4426,13 +4426,13 @@ class _TarStream(object):
     def _order(self):
         """[(entry, as_link)] in path order; a hardlink waits for its target."""
         linked = set(id(e) for e in self.job.hardlinks)
-        waiting, order = {}, []
+        waiting, order, written = {}, [], set()
         for entry in sorted(self.job.entries, key=lambda e: e.path):
             as_link = id(entry) in linked
-            target = entry.link_target
-            if as_link and not any(e is target for e, _ in order):
-                waiting.setdefault(id(target), []).append(entry)
+            if as_link and id(entry.link_target) not in written:
+                waiting.setdefault(id(entry.link_target), []).append(entry)
                 continue
+            written.add(id(entry))
             order.append((entry, as_link))
             order.extend((e, True) for e in waiting.pop(id(entry), ()))
         return order
@@ -4469,7 +4469,7 @@ class _TarStream(object):
         if kind == "reg":
             info.size = entry.content.size or 0
         elif kind == "symlink":
-            info.linkname = entry.link
+            info.linkname = entry.link or ""
         elif kind == "hardlink":
             info.linkname = entry.link_target.path   # the name it has in this archive
         elif kind in ("char", "block"):
@@ -5508,7 +5508,8 @@ def _build_parser():
         "Download the files PATH selects into OUTPUT_DIR (default: .); each lands at\n"
         "OUTPUT_DIR/<its path in the image>.",
         "get ghcr.io/example/tools:1.4 bin/ ./out      # out/bin/...",
-        "get ghcr.io/example/tools:1.4 etc/os-release  # ./etc/os-release"))
+        "get ghcr.io/example/tools:1.4 etc/os-release  # ./etc/os-release",
+        "get ghcr.io/example/tools:1.4 . --tar - | tar -tv   # one archive, nothing on disk"))
     get.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
     get.add_argument("args", metavar="[BLOB] PATH [OUTPUT_DIR]", nargs="+", help=argparse.SUPPRESS)
     get.add_argument("--tar", metavar="FILE", help="write one tar archive (POSIX pax) of the selection to "
@@ -5949,7 +5950,7 @@ def main(argv=None, out=None):
             _log.debug("cause: %r", e.cause)
         return e.exit_code
     except KeyboardInterrupt:      # only get leaves partial files that a re-run resumes
-        resume = "; run the same command again to resume" if args.command == "get" else ""
+        resume = "; run the same command again to resume" if args.command == "get" and not args.tar else ""
         sys.stderr.write("\nstarget: interrupted%s\n" % resume)
         return int(ErrorCode.INTERRUPTED)
     except BrokenPipeError:     # the reader went away (`starget ls IMAGE | head`): not an error

@@ -5628,6 +5628,17 @@ def test_tar_stream_in_small_windows_matches_expected(registry_anon, download_en
     _assert_tar_matches(*(_tar_read(buffer.getvalue()) + (expected_files(layout, "latest"),)))
 
 
+@pytest.mark.parametrize("args,layout", [(["--fallback-stream"], PLAIN_GZIP_LAYOUTS[0]), ([], "zstd-layers")])
+def test_get_tar_of_spooled_and_zstd_layers(registry_anon, args, layout):
+    """A --fallback-stream layer's files come from its spooled tar, a zstd:chunked
+    layer's through its decoder: the same archive as EXPECTED either way."""
+    if layout in ZSTD_LAYOUTS and ZSTD is None:
+        pytest.skip("no zstd decoder (backports.zstd is in the test extra)")
+    rc, out, err = run_cli(*(args + ["get", registry_anon.image(layout), ".", "--tar", "-"]), binary=True)
+    assert rc == 0, err
+    _assert_tar_matches(*(_tar_read(out) + (expected_files(layout, "latest"),)))
+
+
 def test_tar_stream_coalesces_small_files(registry_anon, download_env):
     """Many small files cost a few ranges, not one request each (as get plans them)."""
     index = starget.open_image(registry_anon.image("basic"))
