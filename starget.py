@@ -5508,8 +5508,7 @@ def _build_parser():
         "Download the files PATH selects into OUTPUT_DIR (default: .); each lands at\n"
         "OUTPUT_DIR/<its path in the image>.",
         "get ghcr.io/example/tools:1.4 bin/ ./out      # out/bin/...",
-        "get ghcr.io/example/tools:1.4 etc/os-release  # ./etc/os-release",
-        "get ghcr.io/example/tools:1.4 . --tar - | tar -tv   # one archive, nothing on disk"))
+        "get ghcr.io/example/tools:1.4 etc/os-release  # ./etc/os-release"))
     get.add_argument("image", metavar="IMAGE", help=argparse.SUPPRESS)
     get.add_argument("args", metavar="[BLOB] PATH [OUTPUT_DIR]", nargs="+", help=argparse.SUPPRESS)
     get.add_argument("--tar", metavar="FILE", help="write one tar archive (POSIX pax) of the selection to "
