@@ -4804,6 +4804,233 @@ class Downloader(object):
         """Run `job` with this Downloader's client, else the index's; returns DownloadStats."""
         return _Run(self, job, self.client or job.index.client).execute()
 
+
+# -- tar stream: the selection as one pax archive on a stream, nothing on disk ---
+
+_TAR_WINDOW = 32 << 20     # bytes fetched ahead of the stream: room for parallel, coalesced ranges
+_TAR_MEMBER_TYPES = {"dir": b"5", "reg": b"0", "symlink": b"2", "hardlink": b"1", "char": b"3", "block": b"4",
+                     "fifo": b"6"}     # tarfile's DIRTYPE, REGTYPE, ...: the inverse of _TAR_TYPES
+
+
+class _TarUnit(object):
+    """What is verified before any of its bytes is emitted: one chunk of a file, or
+    the whole file when its chunks have no digests (as _Span). Each chunk gets a
+    store of its own: workers of one window write different chunks at once."""
+
+    __slots__ = ("path", "blob", "chunks", "digest", "stores", "done", "error")
+
+    def __init__(self, source, path, chunks, digest):
+        self.path, self.blob, self.chunks, self.digest = path, source.blob, chunks, digest
+        self.stores, self.done, self.error = [], set(), None
+
+    def wanted(self, i):       # what _Fetcher._run_range asks of each key (unit, i)
+        return i not in self.done and self.error is None
+
+    def open(self):
+        import tempfile
+        self.stores = [tempfile.SpooledTemporaryFile(_FILE_MEMORY) for _ in self.chunks]
+
+    def close(self):
+        for store in self.stores:
+            store.close()
+        self.stores = []
+
+
+class _TarFetcher(_Fetcher):
+    """_Fetcher's pool, retry loop and Ctrl-C handling, with each chunk kept in its
+    unit's store instead of written into a file: the tar stream needs them in order."""
+
+    def _inflate_member(self, response, member, decompress):
+        keys = [(unit, i) for unit, i in member.keys if unit.wanted(i)]
+        # Each chunk is a span of its own: its bytes start at 0 in its own store.
+        sinks = [_SpanSink(c, _Span(c.file_offset, c.size, [c], c.digest), unit.stores[i])
+                 for c, unit, i in ((unit.chunks[i], unit, i) for unit, i in keys)]
+        need = max(sink.stop for sink in sinks) if sinks else 0
+        extent = self._extent(response, member.end - member.offset)
+        produced = _pour(decompress(extent), sinks, 0, need, self.verify)
+        for _ in extent:    # read, not inflated, so that the next member lines up
+            pass
+        if produced < need:   # damaged: the retry loop fetches what is not done once more
+            _fail(ErrorCode.INTEGRITY, "the member at offset %d holds %d bytes, fewer than the TOC declares (%d)"
+                  % (member.offset, produced, need), damaged=True)
+        for unit, i in keys:
+            unit.done.add(i)
+        return False
+
+
+class _TarStream(object):
+    """The selection of a DownloadJob as one POSIX pax tar on a binary stream:
+    members in path order (a hardlink right after its target when the target sorts
+    later: tar needs it first), owners, modes, times and xattrs from the TOC; devices
+    and FIFOs are headers only. File data is fetched a window of units ahead, each
+    unit checked before a byte of it is written, the file digest at the end of its
+    member; the end-of-archive blocks come only when everything was verified, so a
+    failure leaves an archive that tar reports as truncated."""
+
+    def __init__(self, job, client, verify=True, concurrency=4, gap=_COALESCE_GAP, part_size=_PART_SIZE,
+                 window=_TAR_WINDOW):
+        self.job, self.client, self.verify, self.window = job, client, verify, window
+        self.concurrency, self.gap, self.part_size = max(1, int(concurrency)), gap, part_size
+        self.fetcher = _TarFetcher(client, client.transport.retry, verify, threading.Event(),
+                                   client.transport.stats, None, self._failed, _decoders_of(job.index))
+        self.members = self._order()
+        self.units = {}     # id(member entry) -> its _TarUnits
+        for entry, as_link in self.members:
+            if entry.content.type == "reg" and not as_link and not entry.content.spool:
+                self.units[id(entry)] = self._units_of(entry)
+        self.queue = [unit for entry, _ in self.members for unit in self.units.get(id(entry), ())]
+        self.fetched = 0    # queue[:fetched] were fetched (or are being written)
+
+    def _order(self):
+        """[(entry, as_link)] in path order; a hardlink waits for its target."""
+        linked = set(id(e) for e in self.job.hardlinks)
+        waiting, order, written = {}, [], set()
+        for entry in sorted(self.job.entries, key=lambda e: e.path):
+            as_link = id(entry) in linked
+            if as_link and id(entry.link_target) not in written:
+                waiting.setdefault(id(entry.link_target), []).append(entry)
+                continue
+            written.add(id(entry))
+            order.append((entry, as_link))
+            order.extend((e, True) for e in waiting.pop(id(entry), ()))
+        return order
+
+    @staticmethod
+    def _units_of(entry):
+        source = entry.content
+        if all(c.digest for c in source.chunks):
+            return [_TarUnit(source, entry.path, [c], c.digest) for c in source.chunks]
+        return [_TarUnit(source, entry.path, list(source.chunks), source.digest)]
+
+    def _failed(self, unit, error):
+        if unit.error is None:
+            unit.error = error
+
+    def write(self, out):
+        """Write the archive to `out` (a binary stream); a StargzError stops it."""
+        for entry, as_link in self.members:
+            out.write(self._header(entry, as_link))
+            if entry.content.type == "reg" and not as_link:
+                self._write_data(entry, out)
+        out.write(b"\0" * (2 * 512))    # the end of the archive: only once everything was verified
+        return len(self.members)
+
+    def _header(self, entry, as_link):
+        import tarfile
+        info = tarfile.TarInfo(entry.path)
+        kind = "hardlink" if as_link else ("reg" if entry.type == "hardlink" else entry.type)
+        info.type = _TAR_MEMBER_TYPES[kind]
+        info.mode = (entry.mode or 0) & 0o7777
+        info.uid, info.gid = entry.uid or 0, entry.gid or 0
+        info.uname, info.gname = entry.uname or "", entry.gname or ""
+        info.mtime = entry.mtime or 0
+        if kind == "reg":
+            info.size = entry.content.size or 0
+        elif kind == "symlink":
+            info.linkname = entry.link or ""
+        elif kind == "hardlink":
+            info.linkname = entry.link_target.path   # the name it has in this archive
+        elif kind in ("char", "block"):
+            info.devmajor, info.devminor = entry.dev_major or 0, entry.dev_minor or 0
+        for name, value in sorted((entry.xattrs or {}).items()):
+            # tarfile writes a value that is not UTF-8 as its bytes (hdrcharset=BINARY)
+            raw = base64.b64decode(value)
+            info.pax_headers["SCHILY.xattr." + name] = raw.decode("utf-8", "surrogateescape")
+        return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape")
+
+    def _write_data(self, entry, out):
+        source = entry.content
+        size = source.size or 0
+        if source.spool:    # a --fallback-stream file: its spooled layer was verified whole
+            pieces = self._spooled(entry)
+        else:
+            pieces = self._verified_pieces(self.units[id(entry)])
+        hasher, written = hashlib.sha256(), 0
+        for data in pieces:
+            hasher.update(data)
+            written += len(data)
+            out.write(data)
+        if written != size:    # the header said `size`: any other count would misframe the archive
+            _fail(ErrorCode.INTEGRITY, "%s: %d bytes of content, the TOC says %d" % (entry.path, written, size))
+        digest = "sha256:" + hasher.hexdigest()
+        if self.verify and source.digest and digest != source.digest:
+            _fail(ErrorCode.INTEGRITY, "%s: content digest %s does not match the TOC's %s"
+                  % (entry.path, digest, source.digest))
+        out.write(b"\0" * (-size % 512))
+
+    def _spooled(self, entry):
+        with _ImageFile(self.client, entry, entry.path) as f:
+            for data in iter(lambda: f.read(_READ_SIZE), b""):
+                yield data
+
+    def _verified_pieces(self, units):
+        """The bytes of `units`, each unit checked whole before its first byte."""
+        for unit in units:
+            if unit.error is None and not unit.stores:
+                self._fetch_window()
+            try:
+                if unit.error is not None:
+                    raise unit.error
+                if len(unit.done) != len(unit.chunks):
+                    _fail(ErrorCode.INTERRUPTED, "interrupted")
+                if self.verify and unit.digest and self._digest(unit) != unit.digest:
+                    first, last = unit.chunks[0], unit.chunks[-1]
+                    _fail(ErrorCode.INTEGRITY, "%s: bytes %d-%d do not match the TOC's digest %s" % (
+                        unit.path, first.file_offset, last.file_offset + last.size - 1, unit.digest))
+                for store in unit.stores:
+                    store.seek(0)
+                    for data in iter(lambda: store.read(_READ_SIZE), b""):
+                        yield data
+            finally:
+                unit.close()
+
+    @staticmethod
+    def _digest(unit):
+        hasher = hashlib.sha256()
+        for store in unit.stores:
+            store.seek(0)
+            for data in iter(lambda: store.read(_READ_SIZE), b""):
+                hasher.update(data)
+        return "sha256:" + hasher.hexdigest()
+
+    def _fetch_window(self):
+        """Fetch the next units of the queue, up to `window` bytes (one at least), in
+        coalesced ranges on the worker pool."""
+        start, total = self.fetched, 0
+        while self.fetched < len(self.queue) and (self.fetched == start or total < self.window):
+            unit = self.queue[self.fetched]
+            total += sum(c.size for c in unit.chunks)
+            unit.open()
+            self.fetched += 1
+        wanted = [(unit.blob, c.member_offset, c.member_end, (unit, i))
+                  for unit in self.queue[start:self.fetched] for i, c in enumerate(unit.chunks)]
+        ranges = DownloadJob.plan_ranges(wanted, self.concurrency, self.gap, self.part_size)
+        self.fetcher.fetch(ranges, self.concurrency)
+
+    def write_file(self, path):
+        """Write the archive to `path` by way of `path.partial`, renamed only once the
+        archive is complete: no half-written file under the final name. A failed
+        archive is removed (it cannot be resumed)."""
+        partial = path + _PARTIAL_SUFFIX
+        try:
+            with io.open(partial, "wb") as f:   # a write that fails (a full disk) is an OSError
+                count = self.write(f)
+            os.replace(partial, path)
+            return count
+        except OSError as e:
+            self._discard(partial)
+            raise _io_error("cannot write %s" % path, e) from e
+        except BaseException:
+            self._discard(partial)
+            raise
+
+    @staticmethod
+    def _discard(partial):
+        try:
+            os.unlink(partial)
+        except OSError:
+            pass
+
 # =============================================================================
 # file objects (read an image's file without downloading it)
 # =============================================================================
@@ -5099,7 +5326,7 @@ _COMPLETION_COMMAND_FLAGS = {
     "info": (("--json", "one JSON object"),),
     "ls": (("--json", "one JSON array"), ("-l", "long listing"), ("--long", "long listing"),
            ("--sizes", "show sizes"), ("--exclude", "leave out a glob")),
-    "get": (("--exclude", "leave out a glob"),),
+    "get": (("--exclude", "leave out a glob"), ("--tar", "write one tar archive")),
     "cat": (("--exclude", "leave out a glob"),),
     "diff": (("--json", "one JSON array"), ("--exit-code", "exit 1 when they differ"),
              ("--platform-a", "platform of the first image"), ("--platform-b", "platform of the second image")),
@@ -5946,6 +6173,8 @@ def _build_parser():
         "get ghcr.io/example/tools:1.4 bin/ ./out      # out/bin/...",
         "get ghcr.io/example/tools:1.4 etc/os-release  # ./etc/os-release"))
     _add_path_arguments(get, "[BLOB] PATH [OUTPUT_DIR]", "+")
+    get.add_argument("--tar", metavar="FILE", help="write one tar archive (POSIX pax) of the selection to "
+                     "FILE (- for standard output) instead of files")
 
     cat = add("cat", help="write one file to standard output: cat IMAGE [BLOB] PATH", **_command_help(
         "cat", "IMAGE [BLOB] PATH",
@@ -6226,13 +6455,32 @@ def _report(stats, verbose):
 def _cmd_get(session, out):
     blob, rest = _split_blob(session.args.args, 2)
     pattern, output_dir = _image_path(rest[0]), rest[1] if len(rest) > 1 else "."
+    tar = session.args.tar
+    if tar is not None and len(rest) > 1:
+        _fail(ErrorCode.USAGE, "--tar writes one archive: give no OUTPUT_DIR with it")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):   # before any request
         _fail(ErrorCode.USAGE, "OUTPUT_DIR %s is not a directory (to write one file elsewhere: "
                                "starget cat IMAGE PATH > FILE)" % output_dir)
     index = session.load_image(blob)
+    if tar is not None:
+        _get_tar(session, DownloadJob(index, pattern, output_dir, blob, exclude=_excludes(session.args)), tar, out)
+        return 0
     stats = _downloader(session).download(index, pattern, output_dir, blob, exclude=_excludes(session.args))
     _report(stats, session.args.verbose)
     return 0
+
+
+def _get_tar(session, job, target, out):
+    """get --tar: the selection as one archive on standard output (`-`) or in a file."""
+    args = session.args
+    stream = _TarStream(job, session.client, verify=not args.skip_verify, concurrency=args.concurrency)
+    if target == "-":
+        binary = out.buffer     # _Stdout's: a failed write (a full disk) is exit 10
+        count = stream.write(binary)
+        binary.flush()
+    else:
+        count = stream.write_file(target)
+    _log.info("%d tar members written", count)
 
 
 def _dangling_link(view, path):
@@ -6494,7 +6742,7 @@ def main(argv=None, out=None):
             _log.debug("cause: %r", e.cause)
         return e.exit_code
     except KeyboardInterrupt:      # only get leaves partial files that a re-run resumes
-        resume = "; run the same command again to resume" if args.command == "get" else ""
+        resume = "; run the same command again to resume" if args.command == "get" and not args.tar else ""
         sys.stderr.write("\nstarget: interrupted%s\n" % resume)
         return int(ErrorCode.INTERRUPTED)
     except BrokenPipeError:     # the reader went away (`starget ls IMAGE | head`): not an error

@@ -5984,6 +5984,172 @@ def test_no_call_of_the_builtin_open_is_left():
              and n.func.id == "open"]
     assert calls == []
 
+
+# ---- download: --tar streams ------------------------------------------------
+
+_TAR_KINDS = {"dir": b"5", "reg": b"0", "symlink": b"2", "hardlink": b"1", "char": b"3", "block": b"4", "fifo": b"6"}
+
+
+def _tar_read(data):
+    """[TarInfo] of an archive in order, and {name: sha256} of its regular members."""
+    import tarfile
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+        members = tf.getmembers()
+        digests = {m.name: hashlib.sha256(tf.extractfile(m).read()).hexdigest() for m in members if m.isreg()}
+    return members, digests
+
+
+def _assert_tar_matches(members, digests, files):
+    """The archive holds `files` (EXPECTED's): path order, a hardlink after its target;
+    types, modes, uid/gid, times, link targets, devices and every regular file's sha256."""
+    names = [m.name for m in members]
+    assert sorted(names) == sorted(files)
+    plain = [n for n in names if files[n]["type"] != "hardlink"]
+    assert plain == sorted(plain), "not in path order"
+    for m in members:
+        e = files[m.name]
+        assert m.type == _TAR_KINDS[e["type"]], m.name
+        assert (m.mode, m.uid, m.gid, m.mtime) == (e["mode"], e["uid"], e["gid"], e["mtime"]), m.name
+        if e["type"] in ("symlink", "hardlink"):
+            assert m.linkname == e["link"], m.name
+        if e["type"] == "hardlink":
+            assert names.index(e["link"]) < names.index(m.name), "a hardlink before its target"
+        if e["type"] == "reg":
+            assert digests[m.name] == e["sha256"], m.name
+        if e["type"] in ("char", "block"):
+            assert (m.devmajor, m.devminor) == (e["dev_major"], e["dev_minor"]), m.name
+
+
+def test_get_tar_to_stdout_is_read_by_tar(registry_anon):
+    """`get IMG usr/ --tar - | tar -tv`: the real tar lists exactly the paths under usr/."""
+    if not shutil.which("tar"):
+        pytest.skip("no tar binary")
+    env = hermetic_env()
+    get = subprocess.Popen([sys.executable, STARGET, "get", registry_anon.image("basic"), "usr/", "--tar", "-"],
+                           env=env, cwd=env["HOME"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tar = subprocess.run(["tar", "-tvf", "-"], stdin=get.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         timeout=120, universal_newlines=True)
+    get.stdout.close()
+    assert get.wait(timeout=120) == 0, get.stderr.read()
+    get.stderr.close()
+    assert tar.returncode == 0, tar.stderr
+    listed = {}
+    for line in tar.stdout.splitlines():
+        mode, name = line.split()[0], line.split(None, 5)[5]
+        listed[name.split(" -> ")[0].rstrip("/")] = mode
+    assert sorted(listed) == under("usr")
+    assert all(listed[p][0] == {"dir": "d", "reg": "-", "symlink": "l"}[BASIC_FILES[p]["type"]] for p in listed)
+
+
+def test_get_tar_file_round_trip_matches_expected(registry_anon, tmp_path):
+    """`get IMG . --tar OUT.tar` for basic, read back with tarfile: names, types, modes,
+    owners, link targets, devices and FIFOs, contents; xattrs in the pax headers."""
+    target = tmp_path / "OUT.tar"
+    rc, out, err = run_cli("get", registry_anon.image("basic"), ".", "--tar", str(target))
+    assert rc == 0, err
+    assert out == "" and sorted(os.listdir(str(tmp_path))) == ["OUT.tar"]
+    members, digests = _tar_read(target.read_bytes())
+    _assert_tar_matches(members, digests, BASIC_FILES)
+    # user and group names as the TOC gives them (EXPECTED has the layer tar's)
+    names = {e["name"].strip("/"): (e.get("userName", ""), e.get("groupName", ""))
+             for e in basic_toc()["entries"] if e["type"] != "chunk"}
+    assert {m.name: (m.uname, m.gname) for m in members} == {p: names[p] for p in BASIC_FILES}
+    with_xattrs = {p: e["xattrs"] for p, e in BASIC_FILES.items() if e.get("xattrs")}
+    assert with_xattrs, "basic has entries with xattrs"
+    for m in members:
+        got = {k[len("SCHILY.xattr."):]: v for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+        assert got == with_xattrs.get(m.name, {}), m.name
+
+
+@pytest.mark.parametrize("layout", ["minchunk", "layers"])
+def test_tar_stream_in_small_windows_matches_expected(registry_anon, download_env, layout):
+    """Windows smaller than a chunk: each unit fetched, checked and written in turn;
+    chunks sharing a gzip member, several layers and whiteouts come out as EXPECTED."""
+    index = starget.open_image(registry_anon.image(layout))
+    job = starget.DownloadJob(index, ".", str(download_env))
+    buffer = io.BytesIO()
+    starget._TarStream(job, index.client, window=1).write(buffer)
+    _assert_tar_matches(*(_tar_read(buffer.getvalue()) + (expected_files(layout, "latest"),)))
+
+
+@pytest.mark.parametrize("args,layout", [(["--fallback-stream"], PLAIN_GZIP_LAYOUTS[0]), ([], "zstd-layers")])
+def test_get_tar_of_spooled_and_zstd_layers(registry_anon, args, layout):
+    """A --fallback-stream layer's files come from its spooled tar, a zstd:chunked
+    layer's through its decoder: the same archive as EXPECTED either way."""
+    if layout in ZSTD_LAYOUTS and ZSTD is None:
+        pytest.skip("no zstd decoder (backports.zstd is in the test extra)")
+    rc, out, err = run_cli(*(args + ["get", registry_anon.image(layout), ".", "--tar", "-"]), binary=True)
+    assert rc == 0, err
+    _assert_tar_matches(*(_tar_read(out) + (expected_files(layout, "latest"),)))
+
+
+def test_tar_stream_coalesces_small_files(registry_anon, download_env):
+    """Many small files cost a few ranges, not one request each (as get plans them)."""
+    index = starget.open_image(registry_anon.image("basic"))
+    stats = index.client.transport.stats
+    before = stats.requests
+    starget._TarStream(starget.DownloadJob(index, ".", str(download_env)), index.client).write(io.BytesIO())
+    regular = [p for p, e in BASIC_FILES.items() if e["type"] == "reg"]
+    assert stats.requests - before < len(regular) // 2
+
+
+def test_get_tar_with_blob_and_usage(registry_anon, tmp_path):
+    """--tar takes get's selection (BLOB: that layer's own entries); OUTPUT_DIR with it is a usage error."""
+    first = expected_ref("layers", "latest")["layers"][0]
+    rc, out, err = run_cli("get", registry_anon.image("layers"), first["digest"], ".", "--tar", "-", binary=True)
+    assert rc == 0, err
+    members, _ = _tar_read(out)
+    assert sorted(m.name for m in members) == sorted(e["path"] for e in first["entries"] if e["path"])
+    rc, out, err = run_cli("get", registry_anon.image("basic"), "etc/", str(tmp_path / "o"), "--tar", "-")
+    assert_one_line_error(rc, err, 2)
+    assert out == "" and not os.path.exists(str(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("case", ["chunk-digest", "file-digest", "no-chunk-digests"])
+def test_get_tar_digest_mismatch_leaves_no_complete_archive(httpserver, tmp_path, case):
+    """A forged digest: exit 8 with one error line; on stdout the archive stops (no
+    end-of-archive: tarfile fails reading it, tar reports it truncated); a FILE target
+    leaves neither FILE nor FILE.partial."""
+    def edit(toc):
+        entries = [e for e in toc["entries"] if e.get("name") == BIG]
+        if case == "chunk-digest":
+            entries[5]["chunkDigest"] = sha256_digest(b"x")
+        elif case == "file-digest":
+            entries[0]["digest"] = sha256_digest(b"x")   # every chunk right, the whole wrong
+        else:
+            for e in entries:
+                e.pop("chunkDigest", None)
+            entries[0]["digest"] = sha256_digest(b"x")
+    blob, toc_json = forge_basic(edit)
+    reg, image = _serve(httpserver, blob, toc_json)
+    rc, out, err = run_cli("get", image, ".", "--tar", "-", binary=True)
+    assert_one_line_error(rc, err, 8)
+    assert BIG in err
+    assert not out.endswith(b"\0" * 1024)
+    import tarfile
+    with pytest.raises(tarfile.ReadError):
+        _tar_read(out)
+    if shutil.which("tar"):
+        listing = subprocess.run(["tar", "-tf", "-"], input=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert listing.returncode != 0
+    target = tmp_path / "OUT.tar"
+    rc, _, err = run_cli("get", image, ".", "--tar", str(target))
+    assert_one_line_error(rc, err, 8)
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_get_tar_creates_no_device_nodes(registry_anon, tmp_path):
+    """Devices and FIFOs are archive members only: nothing but the archive is written,
+    whoever runs it (no --devices, no root needed)."""
+    target = tmp_path / "dev.tar"
+    rc, _, err = run_cli("get", registry_anon.image("basic"), "dev/", "--tar", str(target), cwd=str(tmp_path))
+    assert rc == 0, err
+    assert os.listdir(str(tmp_path)) == ["dev.tar"]
+    members, _ = _tar_read(target.read_bytes())
+    assert sorted(m.name for m in members) == under("dev")
+    assert {m.name: m.type for m in members if not m.isdir()} == {
+        "dev/initctl": b"6", "dev/loop0": b"4", "dev/null": b"3"}
+
 # =============================================================================
 # cli
 # =============================================================================
