@@ -132,7 +132,7 @@ class StargzError(Exception):
 
 class _NotEStargzError(StargzError):
     """A layer that is not eStargz (plain tar+gzip, no footer): `--fallback-stream`
-    may read it whole instead."""
+    streams it instead."""
 
 
 class _TLSHandshakeError(StargzError):
@@ -872,8 +872,8 @@ _GLOBAL_OPTIONS = (
     _Option(("--connect-timeout",), "connect_timeout", "seconds", 15.0, "connect timeout",
             "connect timeout in seconds", high=86400, config="connect_timeout", metavar="SECONDS"),
     _Option(("--fallback-stream",), "fallback_stream", "switch", False,
-            "read layers that are not eStargz whole instead of refusing them (slow)",
-            "read layers that are not eStargz whole (slow)"),
+            "read layers that are not lazy (plain tar+gzip/zstd) by streaming them instead of refusing them",
+            "stream layers that are not lazy (plain tar+gzip/zstd)"),
     _Option(("--devices",), "devices", "switch", False,
             "create the device nodes and FIFOs the image holds (root only; skipped otherwise)",
             "create device nodes and FIFOs (root only)"),
@@ -2881,7 +2881,7 @@ def _read_toc_from_blob(client, layer):
         message = "layer %s (%s): %s" % (layer.digest, layer.media_type, e.message)
         if e.code == ErrorCode.FORMAT:
             message += "; it is a plain tar+gzip layer: rebuild the image as eStargz (e.g. nerdctl image "\
-                       "convert --estargz) or pass --fallback-stream to read it whole (slow)"
+                       "convert --estargz) or pass --fallback-stream to stream it"
         raise _reworded(e, message) from e
     member_end = size - footer_size
     if toc_offset >= member_end or member_end - toc_offset > _MAX_TOC_MEMBER_SIZE:
@@ -2916,7 +2916,7 @@ def _read_zstd_chunked_toc(client, layer):
     except StargzError as e:
         message = "layer %s (%s): %s" % (layer.digest, layer.media_type, e.message)
         if isinstance(e, _NotEStargzError):
-            message += "; it is a plain tar+zstd layer: pass --fallback-stream to read it whole (slow)"
+            message += "; it is a plain tar+zstd layer: pass --fallback-stream to stream it"
         raise _reworded(e, message) from e
     if offset < 8 or not 0 < length <= _MAX_TOC_MEMBER_SIZE or offset + length > layer.size:
         _fail(ErrorCode.FORMAT, "layer %s: the zstd:chunked TOC at %d+%d lies outside the blob of %d bytes"
@@ -4103,7 +4103,7 @@ class _TreeWriter(object):
 # -- fetcher: ranges in, verified inflated chunks out ----------------------------
 
 class _ChunkSink(object):
-    """Receives the bytes of a member (or of a spooled tar) and keeps the slice that
+    """Receives the bytes of a member and keeps the slice that
     is one chunk: writes it at its place in the file and hashes it."""
 
     __slots__ = ("file", "index", "chunk", "start", "stop", "hasher", "written", "mismatch", "write_error")
@@ -4522,11 +4522,15 @@ class _LayerStream(object):
         return wanted
 
     def _write(self, entry, tar, info):
-        """`info`'s data to `entry`'s partial file (under the destination's checks), hashed."""
+        """`info`'s data to `entry`'s partial file (under the destination's checks),
+        hashed. What the destination refuses fails this file; an error reading the
+        stream is the attempt's, so it goes up to the retry loop."""
         writer, path = self.writer, entry.path
         old = self.files.pop(path, None)
         if old is not None:
             old.close()
+        if writer.stop.is_set():     # a systemic failure (a full disk): write nothing more
+            return
         try:
             file = _PartialFile(entry, writer.dest.prepare(path))
             if os.path.isdir(file.final) and not os.path.islink(file.final):
@@ -4534,37 +4538,51 @@ class _LayerStream(object):
             for stale in (file.partial, file.state_file):
                 if os.path.lexists(stale):
                     os.unlink(stale)
-            fd, hasher = file.ensure_open(), hashlib.sha256()
-            with tar.extractfile(info) as data:
-                for piece in iter(lambda: data.read(_READ_SIZE * 4), b""):
-                    hasher.update(piece)
-                    view = memoryview(piece)
-                    while view:
-                        view = view[os.write(fd, view):]
-            file.close()
+            fd = file.ensure_open()
         except StargzError as e:
             writer.failed(path, e)
             return
         except OSError as e:
             writer.failed(path, _io_error("cannot write %s" % (e.filename or path), e))
             return
+        hasher = hashlib.sha256()
+        try:
+            with tar.extractfile(info) as data:
+                for piece in iter(lambda: data.read(_READ_SIZE * 4), b""):
+                    hasher.update(piece)
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view):]
+        except OSError as e:
+            writer.failed(path, _io_error("cannot write %s" % file.partial, e))
+            return
+        finally:
+            file.close()
         self.files[path] = file
         file.digest = "sha256:" + hasher.hexdigest()
 
     def commit(self, job):
         """Every streamed layer matched its digest: rename the partial files the job
-        selects, with their digests now known; drop the others."""
-        selected = set(id(e) for e in job.regular)
-        for path, file in sorted(self.files.items()):
-            if id(file.entry) not in selected:
-                self._drop(file)
+        selects, with their digests now known; drop the others. A selected file of a
+        streamed layer that was neither written nor failed would be a bug: said so."""
+        failed = set(path for path, _ in self.writer.stats.failures)
+        for entry in job.regular:
+            if not self.handles(entry):
+                continue
+            file = self.files.pop(entry.path, None)
+            if file is None or file.entry is not entry:
+                if file is not None:
+                    self.files[entry.path] = file   # another entry's: dropped below
+                if entry.path not in failed:
+                    self.writer.stats.fail(entry.path, "%s was not found in its layer's stream" % entry.path,
+                                           ErrorCode.INTERNAL)
                 continue
             source = file.source
             source.digest = file.digest
             source.chunks = file.chunks = [Chunk(0, source.size or 0, 0, 0, file.digest, member_end=0)]
             file.done.add(0)
             self.writer.finish(file, None)
-        self.files = {}
+        self.discard()
 
     def discard(self):
         for file in self.files.values():
