@@ -6348,6 +6348,29 @@ def _regular_files(root):
     return {p: a["sha256"] for p, a in walk_tree(root).items() if a["type"] == "reg"}
 
 
+
+def test_fallback_stream_visibility_top_down_matches_the_merge():
+    """What _LayerStream keeps from each layer, walking down with _UpperLayers, is
+    exactly the merged view; and it stops where ImageIndex would change nothing."""
+    lower = _layer(("", "dir"), ("a/b", "dir"), ("a/b/c", "reg"), ("a/b-c", "reg"), ("o/in", "reg"),
+                   ("o/sub/deep", "reg"), ("f", "dir"), ("f/x", "reg"), ("r", "reg"), ("d/x/y", "reg"))
+    upper = _layer(("a/.wh.b", "reg"), ("o/.wh..wh..opq", "reg"), ("o/mine", "reg"), ("f", "reg"),
+                   ("r", "dir"), ("r/y", "reg"), ("d/.wh.x", "reg"))
+    top = _layer(("d/x/new", "reg"), ("o", "dir"), ("a", "dir"))
+    for stack in ([lower, upper], [lower, upper, top], [lower, top], [lower, upper, _layer((".wh..wh..opq", "reg"))]):
+        seen, known = {}, starget._UpperLayers()
+        for toc in reversed(stack):
+            for e in toc.entries:
+                if not e.name.startswith(".wh.") and known.visible(e.path):
+                    seen[e.path] = e
+            known.learn(toc.entries)
+        assert seen == dict(starget.ImageIndex(stack).view())
+    known = starget._UpperLayers()
+    known.learn(upper.entries + top.entries)
+    assert known.settles(["o"]) and known.settles(["f", "a/b"]) and known.settles(["o/mine"])
+    assert not known.settles(["d"]) and not known.settles(["r"]) and not known.settles([""])
+    assert not known.settles(["d/x/new/deeper"])
+
 def test_fallback_stream_cat_of_a_top_layer_file_reads_only_the_top_layer(httpserver):
     reg, (base, mid, top) = _plain_image(httpserver, [PLAIN_BASE, PLAIN_MID, PLAIN_TOP])
     rc, out, err = run_cli("--fallback-stream", "cat", reg.image("t/plain"), "etc/top.conf", binary=True)
