@@ -28,7 +28,7 @@ Map of this file (sections in the order data flows; each uses only those above):
     formats       pure, no I/O: _ImageManifest/_ImageIndexManifest.from_json,
                   _choose_platform; parse_footer, _extract_toc_json, _inflate_members,
                   parse_toc (_TOCReader), TOCEntry, Chunk, LayerTOC
-    image index   TOCCache, _fetch_layer_toc, _spool_plain_layer (--fallback-stream),
+    image index   TOCCache, _fetch_layer_toc, _StreamedLayerTOC (--fallback-stream),
                   _resolve_manifest (walks the endpoints), ImageIndex (merged view),
                   open_image
     download      DownloadJob (the pure plan), _Fetcher (ranges in, verified chunks
@@ -132,7 +132,7 @@ class StargzError(Exception):
 
 class _NotEStargzError(StargzError):
     """A layer that is not eStargz (plain tar+gzip, no footer): `--fallback-stream`
-    may read it whole instead."""
+    streams it instead."""
 
 
 class _TLSHandshakeError(StargzError):
@@ -1019,8 +1019,8 @@ _GLOBAL_OPTIONS = (
     _Option(("--connect-timeout",), "connect_timeout", "seconds", 15.0, "connect timeout",
             "connect timeout in seconds", high=86400, config="connect_timeout", metavar="SECONDS"),
     _Option(("--fallback-stream",), "fallback_stream", "switch", False,
-            "read layers that are not eStargz whole instead of refusing them (slow)",
-            "read layers that are not eStargz whole (slow)"),
+            "read layers that are not lazy (plain tar+gzip/zstd) by streaming them instead of refusing them",
+            "stream layers that are not lazy (plain tar+gzip/zstd)"),
     _Option(("--devices",), "devices", "switch", False,
             "create the device nodes and FIFOs the image holds (root only; skipped otherwise)",
             "create device nodes and FIFOs (root only)"),
@@ -3196,7 +3196,7 @@ def _read_toc_from_blob(client, layer):
         message = "layer %s (%s): %s" % (layer.digest, layer.media_type, e.message)
         if e.code == ErrorCode.FORMAT:
             message += "; it is a plain tar+gzip layer: rebuild the image as eStargz (e.g. nerdctl image "\
-                       "convert --estargz) or pass --fallback-stream to read it whole (slow)"
+                       "convert --estargz) or pass --fallback-stream to stream it"
         raise _reworded(e, message) from e
     member_end = size - footer_size
     if toc_offset >= member_end or member_end - toc_offset > _MAX_TOC_MEMBER_SIZE:
@@ -3231,7 +3231,7 @@ def _read_zstd_chunked_toc(client, layer):
     except StargzError as e:
         message = "layer %s (%s): %s" % (layer.digest, layer.media_type, e.message)
         if isinstance(e, _NotEStargzError):
-            message += "; it is a plain tar+zstd layer: pass --fallback-stream to read it whole (slow)"
+            message += "; it is a plain tar+zstd layer: pass --fallback-stream to stream it"
         raise _reworded(e, message) from e
     if offset < 8 or not 0 < length <= _MAX_TOC_MEMBER_SIZE or offset + length > layer.size:
         _fail(ErrorCode.FORMAT, "layer %s: the zstd:chunked TOC at %d+%d lies outside the blob of %d bytes"
@@ -3252,62 +3252,147 @@ _TAR_TYPES = {b"0": "reg", b"\x00": "reg", b"7": "reg", b"1": "hardlink", b"2": 
               b"3": "char", b"4": "block", b"5": "dir", b"6": "fifo"}
 
 
-def _spool_plain_layer(client, layer, directory):
-    """--fallback-stream: a layer that is not eStargz is read whole (its digest
-    checked), inflated to an uncompressed tar under `directory`, and indexed from
-    its tar headers. Slow, and it needs the layer's uncompressed size on disk."""
-    path = os.path.join(directory, layer.digest.replace(":", "-") + ".tar")
-    client.retrying(lambda: _spool_blob(client, layer, path), "layer %s" % layer.digest)
-    toc = _toc_of_tar(path, layer)
-    toc.set_origin(layer.digest, layer.position)
-    return toc
+class _PiecesFile(io.RawIOBase):
+    """A read-only file over an iterator of bytes (an inflated layer as it streams),
+    for tarfile's stream mode: nothing is kept but the piece being read."""
+
+    def __init__(self, pieces):
+        super().__init__()
+        self._pieces, self._rest = pieces, memoryview(b"")
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        while not self._rest:
+            data = next(self._pieces, None)
+            if data is None:
+                return 0
+            self._rest = memoryview(data)    # a view: taking a slice off copies nothing
+        n = min(len(buffer), len(self._rest))
+        buffer[:n] = self._rest[:n]
+        self._rest = self._rest[n:]
+        return n
 
 
-def _spool_blob(client, layer, path):
-    """One attempt: the whole blob, hashed and (if gzip) inflated into `path`."""
-    hasher = hashlib.sha256()
+class _StreamedLayerTOC(LayerTOC):
+    """--fallback-stream: a layer that is neither eStargz nor zstd:chunked, so with no
+    TOC. Nothing is read until its entries are asked for (`ls`, the merged view);
+    then the layer streams once and its tar headers become its entries (no data kept,
+    nothing spooled). `get` and `cat` stream it themselves (_LayerStream), writing the
+    selected files as they pass, and lower layers that cannot change the result are
+    never read. `directory` holds the files `open` reads (one each, no whole layer)."""
 
-    def hashed(pieces):
-        for data in pieces:
-            hasher.update(data)
-            yield data
+    def __init__(self, client, layer, directory):
+        LayerTOC.__init__(self, [], None, None, blob=layer.digest, layer=layer.position, footer_size=0)
+        self.client, self.descriptor, self.directory = client, layer, directory
+        self.compression = layer.compression
+        self._entries = None
 
-    response = client.open_blob(layer.digest, 0, max(0, layer.size - 1))
-    try:
-        with io.open(path, "wb") as out:
+    @property
+    def loaded(self):
+        return self._entries is not None
+
+    @property
+    def entries(self):
+        if self._entries is None:
+            self.read(lambda entry, tar, info: None)
+        return self._entries
+
+    @entries.setter
+    def entries(self, value):
+        self._entries = None if not value else value   # LayerTOC.__init__ sets [] before the first read
+
+    @property
+    def raw_count(self):
+        return len(self.entries)
+
+    @raw_count.setter
+    def raw_count(self, value):
+        pass
+
+    def read(self, visit):
+        """Stream the layer once (through the retry loop): `visit(entry, tar, info)`
+        for each usable member as it passes, which may read its data from `tar`. The
+        entries become this layer's (at the first read) only once the whole blob has
+        matched its digest; a failed attempt starts over, so `visit` sees it again."""
+        layer = self.descriptor
+        entries = self.client.retrying(lambda: self._read_once(visit), "layer %s" % layer.digest)
+        if self._entries is None:
+            self._entries = entries
+            for warning in self.warnings:
+                _log.warning("layer %s: %s", layer.digest, warning)
+
+    def _read_once(self, visit):
+        import tarfile
+        layer, hasher = self.descriptor, hashlib.sha256()
+
+        def hashed(pieces):
+            for data in pieces:
+                hasher.update(data)
+                yield data
+
+        entries, names, warnings = [], {}, []
+        response = self.client.open_blob(layer.digest, 0, max(0, layer.size - 1))
+        try:
             pieces = hashed(response.pieces(layer.size))
-            for data in _inflate_members(pieces) if layer.compression == "gzip" else pieces:
-                out.write(data)
-    except OSError as e:
-        raise StargzError(ErrorCode.IO, "cannot spool layer %s: %s" % (layer.digest, _describe_os_error(e)), e) from e
-    except StargzError as e:
-        if e.code != ErrorCode.FORMAT:
-            raise
-        raise StargzError(ErrorCode.FORMAT, "layer %s is not valid gzip: %s" % (layer.digest, e.message), e) from e
-    finally:
-        response.close()
-    if "sha256:" + hasher.hexdigest() != layer.digest:
-        _fail(ErrorCode.INTEGRITY, "layer %s does not match its digest" % layer.digest)
+            if layer.compression == "gzip":
+                inflated = _inflate_members(pieces)
+            elif layer.compression == "zstd":
+                inflated = _inflate_zstd_frames(pieces, _zstd_module("layer %s" % layer.digest))
+            else:
+                inflated = pieces
+            with tarfile.open(fileobj=_PiecesFile(inflated), mode="r|") as tar:
+                for info in tar:
+                    entry = _entry_of_tarinfo(info, names, warnings)
+                    if entry is not None:
+                        entry.blob, entry.layer = layer.digest, layer.position
+                        entries.append(entry)
+                        names[entry.path] = entry
+                        visit(entry, tar, info)
+            for _ in pieces:    # past the tar's end: the rest of the blob, for its digest
+                pass
+        except (tarfile.TarError, EOFError, ValueError) as e:
+            raise StargzError(ErrorCode.FORMAT, "layer %s is not a readable tar: %s" % (layer.digest, e), e) from e
+        except StargzError as e:
+            if e.code != ErrorCode.FORMAT or not e.damaged:
+                raise
+            raise _reworded(e, "layer %s is not valid %s: %s" % (layer.digest, layer.compression, e.message)) from e
+        finally:
+            response.close()
+        if "sha256:" + hasher.hexdigest() != layer.digest:
+            _fail(ErrorCode.INTEGRITY, "layer %s does not match its digest" % layer.digest)
+        self.warnings = warnings
+        return entries
+
+    def spool_file(self, entry):
+        """For `open`: stream the layer and keep `entry`'s bytes (only those) in a file
+        of `directory`, which is what the file object reads; checked like the layer."""
+        self.spool_files([entry])
+
+    def spool_files(self, entries):
+        """The same for several entries of this layer, in one pass over its stream
+        (get --tar): the temp disk holds the selected files, never the layer."""
+        import shutil
+        import tempfile
+        paths = {}
+        for entry in entries:
+            fd, paths[entry.path] = tempfile.mkstemp(dir=self.directory, suffix=".file")
+            os.close(fd)
+
+        def keep(member, tar, info):
+            if member.path in paths and member.type == "reg":
+                with tar.extractfile(info) as data, io.open(paths[member.path], "wb") as out:
+                    shutil.copyfileobj(data, out)
+        self.read(keep)
+        for entry in entries:
+            entry.spool, entry.chunks = paths[entry.path], [Chunk(0, entry.size, 0, 0, None, member_end=0)]
 
 
-def _toc_of_tar(path, layer):
-    """A LayerTOC from the headers of a spooled, uncompressed layer tar."""
-    import tarfile
-    entries, names, warnings = [], {}, []
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                entry = _entry_of_tarinfo(info, path, names, warnings)
-                if entry is not None:
-                    entries.append(entry)
-                    names[entry.path] = entry
-    except (tarfile.TarError, EOFError, ValueError, OSError) as e:
-        raise StargzError(ErrorCode.FORMAT, "layer %s is not a readable tar: %s" % (layer.digest, e), e) from e
-    return LayerTOC(entries, None, None, warnings=warnings, footer_size=0)
-
-
-def _entry_of_tarinfo(info, spool, names, warnings):
-    """The TOCEntry of one tar header of a spooled layer, or None to skip it."""
+def _entry_of_tarinfo(info, names, warnings):
+    """The TOCEntry of one tar header of a streamed layer, or None to skip it. A
+    regular file has one chunk (its whole data, empty or not) with no digest: what
+    checks it is the layer's digest, at the end of the stream."""
     kind = _TAR_TYPES.get(info.type)
     try:
         name = _normalize_path(info.name)
@@ -3320,9 +3405,8 @@ def _entry_of_tarinfo(info, spool, names, warnings):
                      uid=info.uid, gid=info.gid, uname=info.uname or None, gname=info.gname or None,
                      mtime=int(info.mtime), link=info.linkname or None, dev_major=info.devmajor,
                      dev_minor=info.devminor, offset=0, inner_offset=0)
-    if kind == "reg" and info.size:
-        entry.chunks = [Chunk(0, info.size, 0, info.offset_data, None, member_end=0)]
-        entry.spool = spool
+    if kind == "reg":
+        entry.chunks = [Chunk(0, info.size, 0, 0, None, member_end=0)]
     if kind == "hardlink":
         try:
             entry.link = _normalize_path(info.linkname)
@@ -3705,8 +3789,8 @@ def _config_platform(client, manifest):
 def open_image(reference, platform=None, client=None, cache=None, blob=None, concurrency=4,
                fallback_dir=None, **client_options):
     """Resolve an image and load its TOCs: the merged ImageIndex (or, with `blob`,
-    only that layer's TOC). With `fallback_dir`, layers that are not eStargz are
-    streamed whole into it instead of refused. `client_options` go to RegistryClient."""
+    only that layer's TOC). With `fallback_dir`, layers that are not lazy (no TOC)
+    are streamed when first needed instead of refused (see _StreamedLayerTOC). `client_options` go to RegistryClient."""
     if client is None:
         client = RegistryClient(reference, **client_options)
     if isinstance(platform, str):
@@ -3724,8 +3808,8 @@ def open_image(reference, platform=None, client=None, cache=None, blob=None, con
         except _NotEStargzError:
             if fallback_dir is None:
                 raise
-            _log.warning("layer %s is not eStargz: reading it whole (--fallback-stream)", layer.digest)
-            return _spool_plain_layer(client, layer, fallback_dir)
+            _log.info("layer %s is not eStargz: it is streamed when needed (--fallback-stream)", layer.digest)
+            return _StreamedLayerTOC(client, layer, fallback_dir)
 
     tocs = _map_parallel(load, wanted, concurrency)
     by_position = dict(zip([layer.position for layer in wanted], tocs))
@@ -4484,7 +4568,7 @@ class _TreeWriter(object):
 # -- fetcher: ranges in, verified inflated chunks out ----------------------------
 
 class _ChunkSink(object):
-    """Receives the bytes of a member (or of a spooled tar) and keeps the slice that
+    """Receives the bytes of a member and keeps the slice that
     is one chunk: writes it at its place in the file and hashes it."""
 
     __slots__ = ("file", "index", "chunk", "start", "stop", "hasher", "written", "mismatch", "write_error")
@@ -4530,16 +4614,6 @@ def _pour(pieces, sinks, position, stop, verify):
         if position >= stop:
             break
     return position
-
-
-def _spooled(spool, length, path):
-    """`length` bytes of a spooled layer tar from where `spool` stands, as pieces."""
-    while length > 0:
-        data = spool.read(min(_READ_SIZE * 4, length))
-        if not data:
-            _fail(ErrorCode.FORMAT, "%s: the layer's tar ends inside the file" % path)
-        length -= len(data)
-        yield data
 
 
 def _decoders_of(index):
@@ -4658,22 +4732,6 @@ class _Fetcher(object):
                 return
             yield data
 
-    def copy_from_spool(self, file):
-        """A file of a layer read whole by --fallback-stream: its bytes come from the
-        spooled tar, through the same sink and checks as a fetched chunk."""
-        sink = _ChunkSink(file, 0)
-        try:
-            with io.open(file.source.spool, "rb") as spool:
-                spool.seek(sink.start)
-                _pour(_spooled(spool, sink.stop - sink.start, file.path), [sink], sink.start, sink.stop, self.verify)
-        except StargzError as e:
-            self.fail(file, e)
-            return
-        except OSError as e:
-            self.fail(file, _io_error("cannot read the spooled layer", e))
-            return
-        self._settle([sink], None, refetch=False)   # a local copy: reading it again cannot mend it
-
     def _settle(self, sinks, broken, refetch):
         """Deliver each chunk that came out whole and right. One that did not fails
         its file, unless `refetch` and it is its first time: then it is fetched once
@@ -4707,20 +4765,21 @@ class _Run(object):
     the tree writer (which knows the files written) and the fetcher (which counts
     mismatches)."""
 
-    def __init__(self, downloader, job, client):
+    def __init__(self, downloader, job, client, stream=None):
         self.job, self.client, self.downloader = job, client, downloader
-        self.stats = DownloadStats()
-        self.stop = threading.Event()
+        self.stream = stream    # a _LayerStream that wrote the streamed layers' files already
         self.progress = None
-        self.writer = _TreeWriter(_Destination(job.output_dir), downloader.policy, downloader.verify, self.stats,
-                                  self.stop)
+        self.writer = stream.writer if stream is not None else _TreeWriter(
+            _Destination(job.output_dir), downloader.policy, downloader.verify, DownloadStats(), threading.Event())
+        self.stats, self.stop = self.writer.stats, self.writer.stop
         self.fetcher = _Fetcher(client, downloader.retry, downloader.verify, self.stop, self.stats,
                                 self._chunk_verified, self.writer.fail, _decoders_of(job.index))
 
     def execute(self):
         started = time.time()
         job, stats, writer = self.job, self.stats, self.writer
-        before = self.client.transport.stats.as_dict()
+        stream = self.stream
+        before = stream.before if stream is not None else self.client.transport.stats.as_dict()
         try:
             os.makedirs(job.output_dir, exist_ok=True)
         except OSError as e:
@@ -4728,11 +4787,12 @@ class _Run(object):
         for path, reason in job.conflicts:
             _log.warning("%s", reason)
             stats.fail(path, reason, ErrorCode.UNSAFE)
-        writer.dest.check_free_space(job.regular)
+        regular = [e for e in job.regular if stream is None or not stream.handles(e)]
+        writer.dest.check_free_space(regular)
         stats.planned = len(job.regular) + len(job.hardlinks) + len(job.symlinks) + (
             len(job.specials) if writer.policy.special_files else 0)
         made_dirs = writer.make_dirs(job.dirs)
-        files = writer.prepare_files(job.regular)
+        files = writer.prepare_files(regular)
         self.progress = _Progress(sum(f.source.size - sum(f.chunks[i].size for i in f.done) for f in files),
                                   stats.planned, self.downloader.progress_enabled, stats.files + stats.kept)
         try:
@@ -4758,13 +4818,9 @@ class _Run(object):
         return stats
 
     def _fetch(self, files):
-        """Spooled files are copied first; the others' missing chunks are planned
-        into ranges and fetched in parallel."""
-        for file in files:
-            if file.source.spool and not file.finished and not self.stop.is_set():
-                self.fetcher.copy_from_spool(file)
+        """The files' missing chunks, planned into ranges and fetched in parallel."""
         wanted = [(file.source.blob, chunk.member_offset, chunk.member_end, (file, i))
-                  for file in files if not file.finished and not file.source.spool
+                  for file in files if not file.finished
                   for i, chunk in enumerate(file.chunks) if i not in file.done]
         downloader = self.downloader
         ranges = DownloadJob.plan_ranges(wanted, downloader.concurrency, downloader.gap, downloader.part_size)
@@ -4776,6 +4832,239 @@ class _Run(object):
             self.progress.add(sink.chunk.size)
             if file.complete:
                 self.writer.finish(file, self.progress)
+
+
+class _UpperLayers(object):
+    """What the layers above the one streaming did to the paths below them, as
+    ImageIndex._merge applies it: the entries they hold win (`provided`); a whiteout,
+    or a non-directory, at a path hides it and all below (`cut`); an opaque directory
+    hides what lies below it (`opaque`). A layer's own whiteouts apply only below it,
+    so `learn` takes a layer once it has streamed."""
+
+    def __init__(self):
+        self.provided, self.cut, self.opaque = {}, set(), set()
+
+    def visible(self, path):
+        """Whether a lower layer's entry at `path` would show in the merged view."""
+        if path in self.provided or (path and "" in self.opaque):
+            return False
+        parts = path.split("/")
+        for n in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:n])
+            if prefix in self.cut or (n < len(parts) and prefix in self.opaque):
+                return False
+        return True
+
+    def learn(self, entries):
+        for entry in entries:
+            path = entry.path
+            name = path[path.rfind("/") + 1:]
+            if name == _OPAQUE_WHITEOUT:
+                self.opaque.add(posixpath.dirname(path))
+            elif name.startswith(_WHITEOUT_PREFIX):
+                if name != _WHITEOUT_PREFIX:
+                    self.cut.add(posixpath.join(posixpath.dirname(path), name[len(_WHITEOUT_PREFIX):]))
+            else:
+                self.provided.setdefault(path, entry)
+                if entry.type != "dir":
+                    self.cut.add(path)   # a file over a lower directory replaces its whole tree
+
+    def settles(self, targets):
+        """Whether no lower layer can change what `targets` are: neither the entry at
+        each target and at its parents, nor (for a directory) what lies below it."""
+        for target in targets:
+            parts = target.split("/") if target else []
+            if any(self.visible("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+                return False
+            below = target + "/\x00" if target else "\x00"   # a name no layer provides
+            if self.visible(below):
+                return False
+        return True
+
+
+def _selects(path, targets):
+    return any(not t or path == t or path.startswith(t + "/") for t in targets)
+
+
+class _LayerStream(object):
+    """--fallback-stream for `get` and `cat`: the layers without a TOC are streamed,
+    top layer first, each at most once per selection. A member that is selected and
+    still visible (see _UpperLayers) is written to its `.partial` name as it passes;
+    links, directories and the rest are only recorded (the run makes them). The walk
+    stops once no lower layer can change the selection, so those are never read; the
+    lazy layers' TOCs are known up front and their files fetched as usual. The
+    partial files are renamed (`commit`) only after every streamed layer matched its
+    digest and the job was planned; temp disk holds nothing but selected files."""
+
+    def __init__(self, downloader, index, blob=None):
+        self.index, self.blob = index, blob
+        self.client = downloader.client or index.client
+        self.layers = [index.layer(blob)] if blob is not None else list(index.layers)
+        self.writer = None
+        self.files = {}           # destination path -> _PartialFile written from a stream
+        self.before = self.client.transport.stats.as_dict()
+
+    @staticmethod
+    def pending(index, blob=None):
+        """Whether `index` has a layer to stream that was not read yet."""
+        layers = [index.layer(blob)] if blob is not None else index.layers
+        return any(isinstance(toc, _StreamedLayerTOC) and not toc.loaded for toc in layers)
+
+    def settle(self, pattern, output_dir, policy, verify, follow_last=None):
+        """Stream what `pattern` needs into `output_dir`; returns the ImageIndex that
+        is exact for it (the layers not read are empty). A symlink on the way moves
+        the selection: the walk is done again for the path it leads to."""
+        self.writer = _TreeWriter(_Destination(output_dir), policy, verify, DownloadStats())
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as e:
+            _fail(ErrorCode.IO, "cannot create %s: %s" % (output_dir, _describe_os_error(e)), e)
+        follow = pattern.endswith("/") if follow_last is None else follow_last
+        targets = {_resolve_in({}, pattern, follow_last=False)}
+        try:
+            for _ in range(42):      # _resolve_in allows 40 links
+                index = self._walk(targets)
+                target = _resolve_in(index.view(self.blob), pattern, follow_last=follow)
+                if target in targets:
+                    return index
+                targets.add(target)
+            _fail(ErrorCode.NOT_FOUND, "too many levels of symbolic links resolving %r" % pattern)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _walk(self, targets):
+        upper, seen = _UpperLayers(), []
+        for toc in reversed(self.layers):
+            if self.blob is None and upper.settles(targets):
+                break
+            if isinstance(toc, _StreamedLayerTOC):
+                self._stream(toc, upper, targets)
+            upper.learn(toc.entries)
+            seen.append(toc)
+        layers = [toc if any(toc is s for s in seen) else LayerTOC([], blob=toc.blob, layer=toc.layer, footer_size=0)
+                  for toc in self.layers]
+        if self.blob is not None:
+            return self.index
+        return ImageIndex(layers, self.index.client, self.index.manifest)
+
+    def _stream(self, toc, upper, targets):
+        """Read `toc`'s layer (again only when it holds selected data not written yet);
+        a hardlink whose target is not itself written needs the target's bytes,
+        which passed before it: the layer is read once more for them."""
+        while True:
+            wanted = self._wanted(toc.entries, upper, targets) if toc.loaded else None
+            if wanted == {}:
+                return
+            first = wanted is None
+
+            def visit(entry, tar, info):
+                if first and entry.type == "reg" and upper.visible(entry.path) and _selects(entry.path, targets):
+                    self._write(entry, tar, info)
+                for copy in (wanted or {}).get(entry.path, ()):
+                    if entry.type == "reg":
+                        self._write(copy, tar, info)
+            toc.read(visit)
+            if not first:
+                return
+
+    def _wanted(self, entries, upper, targets):
+        """member path -> the selected, visible entries still to write from it: regular
+        files, and hardlinks whose target will not be written (a copy of its bytes)."""
+        wanted, last = {}, {}
+        for entry in entries:
+            last[entry.path] = entry    # the later of two same-named members wins
+        for path, entry in last.items():
+            if not upper.visible(path) or not _selects(path, targets) or path in self.files:
+                continue
+            if entry.type == "reg":
+                wanted.setdefault(path, []).append(entry)
+            elif entry.type == "hardlink" and entry.link_target is not None:
+                target = entry.link_target
+                if last.get(target.path) is not target or not upper.visible(target.path) \
+                        or not _selects(target.path, targets):
+                    wanted.setdefault(target.path, []).append(entry)
+        return wanted
+
+    def _write(self, entry, tar, info):
+        """`info`'s data to `entry`'s partial file (under the destination's checks),
+        hashed. What the destination refuses fails this file; an error reading the
+        stream is the attempt's, so it goes up to the retry loop."""
+        writer, path = self.writer, entry.path
+        old = self.files.pop(path, None)
+        if old is not None:
+            old.close()
+        if writer.stop.is_set():     # a systemic failure (a full disk): write nothing more
+            return
+        try:
+            file = _PartialFile(entry, writer.dest.prepare(path))
+            if os.path.isdir(file.final) and not os.path.islink(file.final):
+                _fail(ErrorCode.IO, "%s exists and is a directory" % file.final)
+            for stale in (file.partial, file.state_file):
+                if os.path.lexists(stale):
+                    os.unlink(stale)
+            fd = file.ensure_open()
+        except StargzError as e:
+            writer.failed(path, e)
+            return
+        except OSError as e:
+            writer.failed(path, _io_error("cannot write %s" % (e.filename or path), e))
+            return
+        hasher = hashlib.sha256()
+        try:
+            with tar.extractfile(info) as data:
+                for piece in iter(lambda: data.read(_READ_SIZE * 4), b""):
+                    hasher.update(piece)
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view):]
+        except OSError as e:
+            writer.failed(path, _io_error("cannot write %s" % file.partial, e))
+            return
+        finally:
+            file.close()
+        self.files[path] = file
+        file.digest = "sha256:" + hasher.hexdigest()
+
+    def commit(self, job):
+        """Every streamed layer matched its digest: rename the partial files the job
+        selects, with their digests now known; drop the others. A selected file of a
+        streamed layer that was neither written nor failed would be a bug: said so."""
+        failed = set(path for path, _ in self.writer.stats.failures)
+        for entry in job.regular:
+            if not self.handles(entry):
+                continue
+            file = self.files.pop(entry.path, None)
+            if file is None or file.entry is not entry:
+                if file is not None:
+                    self.files[entry.path] = file   # another entry's: dropped below
+                if entry.path not in failed:
+                    self.writer.stats.fail(entry.path, "%s was not found in its layer's stream" % entry.path,
+                                           ErrorCode.INTERNAL)
+                continue
+            source = file.source
+            source.digest = file.digest
+            source.chunks = file.chunks = [Chunk(0, source.size or 0, 0, 0, file.digest, member_end=0)]
+            file.done.add(0)
+            self.writer.finish(file, None)
+        self.discard()
+
+    def discard(self):
+        for file in self.files.values():
+            self._drop(file)
+        self.files = {}
+
+    @staticmethod
+    def _drop(file):
+        file.close()
+        try:
+            os.unlink(file.partial)
+        except OSError:
+            pass
+
+    def handles(self, entry):
+        """Whether `entry`'s bytes come from a streamed layer (written here, or failed)."""
+        return isinstance(self.index.layer(entry.content.blob), _StreamedLayerTOC)
 
 
 class Downloader(object):
@@ -4795,10 +5084,23 @@ class Downloader(object):
         self.progress_enabled = progress
         self.gap, self.part_size = gap, part_size
 
-    def download(self, index, pattern, output_dir, blob=None, exclude=()):
+    def download(self, index, pattern, output_dir, blob=None, exclude=(), stream=None):
         """Get the files `pattern` selects (less what the `exclude` globs match) into
-        `output_dir`; returns DownloadStats."""
-        return self.run(DownloadJob(index, pattern, output_dir, blob, self.policy, exclude=exclude))
+        `output_dir`; returns DownloadStats. Layers to stream (--fallback-stream) are
+        streamed first by a _LayerStream (`stream`: one that settled `index` already,
+        as cat does)."""
+        if stream is None and _LayerStream.pending(index, blob):
+            stream = _LayerStream(self, index, blob)
+            index = stream.settle(pattern, output_dir, self.policy, self.verify)
+        if stream is None:
+            return self.run(DownloadJob(index, pattern, output_dir, blob, self.policy, exclude=exclude))
+        try:    # a hostile tree is refused here, before any streamed file is renamed
+            job = DownloadJob(index, pattern, output_dir, blob, self.policy, exclude=exclude)
+        except BaseException:
+            stream.discard()
+            raise
+        stream.commit(job)
+        return _Run(self, job, self.client or index.client, stream).execute()
 
     def run(self, job):
         """Run `job` with this Downloader's client, else the index's; returns DownloadStats."""
@@ -5079,8 +5381,8 @@ class _ImageFile(io.RawIOBase):
     it comes cheaply). A file whose chunks have no digests of their own is verified
     as a whole: its first read fetches and checks all of it before returning a byte;
     a file with no digest at all (nothing to check against) is returned as it comes,
-    as `get` writes it. A --fallback-stream file is read from its spooled layer,
-    whose digest was checked when it was spooled."""
+    as `get` writes it. A --fallback-stream file is read from its own copy, taken as
+    its layer streamed by (the layer's digest checked; see _StreamedLayerTOC)."""
 
     def __init__(self, client, entry, name, owns_client=False, decompress=None):
         super().__init__()
@@ -5281,6 +5583,9 @@ def _open_in(index, path, blob=None, owns_client=False):
         _fail(ErrorCode.NOT_FOUND, "no such file in the image: %s" % path)
     if entry.content.type != "reg":
         _fail(ErrorCode.NOT_FOUND, "not a regular file in the image: %s (a %s)" % (path, entry.type))
+    toc = index.layer(entry.content.blob)
+    if isinstance(toc, _StreamedLayerTOC) and entry.content.spool is None:
+        toc.spool_file(entry.content)   # a layer with no TOC: its bytes only as it streams
     decompress = _decoders_of(index).get(entry.content.blob)
     return _ImageFile(index.client, entry, path, owns_client, decompress)
 
@@ -6473,6 +6778,13 @@ def _cmd_get(session, out):
 def _get_tar(session, job, target, out):
     """get --tar: the selection as one archive on standard output (`-`) or in a file."""
     args = session.args
+    streamed = {}       # layers without a TOC: their selected files kept as they stream, once per layer
+    for entry in job.regular:
+        toc = job.index.layers[entry.content.layer] if entry.content.layer is not None else None
+        if isinstance(toc, _StreamedLayerTOC) and not entry.content.spool:
+            streamed.setdefault(id(toc), (toc, []))[1].append(entry.content)
+    for toc, entries in streamed.values():
+        toc.spool_files(entries)
     stream = _TarStream(job, session.client, verify=not args.skip_verify, concurrency=args.concurrency)
     if target == "-":
         binary = out.buffer     # _Stdout's: a failed write (a full disk) is exit 10
@@ -6498,32 +6810,42 @@ def _dangling_link(view, path):
     return None
 
 
+def _cat_target(index, blob, pattern, exclude):
+    """The path of the one regular file `pattern` names for cat (a glob must match
+    exactly one entry; a final symlink is followed), or the error saying why not."""
+    view = index.view(blob)
+    if _is_glob(pattern) and _glob_select(view, pattern):   # else a name with `[` in it, as get takes it
+        matched = index.filter_files(pattern, blob, exclude=exclude)
+        if len(matched) != 1:
+            _fail(ErrorCode.USAGE, "%s matches %d entries; cat writes exactly one file" % (pattern, len(matched)))
+        pattern = matched[0].path
+    path = _resolve_in(view, pattern, follow_last=True)
+    entry = view.get(path)
+    if entry is None:
+        link = _dangling_link(view, pattern)
+        if link is not None:
+            _fail(ErrorCode.NOT_FOUND, "dangling symlink: %s -> %s" % (link.path, link.link))
+        _fail(ErrorCode.NOT_FOUND, ("no match in the image for %s" if _is_glob(pattern) else
+                                    "no such file in the image: %s") % pattern)
+    if entry.type not in ("reg", "hardlink"):
+        _fail(ErrorCode.USAGE, "%s is a %s, not a regular file" % (pattern, entry.type))
+    return path
+
+
 def _cmd_cat(session, out):
     import shutil
     import tempfile
     blob, rest = _split_blob(session.args.args, 1)
     _image_path(rest[0])
     index = session.load_image(blob)
-    view = index.view(blob)
-    if _is_glob(rest[0]) and _glob_select(view, rest[0]):   # else a name with `[` in it, as get takes it
-        # cat writes one file: the glob must name exactly one
-        matched = index.filter_files(rest[0], blob, exclude=_excludes(session.args))
-        if len(matched) != 1:
-            _fail(ErrorCode.USAGE, "%s matches %d entries; cat writes exactly one file" % (rest[0], len(matched)))
-        rest = [matched[0].path]
-    path = _resolve_in(view, rest[0], follow_last=True)
-    entry = view.get(path)
-    if entry is None:
-        link = _dangling_link(view, rest[0])
-        if link is not None:
-            _fail(ErrorCode.NOT_FOUND, "dangling symlink: %s -> %s" % (link.path, link.link))
-        _fail(ErrorCode.NOT_FOUND, ("no match in the image for %s" if _is_glob(rest[0]) else
-                                    "no such file in the image: %s") % rest[0])
-    if entry.type not in ("reg", "hardlink"):
-        _fail(ErrorCode.USAGE, "%s is a %s, not a regular file" % (rest[0], entry.type))
+    downloader, stream = _downloader(session), None
     scratch = tempfile.mkdtemp(prefix="starget-cat-")
     try:
-        stats = _downloader(session).download(index, path, scratch, blob)
+        if _LayerStream.pending(index, blob):   # read only the layers the file needs
+            stream = _LayerStream(downloader, index, blob)
+            index = stream.settle(rest[0], scratch, downloader.policy, downloader.verify, follow_last=True)
+        path = _cat_target(index, blob, rest[0], _excludes(session.args))
+        stats = downloader.download(index, path, scratch, blob, stream=stream)
         _report(stats, session.args.verbose)
         stream = getattr(out, "buffer", out)
         local = os.path.join(scratch, *_local_name(path).split("/"))

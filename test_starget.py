@@ -7118,6 +7118,235 @@ def test_fallback_stream_estargz_untouched(registry_anon, tmp_path):
     assert compare_tree(expected_files("basic", "latest"), walk_tree(out), prefix="etc") == []
 
 
+# Plain layers made here, each an ordinary tarfile + gzip product: members are
+# (name, bytes) a file, (name, None) a directory, (name, "->T") a symlink to T and
+# (name, "=>T") a hardlink to the earlier member T.
+def _plain_layer(members, compress=None):
+    import tarfile
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, spec in members:
+            info = tarfile.TarInfo(name)
+            info.mtime, info.mode = 1700000000, 0o644
+            if spec is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+            elif isinstance(spec, str):
+                info.type = tarfile.SYMTYPE if spec.startswith("->") else tarfile.LNKTYPE
+                info.linkname = spec[2:]
+            else:
+                info.size = len(spec)
+            tar.addfile(info, io.BytesIO(spec) if info.isreg() else None)
+    if compress is not None:
+        return compress(raw.getvalue())
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as gz:
+        gz.write(raw.getvalue())
+    return out.getvalue()
+
+
+# Each layer is bigger than the tail read that probes it for a footer, so that a
+# read of the whole layer tells apart from the probe every layer gets.
+PLAIN_BASE = [("usr", None), ("usr/bin", None), ("usr/bin/tool", os.urandom(300000)), ("etc", None),
+              ("etc/base.conf", b"base\n"), ("etc/gone.conf", b"whited out above\n"), ("etc/app", None),
+              ("etc/app/old", b"hidden by an opaque dir\n"), ("srv", None), ("srv/x", b"under a dir\n")]
+PLAIN_MID = [("etc", None), ("etc/.wh.gone.conf", b""), ("etc/app", None), ("etc/app/.wh..wh..opq", b""),
+             ("etc/app/new", b"the opaque layer's own\n"), ("srv", b"a file over the dir\n"), ("usr", None),
+             ("usr/pad-mid", os.urandom(40000))]
+PLAIN_TOP = [("etc", None), ("etc/top.conf", b"top\n"), ("etc/base.conf", b"overridden\n"), ("usr", None),
+             ("usr/pad-top", os.urandom(40000))]
+# what `get etc` gives for the three, base at the bottom
+PLAIN_ETC = {"etc/top.conf": b"top\n", "etc/base.conf": b"overridden\n", "etc/app/new": b"the opaque layer's own\n"}
+
+
+def _plain_image(httpserver, layers, repo="t/plain", media_type=None):
+    reg = OCIServer(httpserver)
+    blobs = [_plain_layer(members) if isinstance(members, list) else members for members in layers]
+    kw = {"layer_media_type": media_type} if media_type else {}
+    reg.add_image(repo, blobs, **kw)
+    return reg, [sha256_digest(b) for b in blobs]
+
+
+def _blob_gets(reg, digest, since=0):
+    """The reads of the whole blob `digest` (not the footer probe of its tail)."""
+    size = len(reg.blobs[digest])
+    return [p for m, p, h in reg.requests[since:] if m == "GET" and p.endswith("/blobs/" + digest)
+            and h.get("Range") in (None, "bytes=0-%d" % (size - 1))]
+
+
+def _regular_files(root):
+    return {p: a["sha256"] for p, a in walk_tree(root).items() if a["type"] == "reg"}
+
+
+
+def test_fallback_stream_visibility_top_down_matches_the_merge():
+    """What _LayerStream keeps from each layer, walking down with _UpperLayers, is
+    exactly the merged view; and it stops where ImageIndex would change nothing."""
+    lower = _layer(("", "dir"), ("a/b", "dir"), ("a/b/c", "reg"), ("a/b-c", "reg"), ("o/in", "reg"),
+                   ("o/sub/deep", "reg"), ("f", "dir"), ("f/x", "reg"), ("r", "reg"), ("d/x/y", "reg"))
+    upper = _layer(("a/.wh.b", "reg"), ("o/.wh..wh..opq", "reg"), ("o/mine", "reg"), ("f", "reg"),
+                   ("r", "dir"), ("r/y", "reg"), ("d/.wh.x", "reg"))
+    top = _layer(("d/x/new", "reg"), ("o", "dir"), ("a", "dir"))
+    for stack in ([lower, upper], [lower, upper, top], [lower, top], [lower, upper, _layer((".wh..wh..opq", "reg"))]):
+        seen, known = {}, starget._UpperLayers()
+        for toc in reversed(stack):
+            for e in toc.entries:
+                if not e.name.startswith(".wh.") and known.visible(e.path):
+                    seen[e.path] = e
+            known.learn(toc.entries)
+        assert seen == dict(starget.ImageIndex(stack).view())
+    known = starget._UpperLayers()
+    known.learn(upper.entries + top.entries)
+    assert known.settles(["o"]) and known.settles(["f", "a/b"]) and known.settles(["o/mine"])
+    assert not known.settles(["d"]) and not known.settles(["r"]) and not known.settles([""])
+    assert not known.settles(["d/x/new/deeper"])
+
+def test_fallback_stream_cat_of_a_top_layer_file_reads_only_the_top_layer(httpserver):
+    reg, (base, mid, top) = _plain_image(httpserver, [PLAIN_BASE, PLAIN_MID, PLAIN_TOP])
+    rc, out, err = run_cli("--fallback-stream", "cat", reg.image("t/plain"), "etc/top.conf", binary=True)
+    assert rc == 0, err
+    assert out == b"top\n"
+    assert len(_blob_gets(reg, top)) == 1
+    assert _blob_gets(reg, mid) == [] and _blob_gets(reg, base) == [], "a lower layer was read"
+
+
+def test_fallback_stream_get_reads_down_to_the_layer_that_settles_it(httpserver, tmp_path):
+    """A file of the middle layer: top and middle are read, not the base; the base's
+    file comes out when asked for, through the layers above it."""
+    reg, (base, mid, top) = _plain_image(httpserver, [PLAIN_BASE, PLAIN_MID, PLAIN_TOP])
+    out = str(tmp_path / "out")
+    rc, _, err = run_cli("--fallback-stream", "get", reg.image("t/plain"), "etc/app", out)
+    assert rc == 0, err
+    assert sorted(_regular_files(out)) == ["etc/app/new"]   # the opaque dir settles it: no base read
+    assert _blob_gets(reg, base) == [] and len(_blob_gets(reg, mid)) == 1
+    rc, _, err = run_cli("--fallback-stream", "get", reg.image("t/plain"), "usr/bin/tool", out)
+    assert rc == 0, err
+    with open(os.path.join(out, "usr", "bin", "tool"), "rb") as f:
+        assert f.read() == PLAIN_BASE[2][1]
+    assert [n for n in os.listdir(os.path.join(out, "usr", "bin"))] == ["tool"]
+
+
+def test_fallback_stream_directory_across_layers_is_exact(httpserver, tmp_path):
+    """Whiteouts, an opaque dir and a file over a dir applied as the merged view does."""
+    reg, _ = _plain_image(httpserver, [PLAIN_BASE, PLAIN_MID, PLAIN_TOP])
+    out = str(tmp_path / "out")
+    rc, _, err = run_cli("--fallback-stream", "get", reg.image("t/plain"), "etc", out)
+    assert rc == 0, err
+    want = {p: hashlib.sha256(data).hexdigest() for p, data in PLAIN_ETC.items()}
+    assert _regular_files(out) == want
+    whole = str(tmp_path / "whole")
+    rc, _, err = run_cli("--fallback-stream", "get", reg.image("t/plain"), ".", whole)
+    assert rc == 0, err
+    tree = walk_tree(whole)
+    assert tree["srv"]["type"] == "reg" and "srv/x" not in tree
+    assert sorted(p for p in tree if not p.startswith("usr")) == [
+        "etc", "etc/app", "etc/app/new", "etc/base.conf", "etc/top.conf", "srv"]
+    assert not [p for p in tree if p.endswith(".partial")]
+    rc, listing, err = run_cli("--fallback-stream", "ls", reg.image("t/plain"))
+    assert rc == 0, err
+    assert listing.split() == sorted(tree)
+
+
+@pytest.mark.parametrize("pattern", ["etc", "opt", "opt/app", "srv", "var", "etc/motd/", "lib/", "."])
+def test_fallback_stream_plain_layers_fixture_get_is_exact(registry_anon, tmp_path, pattern):
+    out = str(tmp_path / "out")
+    rc, _, err = run_cli("--fallback-stream", "--no-progress", "get", registry_anon.image("plain-layers"),
+                         pattern, out)
+    assert rc == 0, err
+    files = expected_files("plain-layers", "latest")
+    tree = walk_tree(out)
+    if pattern == "lib/":   # the top layer's symlink lib -> usr/lib, followed: both come out
+        assert tree["lib"]["type"] == "symlink"
+        tree.pop("lib")
+    prefix = {".": "", "lib/": "usr/lib"}.get(pattern, pattern.rstrip("/"))
+    assert compare_tree(files, tree, prefix=prefix) == []
+
+
+def test_fallback_stream_hardlink_to_a_file_outside_the_selection(httpserver, tmp_path):
+    """Its target passed before it in the stream: the layer is read once more for its bytes."""
+    data = os.urandom(5000)
+    reg, (layer,) = _plain_image(httpserver, [[("data", None), ("data/f", data), ("links", None),
+                                               ("links/h", "=>data/f")]])
+    out = str(tmp_path / "out")
+    rc, _, err = run_cli("--fallback-stream", "get", reg.image("t/plain"), "links", out)
+    assert rc == 0, err
+    assert _regular_files(out) == {"links/h": hashlib.sha256(data).hexdigest()}
+    whole = str(tmp_path / "whole")
+    rc, _, err = run_cli("--fallback-stream", "get", reg.image("t/plain"), ".", whole)
+    assert rc == 0, err
+    assert os.stat(os.path.join(whole, "links", "h")).st_ino == os.stat(os.path.join(whole, "data", "f")).st_ino
+
+
+def test_fallback_stream_layer_not_matching_its_digest_renames_nothing(httpserver, tmp_path):
+    reg, (base, top) = _plain_image(httpserver, [PLAIN_BASE, PLAIN_TOP])
+    good = reg.repos["t/plain"]["blobs"][top]
+    forged = bytearray(good)
+    forged[-20] ^= 1     # in the gzip trailer: the tar still reads, the digest does not match
+    reg.repos["t/plain"]["blobs"][top] = reg.blobs[top] = bytes(forged)
+    out = str(tmp_path / "out")
+    rc, _, err = run_cli("--fallback-stream", "get", reg.image("t/plain"), "etc", out)
+    assert rc != 0
+    assert_one_line_error(rc, err, (ErrorCode.INTEGRITY, ErrorCode.FORMAT))
+    assert not [p for p in walk_tree(out) if walk_tree(out)[p]["type"] == "reg"] if os.path.isdir(out) else True
+
+
+@pytest.mark.skipif(ZSTD is None, reason="no zstd decoder (backports.zstd is in the test extra)")
+def test_fallback_stream_plain_zstd_layers(httpserver, tmp_path):
+    zstd_layers = [_plain_layer(members, compress=ZSTD.compress) for members in (PLAIN_BASE, PLAIN_MID, PLAIN_TOP)]
+    reg, (base, mid, top) = _plain_image(httpserver, zstd_layers,
+                                         media_type="application/vnd.oci.image.layer.v1.tar+zstd")
+    out = str(tmp_path / "out")
+    rc, _, err = run_cli("--fallback-stream", "get", reg.image("t/plain"), "etc", out)
+    assert rc == 0, err
+    assert _regular_files(out) == {p: hashlib.sha256(d).hexdigest() for p, d in PLAIN_ETC.items()}
+    mark = len(reg.requests)
+    rc, data, err = run_cli("--fallback-stream", "cat", reg.image("t/plain"), "etc/top.conf", binary=True)
+    assert rc == 0 and data == b"top\n", err
+    assert _blob_gets(reg, base, mark) == [] and _blob_gets(reg, mid, mark) == [], "a lower layer was read"
+
+
+@pytest.mark.skipif(ZSTD is None, reason="no zstd decoder (backports.zstd is in the test extra)")
+def test_fallback_stream_mixed_reads_the_plain_base_only_when_needed(httpserver):
+    reg = OCIServer(httpserver)
+    reg.add_layout("fixtures/mixed", "mixed")
+    ref = expected_ref("mixed", "latest")
+    base = ref["layers"][0]["digest"]
+    files = expected_files("mixed", "latest")
+    on_top = [p for p in _reg_paths(files) if p.startswith("etc/motd/")][0]
+    rc, out, err = run_cli("--fallback-stream", "cat", reg.image("fixtures/mixed"), on_top, binary=True)
+    assert rc == 0, err
+    assert hashlib.sha256(out).hexdigest() == files[on_top]["sha256"]
+    # The base is smaller than the tail read that probes it for a footer, so that probe
+    # asks for all of it: one read; reading it for its files would be a second.
+    assert len(_blob_gets(reg, base)) == 1, "the plain base was read for a file of a lazy layer"
+    rc, out, err = run_cli("--fallback-stream", "cat", reg.image("fixtures/mixed"), "keep.txt", binary=True)
+    assert rc == 0, err
+    assert hashlib.sha256(out).hexdigest() == files["keep.txt"]["sha256"]
+    assert len(_blob_gets(reg, base)) == 3
+
+
+def test_fallback_stream_temp_dir_smaller_than_the_layer(httpserver, tmp_path):
+    """TMPDIR on a 1 MiB tmpfs, a layer of 8 MiB uncompressed: get and cat succeed."""
+    small = tmp_path / "tmp"
+    small.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    if mount.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): %s" % mount.stderr.strip())
+    try:
+        reg, _ = _plain_image(httpserver, [[("big", None), ("big/zeros", b"\0" * (8 << 20)),
+                                            ("etc", None), ("etc/small", b"small\n")]])
+        env = {"TMPDIR": str(small)}
+        out = str(tmp_path / "out")
+        rc, _, err = run_cli("--fallback-stream", "get", reg.image("t/plain"), ".", out, env=env)
+        assert rc == 0, err
+        assert os.path.getsize(os.path.join(out, "big", "zeros")) == 8 << 20
+        rc, data, err = run_cli("--fallback-stream", "cat", reg.image("t/plain"), "etc/small", env=env, binary=True)
+        assert rc == 0 and data == b"small\n", err
+        assert os.listdir(str(small)) == []
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
 # ---- cli: vendoring, the example in starget.__doc__ -------------------------
 
 def _reg_paths(files, prefix=""):
