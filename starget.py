@@ -1768,7 +1768,7 @@ class Transport(object):
         """(next URL, method, body) of a redirect, or a refusal."""
         from urllib.parse import quote, urljoin
         next_target = _URL(urljoin(target.text, quote(location, safe="/:?#[]@!$&'()*+,;=%~")))
-        if body is not None and status in (307, 308) and next_target.origin != origin:
+        if body is not None and status != 303 and next_target.origin != origin:   # 301/302 resend it too
             _fail(ErrorCode.NETWORK, "refused to send a request body on to %s after a redirect" % next_target.netloc)
         if target.scheme == "https" and next_target.scheme == "http":
             _fail(ErrorCode.NETWORK, "refused redirect from https://%s to plain http://%s"
@@ -2442,6 +2442,7 @@ _ID_LIMIT = (1 << 32) - 2           # uid, gid, device numbers: what the kernel 
 _ENTRY_TYPES = ("dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk")
 _ZSTD_CHUNKED_MAGIC = b"GnUlInUx"
 _ENTRY_TYPE_SET = frozenset(_ENTRY_TYPES)
+_BASE64_RE = re.compile(r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?\Z")   # TOC xattr values
 # A name that _normalize_path would return unchanged (but a directory's trailing "/"):
 # no empty, "." or ".." component, no leading "/", no NUL. The TOC reader's fast path.
 _CLEAN_NAME_RE = re.compile(r"(?:(?!\.\.?(?:/|\Z))[^/\x00]+/)*(?!\.\.?(?:/|\Z))[^/\x00]+/?\Z")
@@ -2759,6 +2760,10 @@ def _toc_from_rows(doc):
         if any(len(column) != len(paths) for column in columns) or not set(kinds) <= set(_ENTRY_TYPES) \
                 or not all(path == "" or _CLEAN_PATH_RE.match(path) for path in paths):
             raise ValueError("unsafe or inconsistent entries")
+        for name in ("size", "mode", "uid", "gid", "mtime", "offset", "inner_offset", "dev_major", "dev_minor"):
+            low = -_MAX_OFFSET if name == "mtime" else 0      # a time may be before 1970
+            if not all(v.__class__ is int and low <= v < _MAX_OFFSET for v in columns[_ROW_FIELDS.index(name)]):
+                raise ValueError("a %s that is not a sane integer" % name)
         entries = list(map(TOCEntry, *columns))
         for entry, end in zip(entries, doc["member_ends"]):
             if end is not None:
@@ -2950,7 +2955,8 @@ class _TOCReader(object):
         entry.dev_major = _int_field(raw, "devMajor", entry.path, _ID_LIMIT)
         entry.dev_minor = _int_field(raw, "devMinor", entry.path, _ID_LIMIT)
         xattrs = raw.get("xattrs")
-        entry.xattrs = xattrs if isinstance(xattrs, dict) else None
+        entry.xattrs = xattrs if isinstance(xattrs, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and _BASE64_RE.match(v) for k, v in xattrs.items()) else None
 
     def _link(self, entry, raw):
         """Fill in a link's target; False (with a warning) to skip a bad link."""
@@ -3061,7 +3067,10 @@ class TOCCache(object):
                     self._writer = None
                     return
                 write = self._pending.pop(0)
-            write()
+            try:
+                write()
+            except Exception as e:    # a cache that cannot be written is no error; the thread goes on
+                _log.debug("TOC cache write failed: %r", e)
 
     def flush(self):
         """Wait until every write asked for so far is on disk (or has failed, quietly)."""
@@ -3121,16 +3130,24 @@ class TOCCache(object):
         self._write(self._parsed_path(blob), header, body)
 
     def _write(self, path, header, body):
-        """A header line and a body, under the final name only once complete."""
+        """A header line and a body, under the final name only once complete; the temp
+        file is a new one (mkstemp: never a link planted in a shared cache), removed if
+        the write fails."""
+        import tempfile
+        temp = None
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            temp = "%s.%d.%d.tmp" % (path, os.getpid(), threading.get_ident())
-            with io.open(temp, "wb") as f:
+            fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+            with io.open(fd, "wb") as f:
                 f.write(json.dumps(header).encode("utf-8") + b"\n")
                 f.write(body)
             os.replace(temp, path)
+            temp = None
         except (IOError, OSError) as e:
             _log.debug("cannot write TOC cache %s: %s", path, e)
+        finally:
+            if temp is not None and os.path.lexists(temp):
+                os.unlink(temp)
 
 
 # The `format` info shows for a layer read lazily, told apart by its footer's size.
@@ -3342,8 +3359,12 @@ class _StreamedLayerTOC(LayerTOC):
                 inflated = _inflate_zstd_frames(pieces, _zstd_module("layer %s" % layer.digest))
             else:
                 inflated = pieces
-            with tarfile.open(fileobj=_PiecesFile(inflated), mode="r|") as tar:
+            with tarfile.open(fileobj=_PiecesFile(inflated), mode="r|", tarinfo=_bounded_tarinfo()) as tar:
                 for info in tar:
+                    tar.members = []    # stream mode keeps every header otherwise
+                    if len(entries) >= _MAX_STREAMED_ENTRIES:
+                        _fail(ErrorCode.FORMAT, "layer %s has more than %d entries" % (layer.digest,
+                                                                                       _MAX_STREAMED_ENTRIES))
                     entry = _entry_of_tarinfo(info, names, warnings)
                     if entry is not None:
                         entry.blob, entry.layer = layer.digest, layer.position
@@ -3389,6 +3410,28 @@ class _StreamedLayerTOC(LayerTOC):
             entry.spool, entry.chunks = paths[entry.path], [Chunk(0, entry.size, 0, 0, None, member_end=0)]
 
 
+_MAX_TAR_EXTENDED_HEADER = 1 << 20     # a pax or GNU long-name header: names, not payloads
+_MAX_STREAMED_ENTRIES = 4 << 20
+
+
+def _bounded_tarinfo():
+    """A TarInfo class whose pax and GNU long-name headers are refused past 1 MiB:
+    tarfile reads such a header whole, so a hostile layer could declare gigabytes."""
+    import tarfile
+
+    class _BoundedTarInfo(tarfile.TarInfo):
+        def _proc_gnulong(self, tar):
+            if self.size > _MAX_TAR_EXTENDED_HEADER:
+                raise tarfile.HeaderError("GNU long-name header of %d bytes" % self.size)
+            return super()._proc_gnulong(tar)
+
+        def _proc_pax(self, tar):
+            if self.size > _MAX_TAR_EXTENDED_HEADER:
+                raise tarfile.HeaderError("pax header of %d bytes" % self.size)
+            return super()._proc_pax(tar)
+    return _BoundedTarInfo
+
+
 def _entry_of_tarinfo(info, names, warnings):
     """The TOCEntry of one tar header of a streamed layer, or None to skip it. A
     regular file has one chunk (its whole data, empty or not) with no digest: what
@@ -3403,7 +3446,7 @@ def _entry_of_tarinfo(info, names, warnings):
         return None
     entry = TOCEntry(name, kind, size=info.size if kind == "reg" else 0, mode=info.mode & 0o7777,
                      uid=info.uid, gid=info.gid, uname=info.uname or None, gname=info.gname or None,
-                     mtime=int(info.mtime), link=info.linkname or None, dev_major=info.devmajor,
+                     mtime=int(info.mtime) if -2 ** 40 < info.mtime < 2 ** 40 else 0, link=info.linkname or None, dev_major=info.devmajor,
                      dev_minor=info.devminor, offset=0, inner_offset=0)
     if kind == "reg":
         entry.chunks = [Chunk(0, info.size, 0, 0, None, member_end=0)]
@@ -5021,6 +5064,11 @@ class _LayerStream(object):
         except OSError as e:
             writer.failed(path, _io_error("cannot write %s" % file.partial, e))
             return
+        except BaseException:     # the stream broke: the retry loop reads the layer again
+            file.close()
+            if os.path.lexists(file.partial):
+                os.unlink(file.partial)
+            raise
         finally:
             file.close()
         self.files[path] = file
@@ -5315,7 +5363,11 @@ class _TarStream(object):
         archive is removed (it cannot be resumed)."""
         partial = path + _PARTIAL_SUFFIX
         try:
-            with io.open(partial, "wb") as f:   # a write that fails (a full disk) is an OSError
+            if os.path.lexists(partial):    # a stale one, or a link planted there: never written through
+                os.unlink(partial)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0), 0o644)
+            with io.open(fd, "wb") as f:   # a write that fails (a full disk) is an OSError
                 count = self.write(f)
             os.replace(partial, path)
             return count

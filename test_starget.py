@@ -8072,3 +8072,92 @@ def _bash_with_the_real_starget(tmp_path, line):
     out = [r for r in proc.stdout.decode().split("\n") if r]
     assert re.match(r"^complete -F \S+ starget$", out[0]), out[0]
     return out[1:]
+
+
+# ---- review fixes: hostile inputs that used to crash or be trusted ------------
+
+def test_a_pax_header_bomb_in_a_streamed_layer_is_refused(httpserver):
+    """tarfile reads a pax header whole: one declaring 64 MiB (8 GiB would do the same)
+    is refused as a format error before it is read, not loaded into memory."""
+    import tarfile
+    raw = bytearray()
+    bomb = tarfile.TarInfo("././@PaxHeader")
+    bomb.type, bomb.size = tarfile.XHDTYPE, 64 << 20
+    raw += bomb.tobuf(format=tarfile.USTAR_FORMAT)
+    raw += b"\0" * (64 << 20)
+    layer = gzip.compress(bytes(raw), 1)
+    reg = OCIServer(httpserver)
+    reg.add_image("t/bomb", [layer])
+    rc, out, err = run_cli("--fallback-stream", "ls", reg.image("t/bomb"))
+    line = assert_one_line_error(rc, err, 6)
+    assert "pax header" in line
+
+
+def test_streamed_layer_with_an_absurd_mtime_is_no_internal_error(httpserver, tmp_path):
+    import tarfile
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("f")
+        info.size, info.pax_headers = 2, {"mtime": "1e30"}
+        tar.addfile(info, io.BytesIO(b"ok"))
+    reg = OCIServer(httpserver)
+    reg.add_image("t/mtime", [gzip.compress(raw.getvalue())])
+    rc, out, err = \
+        run_cli("--fallback-stream", "ls", "-l", reg.image("t/mtime"))
+    assert rc == 0, err
+    rc, out, err = run_cli("--fallback-stream", "get", reg.image("t/mtime"), ".", str(tmp_path / "o"))
+    assert rc == 0, err
+    assert (tmp_path / "o" / "f").read_bytes() == b"ok"
+
+
+def test_tar_partial_is_never_written_through_a_planted_link(registry_anon, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    target = tmp_path / "out.tar"
+    os.symlink(str(victim), str(target) + starget._PARTIAL_SUFFIX)
+    rc, out, err = run_cli("get", registry_anon.image("basic"), "etc/", "--tar", str(target))
+    assert rc == 0, err
+    assert victim.read_text() == "precious"
+    assert target.is_file() and not target.is_symlink()
+
+
+def test_a_redirect_never_carries_a_body_to_another_origin():
+    """A token realm answering 302 to another host must not get the refresh token."""
+    url = starget._URL("https://auth.example/token")
+    for status in (301, 302, 307, 308):
+        with pytest.raises(StargzError) as ei:
+            starget.Transport._redirect(url, url.origin, "https://other.example/", status, "POST", b"secret")
+        assert "request body" in ei.value.message
+    assert starget.Transport._redirect(url, url.origin, "https://other.example/", 303, "POST", b"secret")[1:] \
+        == ("GET", None)
+    same = starget.Transport._redirect(url, url.origin, "/again", 302, "POST", b"secret")
+    assert same[2] == b"secret"
+
+
+def test_toc_xattrs_that_are_not_base64_are_dropped():
+    entry = {"name": "f", "type": "reg", "size": 0, "xattrs": {"user.a": "!"}}
+    toc = starget.parse_toc(json.dumps({"version": 1, "entries": [entry]}).encode())
+    assert toc.entries[0].xattrs is None
+    entry["xattrs"] = {"user.a": base64.b64encode(b"v").decode()}
+    toc = starget.parse_toc(json.dumps({"version": 1, "entries": [entry]}).encode())
+    assert toc.entries[0].xattrs == {"user.a": "dg=="}
+
+
+def test_a_parsed_cache_entry_with_bad_numbers_is_ignored(tmp_path):
+    cache = starget.TOCCache(str(tmp_path))
+    entry = {"name": "f", "type": "reg", "size": 3, "offset": 100, "digest": "sha256:" + "a" * 64}
+    toc = starget.parse_toc(json.dumps({"version": 1, "entries": [entry]}).encode(), 200)
+    blob = "sha256:" + "b" * 64
+    cache.put_parsed(blob, toc)
+    cache.flush()
+    assert cache.get_parsed(blob) is not None
+    path = tmp_path / "toc" / (blob.replace(":", "-") + ".parsed.json")
+    header, body = path.read_bytes().split(b"\n", 1)
+    doc = json.loads(body)
+    doc["size"][0] = "3"
+    body = json.dumps(doc).encode()
+    meta = json.loads(header)
+    meta["sha256"] = "sha256:" + hashlib.sha256(body).hexdigest()
+    path.write_bytes(json.dumps(meta).encode() + b"\n" + body)
+    assert cache.get_parsed(blob) is None
+    assert [n for n in os.listdir(str(tmp_path / "toc")) if n.endswith(".tmp")] == []
