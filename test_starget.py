@@ -7864,43 +7864,56 @@ def test_zsh_completion(fake_starget):
     assert out[1] == "compadd -- bash zsh fish"
 
 
+class _PtyShell(object):
+    """A real interactive shell on a pty, for the completion tests: `write` types,
+    `read_until` waits (10 s at most) for a marker in what the shell printed."""
+
+    def __init__(self, argv, cwd, env):
+        import pty
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # pragma: no cover - the child
+            os.chdir(cwd)
+            os.execvpe(argv[0], argv, env)
+        self.out = b""
+
+    def write(self, data):
+        os.write(self.fd, data)
+
+    def read_until(self, marker):
+        import select
+        deadline = time.time() + 10
+        while marker not in self.out and time.time() < deadline:
+            if select.select([self.fd], [], [], 0.1)[0]:
+                try:
+                    self.out += os.read(self.fd, 4096)
+                except OSError:
+                    break
+
+    def close(self):
+        os.kill(self.pid, 9)
+        os.waitpid(self.pid, 0)
+        os.close(self.fd)
+
+
 def zsh_line_run(fake, line):
     """Type `line` and TAB into a real interactive zsh (compinit, then the script) on
     a pty, then Enter: the arguments the fake starget got from the completed line."""
-    import pty
-    import select
-    import time
     script = fake.tmp / "_starget"
     script.write_text(P._completion_script("zsh"))
     env = dict(fake.env, HOME=str(fake.tmp), TERM="dumb", PS1="$ ")
-    pid, fd = pty.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os.chdir(fake.cwd)
-        os.execvpe("zsh", ["zsh", "-f", "-i"], env)
-    out = [b""]
-
-    def read_until(marker):
-        deadline = time.time() + 10
-        while marker not in out[0] and time.time() < deadline:
-            if select.select([fd], [], [], 0.1)[0]:
-                try:
-                    out[0] += os.read(fd, 4096)
-                except OSError:
-                    break
+    shell = _PtyShell(["zsh", "-f", "-i"], fake.cwd, env)
     try:
-        os.write(fd, b"autoload -U compinit; compinit -u -D; source %s; echo RE''ADY\n" % quote(str(script)).encode())
-        read_until(b"READY\r\n")
+        shell.write(b"autoload -U compinit; compinit -u -D; source %s; echo RE''ADY\n" % quote(str(script)).encode())
+        shell.read_until(b"READY\r\n")
         time.sleep(0.3)
         if fake.log.exists():
             fake.log.unlink()
-        os.write(fd, line.encode() + b"\t")
+        shell.write(line.encode() + b"\t")
         time.sleep(0.5)
-        os.write(fd, b"\necho DO''NE\n")
-        read_until(b"DONE\r\n")
+        shell.write(b"\necho DO''NE\n")
+        shell.read_until(b"DONE\r\n")
     finally:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        os.close(fd)
+        shell.close()
     return read_calls(fake.log)
 
 
@@ -7961,9 +7974,7 @@ def test_fish_completion_of_spaces_and_local_dirs(fake_starget, line, call, expe
 
 def test_bash_readline_end_to_end(fake_starget):
     """A real interactive bash on a pty: readline's own word splitting and insertion."""
-    pty = pytest.importorskip("pty")
-    import select
-    import time
+    pytest.importorskip("pty")
     if not shutil.which("bash"):
         pytest.skip("bash is not installed")
     script = fake_starget.tmp / "completion.bash"
@@ -7971,32 +7982,17 @@ def test_bash_readline_end_to_end(fake_starget):
     env = dict(fake_starget.env, INPUTRC="/dev/null", PS1="$ ", TERM="dumb")
 
     def complete(line):
-        pid, fd = pty.fork()
-        if pid == 0:  # pragma: no cover - the child
-            os.chdir(fake_starget.cwd)
-            os.execvpe("bash", ["bash", "--norc", "--noprofile", "-i"], env)
-        out = [b""]
-
-        def read_until(marker):
-            deadline = time.time() + 10
-            while marker not in out[0] and time.time() < deadline:
-                if select.select([fd], [], [], 0.1)[0]:
-                    try:
-                        out[0] += os.read(fd, 4096)
-                    except OSError:
-                        break
-
+        shell = _PtyShell(["bash", "--norc", "--noprofile", "-i"], fake_starget.cwd, env)
         try:
-            os.write(fd, b"source %s; echo RE''ADY\n" % str(script).encode())
-            read_until(b"READY\r\n$ ")       # readline is waiting: type as a user would
-            os.write(fd, line.encode() + b"\t")
+            shell.write(b"source %s; echo RE''ADY\n" % str(script).encode())
+            shell.read_until(b"READY\r\n$ ")       # readline is waiting: type as a user would
+            shell.write(line.encode() + b"\t")
             time.sleep(0.3)
-            os.write(fd, b"\x05 #DONE\n")     # end of line, then a mark
-            read_until(b"#DONE\r\n")
+            shell.write(b"\x05 #DONE\n")     # end of line, then a mark
+            shell.read_until(b"#DONE\r\n")
         finally:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            os.close(fd)
+            shell.close()
+        out = [shell.out]
         text = out[0].decode("utf-8", "replace")
         return text[text.index("READY\r\n"):].replace("\x07", "")
 
