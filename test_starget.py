@@ -4278,6 +4278,18 @@ def test_a_warm_run_parses_no_toc(registry_anon, tmp_path, monkeypatch):
             for e in warm.entries()] == want_chunks
 
 
+def _forge_parsed_column(path, column, row, value):
+    """Change one value of a parsed-TOC cache file and re-sign it (its own digest
+    right), as someone with write access to the cache could."""
+    header, body = path.read_bytes().split(b"\n", 1)
+    doc = json.loads(body)
+    doc[column][row] = value
+    body = json.dumps(doc).encode()
+    meta = json.loads(header)
+    meta["sha256"] = "sha256:" + hashlib.sha256(body).hexdigest()
+    path.write_bytes(json.dumps(meta).encode() + b"\n" + body)
+
+
 def test_a_foreign_or_unsafe_parsed_cache_entry_is_ignored(registry_anon, tmp_path, monkeypatch):
     """Another starget version's parsed form, or one naming a path with '..', is not
     trusted: the TOC is parsed again from the cached TOC."""
@@ -4287,13 +4299,7 @@ def test_a_foreign_or_unsafe_parsed_cache_entry_is_ignored(registry_anon, tmp_pa
     cache.flush()
     toc_dir = tmp_path / "cache" / "toc"
     [parsed] = [toc_dir / n for n in os.listdir(str(toc_dir)) if n.endswith(".parsed.json")]
-    header, body = parsed.read_bytes().split(b"\n", 1)
-    doc = json.loads(body)
-    doc["path"][1] = "../../etc/evil"
-    body = json.dumps(doc).encode()
-    meta = json.loads(header)
-    meta["sha256"] = "sha256:" + hashlib.sha256(body).hexdigest()
-    parsed.write_bytes(json.dumps(meta).encode() + b"\n" + body)
+    _forge_parsed_column(parsed, "path", 1, "../../etc/evil")
     calls = []
     real = starget.parse_toc
     monkeypatch.setattr(starget, "parse_toc", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -8148,12 +8154,6 @@ def test_a_parsed_cache_entry_with_bad_numbers_is_ignored(tmp_path):
     cache.flush()
     assert cache.get_parsed(blob) is not None
     path = tmp_path / "toc" / (blob.replace(":", "-") + ".parsed.json")
-    header, body = path.read_bytes().split(b"\n", 1)
-    doc = json.loads(body)
-    doc["size"][0] = "3"
-    body = json.dumps(doc).encode()
-    meta = json.loads(header)
-    meta["sha256"] = "sha256:" + hashlib.sha256(body).hexdigest()
-    path.write_bytes(json.dumps(meta).encode() + b"\n" + body)
+    _forge_parsed_column(path, "size", 0, "3")
     assert cache.get_parsed(blob) is None
     assert [n for n in os.listdir(str(tmp_path / "toc")) if n.endswith(".tmp")] == []
