@@ -602,6 +602,7 @@ class FaultProxy(object):
     def clear(self):
         with self.lock:
             self.faults = []
+        self.stalled.clear()    # a later test must see its own stall, not an earlier one's
 
     def match(self, method, path, rng):
         with self.lock:
@@ -4735,6 +4736,7 @@ def _interrupt(proxy, out, pattern, cut, state_rel, sig=signal.SIGKILL, flags=()
     """Start `get` through a proxy that stalls after `cut` payload bytes, wait until
     `state_rel` records a verified chunk, then send `sig`. Returns (rc, stderr, seconds
     from the signal to the exit)."""
+    proxy.stalled.clear()   # only this run's stall counts (the proxy is shared by the session)
     fault = proxy.add("stall", path=blob, where=payload_of_basic, cut=cut, stall=60.0)
     proc = _popen_get(image or proxy.image(), pattern, out, *flags)
     state = os.path.join(out, *state_rel.split("/"))
