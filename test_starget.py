@@ -5515,6 +5515,22 @@ def test_toc_digest_mismatch_exit_8(httpserver, sandbox):
     assert "TOC" in line or "toc" in line
 
 
+def _forge_big_digest(case):
+    """A TOC edit that makes BIG's digests lie: "chunk-digest" one chunk's, "whole-file-
+    digest" the file's while every chunk is right, "no-chunk-digests" the file's with
+    the chunk digests gone (so only the whole file can be checked)."""
+    def edit(toc):
+        entries = [e for e in toc["entries"] if e.get("name") == BIG]
+        if case == "chunk-digest":
+            entries[5]["chunkDigest"] = sha256_digest(b"x")
+            return
+        if case == "no-chunk-digests":
+            for e in entries:
+                e.pop("chunkDigest", None)
+        entries[0]["digest"] = sha256_digest(b"x")
+    return edit
+
+
 @pytest.mark.parametrize("case", ["file-digest", "chunk-digest", "whole-file-digest"])
 def test_content_digest_mismatch(httpserver, sandbox, case):
     """A file (or one chunk) whose bytes do not match the TOC: alone -> exit 8, with
@@ -5525,10 +5541,8 @@ def test_content_digest_mismatch(httpserver, sandbox, case):
         if case == "file-digest":
             e = _toc_entry(toc, TARGET_FILE)
             e["digest"] = e["chunkDigest"] = sha256_digest(b"something else")
-        elif case == "chunk-digest":
-            [e for e in toc["entries"] if e.get("name") == BIG][5]["chunkDigest"] = sha256_digest(b"x")
-        else:   # every chunk right, the whole-file digest wrong
-            _toc_entry(toc, BIG, "reg")["digest"] = sha256_digest(b"x")
+        else:
+            _forge_big_digest(case)(toc)
     blob, toc_json = forge_basic(edit)
     reg, image = _serve(httpserver, blob, toc_json)
     rc, out, err = run_cli("--retries", "1", "--no-progress", "get", image, bad, sandbox.out)
@@ -5871,22 +5885,13 @@ def test_open_fallback_stream_file(registry_anon, download_env):
             assert f.read(10) == whole[len(whole) // 2:len(whole) // 2 + 10]
 
 
-@pytest.mark.parametrize("case", ["chunk-digest", "file-digest"])
+@pytest.mark.parametrize("case", ["chunk-digest", "no-chunk-digests"])
 def test_open_digest_mismatch_is_integrity_error(httpserver, download_env, case):
     """A wrong chunk digest: that chunk is refetched once, then INTEGRITY, and not a
     byte of it is returned; the other chunks read fine. Without chunk digests the
     file digest is checked over the whole file before the first byte."""
     want = file_bytes(BIG)
-
-    def edit(toc):
-        entries = [e for e in toc["entries"] if e.get("name") == BIG]
-        if case == "chunk-digest":
-            entries[5]["chunkDigest"] = sha256_digest(b"x")
-        else:
-            for e in entries:
-                e.pop("chunkDigest", None)
-            entries[0]["digest"] = sha256_digest(b"x")
-    blob, toc_json = forge_basic(edit)
+    blob, toc_json = forge_basic(_forge_big_digest(case))
     reg, image = _serve(httpserver, blob, toc_json)
     index = starget.open_image(image)
     chunks = index.find_file(BIG).chunks
@@ -6113,22 +6118,12 @@ def test_get_tar_with_blob_and_usage(registry_anon, tmp_path):
     assert out == "" and not os.path.exists(str(tmp_path / "o"))
 
 
-@pytest.mark.parametrize("case", ["chunk-digest", "file-digest", "no-chunk-digests"])
+@pytest.mark.parametrize("case", ["chunk-digest", "whole-file-digest", "no-chunk-digests"])
 def test_get_tar_digest_mismatch_leaves_no_complete_archive(httpserver, tmp_path, case):
     """A forged digest: exit 8 with one error line; on stdout the archive stops (no
     end-of-archive: tarfile fails reading it, tar reports it truncated); a FILE target
     leaves neither FILE nor FILE.partial."""
-    def edit(toc):
-        entries = [e for e in toc["entries"] if e.get("name") == BIG]
-        if case == "chunk-digest":
-            entries[5]["chunkDigest"] = sha256_digest(b"x")
-        elif case == "file-digest":
-            entries[0]["digest"] = sha256_digest(b"x")   # every chunk right, the whole wrong
-        else:
-            for e in entries:
-                e.pop("chunkDigest", None)
-            entries[0]["digest"] = sha256_digest(b"x")
-    blob, toc_json = forge_basic(edit)
+    blob, toc_json = forge_basic(_forge_big_digest(case))
     reg, image = _serve(httpserver, blob, toc_json)
     rc, out, err = run_cli("get", image, ".", "--tar", "-", binary=True)
     assert_one_line_error(rc, err, 8)
